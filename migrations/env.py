@@ -1,0 +1,60 @@
+"""Alembic environment: async engines, SQLite in batch mode, one migrator at a time.
+
+Run through ``signalbox migrate`` (or ``pipeline.migrate``), which passes the database URL in
+the Alembic config. On PostgreSQL an advisory lock makes instances that start together apply
+each revision exactly once; the others wait and then find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from pipeline.log.backends import migration_engine
+from pipeline.log.schema import metadata
+
+MIGRATION_LOCK = 0x5167_6E61_6C62_6F78  # "Sgnalbox": the advisory lock key
+
+
+def _run(connection: Connection) -> None:
+    is_sqlite = connection.dialect.name == "sqlite"
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=is_sqlite,
+        transaction_per_migration=False,
+    )
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
+
+
+async def _main(url: str) -> None:
+    engine = migration_engine(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_run)
+    finally:
+        await engine.dispose()
+
+
+def run() -> None:
+    url = context.config.attributes.get("url")
+    if not url:
+        raise RuntimeError("no database URL: run migrations through `signalbox migrate`")
+    asyncio.run(_main(url))
+
+
+if context.is_offline_mode():  # pragma: no cover - offline SQL generation is not offered
+    raise RuntimeError("offline migrations are not supported: run `signalbox migrate`")
+run()

@@ -1,0 +1,146 @@
+"""The application factory and its lifespan: open the log, start the hub, serve, shut down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from pipeline import http
+from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
+from pipeline.config import Settings
+from pipeline.errors import SignalboxError
+from pipeline.hub import Hub
+from pipeline.ingest import Ingestor
+from pipeline.log import EventLog
+from pipeline.ws import Connections, Session, StreamSettings
+
+log = logging.getLogger("signalbox")
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    connections = Connections()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        event_log = await EventLog.open(settings.database_url,
+                                        commit_timeout=settings.commit_timeout)
+        hub = Hub(event_log, window=settings.window, page_size=settings.page_size,
+                  poll_interval=settings.poll_interval)
+        tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
+        try:
+            await bootstrap_tokens(tokens, settings)
+            await hub.start()
+            app.state.services = http.Services(
+                log=event_log, hub=hub, tokens=tokens,
+                ingestor=Ingestor(event_log, dedupe_window=settings.dedupe_window),
+                sources=SourcePolicy.from_settings(settings.allowed_sources,
+                                                   settings.trusted_proxies),
+                body_limit=settings.body_limit, max_lag=settings.max_lag,
+            )
+            yield
+        finally:
+            connections.stopping.set()
+            await hub.stop()
+            await event_log.close()
+
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        svc: http.Services = websocket.app.state.services
+        session = Session(
+            websocket, event_log=svc.log, hub=svc.hub, token_store=svc.tokens,
+            connections=connections,
+            settings=StreamSettings(settings.heartbeat, settings.hello_timeout,
+                                    settings.ws_max_message),
+            page_size=settings.page_size,
+        )
+        await session.run()
+
+    app = Starlette(
+        routes=[*http.routes, WebSocketRoute("/ws", websocket_endpoint)],
+        lifespan=lifespan,
+        exception_handlers={
+            SignalboxError: _signalbox_error,
+            HTTPException: _http_error,
+            SQLAlchemyError: _database_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.connections = connections
+    return app
+
+
+async def bootstrap_tokens(tokens: TokenStore, settings: Settings) -> None:
+    """Honour the tokens given in the environment; make a first admin token if there is none."""
+    if settings.admin_token is not None:
+        await tokens.put(ADMIN_ENV_NAME, [Scope.ADMIN], settings.admin_token.get_secret_value())
+    if settings.webhook_secret is not None:
+        await tokens.put(WEBHOOK_ENV_NAME, [Scope.INGEST],
+                         settings.webhook_secret.get_secret_value())
+    bootstrapped = settings.admin_token is not None or settings.webhook_secret is not None
+    if not bootstrapped and await tokens.count_active() == 0:
+        secret = await tokens.create("admin", [Scope.ADMIN])
+        print(
+            "No token existed, so an admin token was created. It is shown only this once:\n"
+            f"{secret}",
+            file=sys.stdout, flush=True,
+        )
+
+
+async def _signalbox_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SignalboxError)
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = HTTP_CODES.get(exc.status_code, "bad_request")
+    message = {
+        404: f"no such route: {request.method} {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    log.warning("database error on %s: %r", request.url.path, exc)
+    return JSONResponse(
+        {"error": "log_unavailable", "message": "the database is unavailable: retry later"},
+        status_code=503, headers={"Retry-After": "1"},
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal_error", "message": "an internal error occurred"},
+                        status_code=500)
+
+
+_TOKEN_PATH = re.compile(r"(/webhooks/tradingview/)[^/?\s]+")
+
+
+class RedactTokens(logging.Filter):
+    """Keeps webhook tokens (which TradingView can only send in the URL) out of access logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_PATH.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        return True

@@ -1,0 +1,151 @@
+"""The ``signalbox`` command: serve, migrate, token create/list/revoke."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from pipeline import migrate
+from pipeline.app import RedactTokens, create_app
+from pipeline.auth import Scope, TokenStore
+from pipeline.config import Settings
+from pipeline.errors import SignalboxError
+from pipeline.log.backends import create_engines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signalbox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
+    _database_flag(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--heartbeat", type=float, help="seconds between pings (default 15)")
+    serve.add_argument("--no-migrate", dest="migrate", action="store_const", const=False,
+                       help="do not upgrade the schema before serving")
+    serve.add_argument("--body-limit", type=int, help="largest request body in bytes")
+    serve.add_argument("--dedupe-window", type=float,
+                       help="seconds within which an identical body is a duplicate (0: off)")
+    serve.add_argument("--max-lag", type=int,
+                       help="default seconds after which a signal is expired")
+    serve.add_argument("--allowed-sources", help="comma-separated CIDRs, or tradingview")
+    serve.add_argument("--trusted-proxies", help="comma-separated CIDRs of reverse proxies")
+    serve.add_argument("--log-level", help="debug, info, warning or error")
+
+    migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
+    _database_flag(migrate_cmd)
+
+    token = commands.add_parser("token", help="manage tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="create a token and print it once")
+    create.add_argument("name")
+    create.add_argument("--scope", action="append", required=True,
+                        choices=[s.value for s in Scope], help="repeat for several scopes")
+    create.add_argument("--expires", type=datetime.fromisoformat,
+                        help="expiry time, ISO 8601 (UTC when no offset is given)")
+    _database_flag(create)
+    listing = token_commands.add_parser("list", help="list tokens (never their secrets)")
+    _database_flag(listing)
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("name")
+    _database_flag(revoke)
+    return parser
+
+
+def _database_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="sqlite+aiosqlite:///PATH or "
+                                               "postgresql+asyncpg://USER@HOST/DB")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = set(Settings.model_fields)
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k in names and v is not None
+    }
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    try:
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "migrate":
+            migrate.upgrade(settings.database_url)
+            print(f"schema at revision {migrate.head_revision()}")
+            return 0
+        return asyncio.run(token_command(args, settings))
+    except SignalboxError as exc:
+        print(f"signalbox: {exc.message}", file=sys.stderr)
+        return 2
+
+
+class _Server(uvicorn.Server):
+    """Closes WebSocket subscribers with 1001 before uvicorn tears connections down."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+        # uvicorn would re-raise the signal after shutting down; a graceful stop exits 0.
+        self._captured_signals.clear()
+
+
+def serve(settings: Settings) -> int:
+    if settings.migrate:
+        migrate.upgrade(settings.database_url)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
+        ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
+        server_header=False,
+        timeout_graceful_shutdown=10, lifespan="on",
+    )
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    server = _Server(config, app.state.connections.stopping)
+    server.run()
+    return 0 if server.started else 1
+
+
+async def token_command(args: argparse.Namespace, settings: Settings) -> int:
+    engines = create_engines(settings.database_url)
+    store = TokenStore(engines.reader, cache_seconds=0)
+    try:
+        if args.token_command == "create":
+            expires = args.expires
+            if expires is not None and expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            secret = await store.create(args.name, args.scope, expires_at=expires)
+            print(f"token {args.name!r} with scope(s) {', '.join(sorted(args.scope))}:")
+            print(secret)
+        elif args.token_command == "list":
+            for info in await store.list():
+                state = "revoked " + info.revoked_at if info.revoked_at else "active"
+                expiry = f" expires {info.expires_at}" if info.expires_at else ""
+                print(f"{info.name}\t{','.join(info.scopes)}\t{state}{expiry}")
+        else:
+            if not await store.revoke(args.name):
+                print(f"signalbox: no active token named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name!r}")
+        return 0
+    finally:
+        await engines.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Every error a user can cause, with a stable code and a message that says what to do.
+
+The hierarchy::
+
+    SignalboxError                      code            HTTP
+    ├── BadRequest                      bad_request      400
+    │   └── InvalidCursor               invalid_cursor   400
+    ├── Unauthorized                    unauthorized     401
+    ├── Forbidden                       forbidden        403
+    │   └── SourceNotAllowed            source_not_allowed 403
+    ├── NotFound                        not_found        404
+    ├── Conflict                        conflict         409
+    │   ├── IllegalTransition           illegal_transition 409
+    │   └── EpochMismatch               epoch_mismatch   409
+    ├── PayloadTooLarge                 payload_too_large 413
+    └── LogUnavailable                  log_unavailable  503
+
+HTTP answers render them as ``{"error": code, "message": message}``; WebSocket errors use the
+close codes of the protocol instead (see ``pipeline.ws``).
+"""
+
+from __future__ import annotations
+
+
+class SignalboxError(Exception):
+    """Base of every error with a stable code; ``status`` is the HTTP status it maps to."""
+
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_body(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+class BadRequest(SignalboxError):
+    code = "bad_request"
+    status = 400
+
+
+class InvalidCursor(BadRequest):
+    code = "invalid_cursor"
+
+
+class Unauthorized(SignalboxError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(SignalboxError):
+    code = "forbidden"
+    status = 403
+
+
+class SourceNotAllowed(Forbidden):
+    code = "source_not_allowed"
+
+
+class NotFound(SignalboxError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(SignalboxError):
+    code = "conflict"
+    status = 409
+
+
+class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
+
+class EpochMismatch(Conflict):
+    code = "epoch_mismatch"
+
+
+class PayloadTooLarge(SignalboxError):
+    code = "payload_too_large"
+    status = 413
+
+
+class LogUnavailable(SignalboxError):
+    """The log could not commit (database down, locked, disk full): nothing was acknowledged."""
+
+    code = "log_unavailable"
+    status = 503

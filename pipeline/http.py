@@ -1,0 +1,286 @@
+"""The HTTP routes. Thin: read the request, authorize, call ingestion or the log, answer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.auth import Scope, SourcePolicy, Token, TokenStore, bearer_token
+from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from pipeline.hub import Hub
+from pipeline.ingest import EventType, Ingestor, Outcome, Submission, stream_of
+from pipeline.log import Event, EventFilter, EventLog, utc_now
+from pipeline.log.schema import signals
+from pipeline.signals import parse_api_signal, parse_tradingview
+
+MAX_EVENTS_PAGE = 1000
+MAX_SIGNALS_PAGE = 500
+MAX_TIMELINE = 10_000
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes need, built once by the app factory."""
+
+    log: EventLog
+    hub: Hub
+    tokens: TokenStore
+    ingestor: Ingestor
+    sources: SourcePolicy
+    body_limit: int
+    max_lag: int | None
+
+
+def services(request: Request) -> Services:
+    value: Services = request.app.state.services
+    return value
+
+
+class RawJSONResponse(Response):
+    media_type = "application/json"
+
+
+# -- ingestion -----------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = PayloadTooLarge(f"the body is over {limit} bytes: send a smaller message")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(body: bytes) -> tuple[str, bool]:
+    """The body as text and whether it was valid UTF-8 (invalid bytes become U+FFFD)."""
+    try:
+        return body.decode("utf-8").removeprefix("\ufeff"), True
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "replace").removeprefix("\ufeff"), False
+
+
+async def authenticate(request: Request, secret: str | None, scope: Scope) -> Token:
+    token = await services(request).tokens.authenticate(secret)
+    token.require(scope)
+    return token
+
+
+def answer(outcome: Outcome) -> JSONResponse:
+    status = 200 if outcome.duplicate else 202 if outcome.status == "accepted" else 422
+    return JSONResponse(outcome.to_body(), status_code=status)
+
+
+def redact(text: str, secret: str | None) -> str:
+    """The body with the credential that came with it cut out: secrets never reach the log."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+def request_facts(request: Request, body: str, valid_utf8: bool) -> dict[str, Any]:
+    facts: dict[str, Any] = {"bytes": len(body.encode("utf-8", "replace"))}
+    if not valid_utf8:
+        facts["invalid_utf8"] = True
+    user_agent = request.headers.get("user-agent")
+    if user_agent:
+        facts["user_agent"] = user_agent[:200]
+    return facts
+
+
+async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
+    svc = services(request)
+    peer = request.client.host if request.client else None
+    client = svc.sources.client_address(peer, request.headers)
+    svc.sources.check(client)
+    if path_token is not None:
+        token = await authenticate(request, path_token, Scope.INGEST)
+    body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
+    parsed = parse_tradingview(body, now=utc_now(), default_max_lag=svc.max_lag)
+    secret = path_token if path_token is not None else parsed.secret
+    if path_token is None:
+        if secret is None:
+            raise Unauthorized(
+                "no credential: put the token in the URL (/webhooks/tradingview/TOKEN) or a "
+                '"passphrase" field in the JSON alert message'
+            )
+        token = await authenticate(request, secret, Scope.INGEST)
+    outcome = await svc.ingestor.submit(Submission(
+        source="webhook", raw=redact(body, secret), parsed=parsed, token_name=token.name,
+        remote_addr=client, content_type=request.headers.get("content-type"),
+        idempotency_key=parsed.idempotency_key,
+        facts=request_facts(request, body, valid_utf8),
+    ))
+    return answer(outcome)
+
+
+async def webhook_with_token(request: Request) -> Response:
+    return await _ingest_webhook(request, request.path_params["token"])
+
+
+async def webhook_with_passphrase(request: Request) -> Response:
+    return await _ingest_webhook(request, None)
+
+
+async def post_signal(request: Request) -> Response:
+    svc = services(request)
+    token = await authenticate(request, bearer_token(request.headers), Scope.INGEST)
+    body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
+    try:
+        value = json.loads(body, parse_float=Decimal)
+    except (ValueError, RecursionError):
+        raise BadRequest(
+            "the body is not JSON: POST a signal object such as "
+            '{"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}'
+        ) from None
+    parsed = parse_api_signal(value, now=utc_now(), default_max_lag=svc.max_lag)
+    key = request.headers.get("idempotency-key") or parsed.idempotency_key
+    outcome = await svc.ingestor.submit(Submission(
+        source="api", raw=body, parsed=parsed, token_name=token.name,
+        remote_addr=request.client.host if request.client else None,
+        content_type=request.headers.get("content-type"), idempotency_key=key,
+        facts=request_facts(request, body, valid_utf8),
+    ))
+    return answer(outcome)
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def list_param(request: Request, name: str) -> tuple[str, ...]:
+    values: list[str] = []
+    for raw in request.query_params.getlist(name):
+        values.extend(part for part in raw.split(",") if part)
+    if len(values) > 100 or any(len(v) > 200 for v in values):
+        raise BadRequest(f"{name}: at most 100 values of at most 200 characters")
+    return tuple(values)
+
+
+def events_json(events: list[Event]) -> str:
+    return "[" + ",".join(e.json for e in events) + "]"
+
+
+async def get_events(request: Request) -> Response:
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.READ)
+    after = int_param(request, "after", 0, 0, 2**62)
+    limit = int_param(request, "limit", 100, 1, MAX_EVENTS_PAGE)
+    event_filter = EventFilter.build(
+        types=list_param(request, "type"), streams=list_param(request, "stream"),
+        tickers=list_param(request, "ticker"), strategies=list_param(request, "strategy"),
+    )
+    head = await svc.log.head()  # first: every event up to it is visible to the read below
+    events = [e for e in await svc.log.read(after, limit, event_filter) if e.position <= head]
+    # With fewer than `limit` matches, everything up to the head was scanned: a filtered
+    # poller may continue from there instead of re-scanning non-matching events.
+    next_cursor = events[-1].position if len(events) >= limit else max(head, after)
+    return RawJSONResponse(
+        f'{{"epoch":"{svc.log.epoch}","events":{events_json(events)},'
+        f'"next":{next_cursor},"head":{head}}}'
+    )
+
+
+def signal_summary(row: Any) -> dict[str, Any]:
+    return {
+        "signal_id": row.signal_id,
+        "status": row.status,
+        "source": row.source,
+        "ticker": row.ticker,
+        "strategy": row.strategy,
+        "action": row.action,
+        "received_at": row.received_at,
+        "updated_at": row.updated_at,
+        "position": row.first_position,
+        "last_position": row.last_position,
+    }
+
+
+async def list_signals(request: Request) -> Response:
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.READ)
+    limit = int_param(request, "limit", 50, 1, MAX_SIGNALS_PAGE)
+    before = int_param(request, "before", 0, 0, 2**62)
+    stmt = select(signals)
+    for name in ("status", "ticker", "strategy"):
+        values = list_param(request, name)
+        if values:
+            stmt = stmt.where(signals.c[name].in_(values))
+    if before:
+        stmt = stmt.where(signals.c.first_position < before)
+    stmt = stmt.order_by(signals.c.first_position.desc()).limit(limit)
+    async with svc.log.engines.reader.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    found = [signal_summary(r) for r in rows]
+    next_before = found[-1]["position"] if len(found) == limit else None
+    return JSONResponse({"signals": found, "next_before": next_before})
+
+
+async def get_signal(request: Request) -> Response:
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.READ)
+    signal_id = request.path_params["signal_id"]
+    async with svc.log.engines.reader.connect() as conn:
+        row = (await conn.execute(
+            select(signals).where(signals.c.signal_id == signal_id)
+        )).one_or_none()
+    if row is None:
+        raise NotFound(f"no signal {signal_id!r}: check the id returned when it was posted")
+    timeline = await svc.log.read(0, MAX_TIMELINE, EventFilter(streams=(stream_of(signal_id),)))
+    summary = signal_summary(row)
+    for event in timeline:
+        if event.type == EventType.ACCEPTED:
+            summary["normalized"] = event.data.get("signal")
+        elif event.type == EventType.REJECTED:
+            summary["errors"] = event.data.get("errors")
+    summary_json = json.dumps(summary, ensure_ascii=False)
+    return RawJSONResponse(
+        f'{{"signal":{summary_json},"status":{json.dumps(row.status)},'
+        f'"events":{events_json(timeline)}}}'
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    head = await svc.log.head()  # LogUnavailable → 503 through the error handler
+    return JSONResponse({"status": "ready", "epoch": svc.log.epoch, "head": head,
+                         "subscribers_head": svc.hub.head})
+
+
+routes = [
+    Route("/webhooks/tradingview/{token}", webhook_with_token, methods=["POST"]),
+    Route("/webhooks/tradingview", webhook_with_passphrase, methods=["POST"]),
+    Route("/api/signals", post_signal, methods=["POST"]),
+    Route("/api/signals", list_signals, methods=["GET"]),
+    Route("/api/signals/{signal_id}", get_signal, methods=["GET"]),
+    Route("/api/events", get_events, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

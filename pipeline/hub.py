@@ -1,0 +1,153 @@
+"""Live fan-out: one tailer of the log feeds every subscriber, in bounded memory.
+
+The hub keeps a window of the most recent committed events (contiguous positions, at most
+``2 * window`` of them). Subscribers own nothing but their cursor: one inside the window is
+served from memory; one behind it (slow, or resuming from far back) is paged from the log
+until it is back inside. No subscriber has a queue of its own, so nothing is ever dropped and
+memory does not grow with the number or the slowness of readers.
+
+Events committed by this process arrive through the log's commit listener; events committed
+elsewhere (another process or instance) are found by the tailer, which re-reads the log after
+its head whenever it is woken or its poll interval passes. Wake-ups are hints: the tailer
+always reads from its own cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.errors import LogUnavailable
+from pipeline.log import Event, EventFilter, EventLog
+
+log = logging.getLogger("signalbox.hub")
+
+
+@dataclass(frozen=True)
+class Page:
+    """Matching events after a cursor, and how far the scan got (``covered`` ≥ last event)."""
+
+    events: Sequence[Event]
+    covered: int
+
+
+class Hub:
+    def __init__(self, event_log: EventLog, *, window: int = 10_000, page_size: int = 500,
+                 poll_interval: float = 1.0) -> None:
+        self.log = event_log
+        self.window = window
+        self.page_size = page_size
+        self.poll_interval = poll_interval
+        self.head = 0
+        self._events: list[Event] = []
+        self._first = 1  # position of self._events[0]
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.head = await self.log.head()
+        self._first = self.head + 1
+        self.log.add_listener(self._on_commit)
+        self._task = asyncio.create_task(self._tail(), name="signalbox-hub-tailer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._publish()  # let waiting subscribers notice the shutdown
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """An event set the next time the head moves; take it *before* comparing cursors."""
+        return self._changed
+
+    @property
+    def memory_events(self) -> int:
+        return len(self._events)
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def _on_commit(self, events: Sequence[Event]) -> None:
+        if events[0].position == self.head + 1:
+            self._extend(events)
+        elif events[-1].position > self.head:
+            self._wake.set()  # someone else committed in between: read it from the log
+
+    def _extend(self, events: Sequence[Event]) -> None:
+        fresh = [e for e in events if e.position > self.head]
+        if not fresh or fresh[0].position != self.head + 1:
+            return
+        if not self._events:
+            self._first = fresh[0].position
+        self._events.extend(fresh)
+        self.head = fresh[-1].position
+        if len(self._events) > 2 * self.window:
+            drop = len(self._events) - self.window
+            del self._events[:drop]
+            self._first += drop
+        self._publish()
+
+    def _publish(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _tail(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+            try:
+                await self._catch_up()
+            except LogUnavailable as exc:
+                log.warning("hub cannot read the log: %s", exc)
+            except Exception:  # keep tailing whatever happens; subscribers depend on it
+                log.exception("hub tailer failed")
+
+    async def _catch_up(self) -> None:
+        while True:
+            batch = await self.log.read(self.head, self.page_size)
+            if not batch:
+                return
+            self._extend(batch)
+            if len(batch) < self.page_size:
+                return
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def page(self, after: int, filter: EventFilter, limit: int) -> Page:
+        """Up to ``limit`` events matching ``filter`` after ``after``: from memory when the
+        window still holds ``after + 1``, else from the log."""
+        head = self.head
+        if after >= head:
+            return Page((), after)
+        if after + 1 >= self._first and self._events:
+            return self._from_window(after, filter, limit)
+        # Behind the window: page from the log, but never past the head this hub has
+        # published, so that the window takes over without a gap or a repeat.
+        events = await self.log.read(after, limit, None if filter.is_empty else filter)
+        events = [e for e in events if e.position <= head]
+        if len(events) >= limit:
+            return Page(events, events[-1].position)
+        return Page(events, head)
+
+    def _from_window(self, after: int, filter: EventFilter, limit: int) -> Page:
+        start = after + 1 - self._first
+        if filter.is_empty:
+            chunk = self._events[start:start + limit]
+            return Page(chunk, chunk[-1].position)
+        matched: list[Event] = []
+        covered = after
+        # Scan a bounded stretch so that a sparse filter cannot stall the event loop.
+        for event in self._events[start:start + limit * 20]:
+            covered = event.position
+            if filter.matches(event):
+                matched.append(event)
+                if len(matched) >= limit:
+                    break
+        return Page(matched, covered)

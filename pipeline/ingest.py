@@ -1,0 +1,222 @@
+"""Ingestion: one signal in, its ``signal.received`` and verdict events committed together.
+
+The verdict is ``signal.accepted`` (the normalized signal) or ``signal.rejected`` (the
+validation errors). A repeat of an idempotency key (or, when the content dedupe window is on,
+of the same body from the same token) appends ``signal.duplicate`` to the original stream and
+answers with the original signal instead. The idempotency check runs inside the group commit,
+so two concurrent requests with one key can never both be accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+
+from pipeline.errors import BadRequest
+from pipeline.log import EventLog, NewEvent, Transaction, format_time
+from pipeline.log.model import safe_text
+from pipeline.log.schema import signals
+from pipeline.signals import ParsedBody
+
+MAX_KEY_LENGTH = 200
+
+
+class EventType(StrEnum):
+    """The event types of a signal's stream, in the order of its life cycle."""
+
+    RECEIVED = "signal.received"
+    """the raw body as it came (secrets stripped) and facts about its source"""
+    ACCEPTED = "signal.accepted"
+    """the normalized signal"""
+    REJECTED = "signal.rejected"
+    """the validation errors"""
+    DUPLICATE = "signal.duplicate"
+    """a repeat of an already recorded signal arrived (and was not recorded again)"""
+    DISPATCHED = "signal.dispatched"
+    PROCESSING = "signal.processing"
+    PROCESSED = "signal.processed"
+    FAILED = "signal.failed"
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+def stream_of(signal_id: str) -> str:
+    return f"signal-{signal_id}"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request's signal, parsed, with the facts about where it came from."""
+
+    source: str  # "webhook" or "api"
+    raw: str  # the body as received, secrets already stripped
+    parsed: ParsedBody
+    token_name: str
+    remote_addr: str | None
+    content_type: str | None
+    idempotency_key: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    signal_id: str
+    position: int
+    status: str
+    duplicate: bool
+    errors: tuple[dict[str, Any], ...] = ()
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "signal_id": self.signal_id,
+            "position": self.position,
+            "status": self.status,
+            "duplicate": self.duplicate,
+        }
+        if self.errors:
+            body["errors"] = list(self.errors)
+        return body
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise BadRequest(
+            f"the idempotency key must be 1-{MAX_KEY_LENGTH} printable characters"
+        )
+    return key
+
+
+class Ingestor:
+    def __init__(self, log: EventLog, *, dedupe_window: float = 0.0) -> None:
+        self.log = log
+        self.dedupe_window = dedupe_window
+
+    async def submit(self, submission: Submission) -> Outcome:
+        key = check_idempotency_key(submission.idempotency_key)
+        content_hash = None
+        if self.dedupe_window > 0:
+            content_hash = hashlib.sha256(
+                f"{submission.token_name}\n{submission.raw}".encode("utf-8", "replace")
+            ).hexdigest()
+
+        async def unit(tx: Transaction) -> Outcome:
+            original = await self._find_original(tx, key, content_hash)
+            if original is not None:
+                return self._record_duplicate(tx, submission, original)
+            return self._record_new(tx, submission, key, content_hash)
+
+        return await self.log.transact(unit)
+
+    async def _find_original(self, tx: Transaction, key: str | None,
+                             content_hash: str | None) -> Outcome | None:
+        seen: dict[str, Outcome] = tx.local.setdefault("originals", {})
+        if key is not None:
+            if f"key:{key}" in seen:
+                return seen[f"key:{key}"]
+            row = (await tx.conn.execute(
+                select(signals.c.signal_id, signals.c.status)
+                .where(signals.c.idempotency_key == key)
+            )).one_or_none()
+            if row is not None:
+                return Outcome(row.signal_id, 0, row.status, True)
+        if content_hash is not None:
+            if f"content:{content_hash}" in seen:
+                return seen[f"content:{content_hash}"]
+            since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
+            row = (await tx.conn.execute(
+                select(signals.c.signal_id, signals.c.status)
+                .where(signals.c.content_hash == content_hash, signals.c.received_at >= since)
+                .order_by(signals.c.received_at.desc()).limit(1)
+            )).one_or_none()
+            if row is not None:
+                return Outcome(row.signal_id, 0, row.status, True)
+        return None
+
+    def _record_duplicate(self, tx: Transaction, submission: Submission,
+                          original: Outcome) -> Outcome:
+        event = tx.append(NewEvent(
+            stream_of(original.signal_id),
+            EventType.DUPLICATE,
+            {
+                "signal_id": original.signal_id,
+                "idempotency_key": submission.idempotency_key,
+                **_source_facts(submission),
+            },
+            {"signal_id": original.signal_id},
+        ))
+        return Outcome(original.signal_id, event.position, original.status, True)
+
+    def _record_new(self, tx: Transaction, submission: Submission, key: str | None,
+                    content_hash: str | None) -> Outcome:
+        parsed = submission.parsed
+        signal_id = str(uuid.uuid4())
+        stream = stream_of(signal_id)
+        signal = parsed.signal
+        ticker = signal.ticker if signal else safe_text(parsed.fields.get("ticker"), 100)
+        strategy = signal.strategy if signal else None
+        meta = {k: v for k, v in (("signal_id", signal_id), ("ticker", ticker),
+                                  ("strategy", strategy)) if v is not None}
+        received = tx.append(NewEvent(stream, EventType.RECEIVED, {
+            "signal_id": signal_id,
+            "body": submission.raw,
+            "format": parsed.format.value,
+            "idempotency_key": key,
+            **_source_facts(submission),
+        }, meta))
+        errors: tuple[dict[str, Any], ...] = ()
+        if signal is not None and not parsed.errors:
+            verdict = tx.append(NewEvent(stream, EventType.ACCEPTED,
+                                         {"signal_id": signal_id, "signal": signal.to_data()},
+                                         meta))
+            status = Status.ACCEPTED
+        else:
+            errors = tuple(e.to_data() for e in parsed.errors)
+            verdict = tx.append(NewEvent(stream, EventType.REJECTED,
+                                         {"signal_id": signal_id, "errors": list(errors)},
+                                         meta))
+            status = Status.REJECTED
+        now = format_time(tx.now)
+        tx.stage(signals.insert(), {
+            "signal_id": signal_id,
+            "status": status.value,
+            "source": submission.source,
+            "token_name": submission.token_name,
+            "ticker": safe_text(ticker, 100),
+            "strategy": safe_text(strategy, 200),
+            "action": signal.action.value if signal else None,
+            "idempotency_key": key,
+            "content_hash": content_hash,
+            "received_at": now,
+            "updated_at": now,
+            "first_position": received.position,
+            "last_position": verdict.position,
+        })
+        outcome = Outcome(signal_id, verdict.position, status.value, False, errors)
+        seen: dict[str, Outcome] = tx.local["originals"]
+        if key is not None:
+            seen[f"key:{key}"] = Outcome(signal_id, 0, status.value, True)
+        if content_hash is not None:
+            seen[f"content:{content_hash}"] = Outcome(signal_id, 0, status.value, True)
+        return outcome
+
+
+def _source_facts(submission: Submission) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "source": submission.source,
+        "token": submission.token_name,
+        "remote_addr": submission.remote_addr,
+        "content_type": submission.content_type,
+    }
+    facts.update(submission.facts)
+    return facts

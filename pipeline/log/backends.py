@@ -1,0 +1,103 @@
+"""Engines per database, chosen by the URL's scheme: the only place where backends differ.
+
+SQLite: WAL, ``synchronous=FULL`` (a commit is on disk before anyone is answered), a busy
+timeout, and ``BEGIN IMMEDIATE`` for the writer so that it takes the write lock before it reads
+the log head. Readers run in autocommit: each SELECT is its own consistent snapshot.
+
+PostgreSQL: asyncpg; the writer locks the ``log_head`` row (``SELECT … FOR UPDATE``), which is
+what makes positions follow commit order across connections, processes and hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True)
+class Engines:
+    """A writer engine with a single connection and a pool for readers."""
+
+    kind: str
+    writer: AsyncEngine
+    reader: AsyncEngine
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        await self.reader.dispose()
+
+
+def backend_kind(url: str | URL) -> str:
+    name = make_url(url).get_backend_name()
+    if name == "sqlite":
+        return "sqlite"
+    if name == "postgresql":
+        return "postgresql"
+    raise ValueError(
+        f"unsupported database URL scheme {name!r}: use sqlite+aiosqlite:///PATH "
+        "or postgresql+asyncpg://USER@HOST/DB"
+    )
+
+
+def create_engines(url: str | URL, *, reader_pool: int = 5) -> Engines:
+    kind = backend_kind(url)
+    if kind == "sqlite":
+        return Engines(kind, _sqlite_engine(url, writer=True), _sqlite_engine(url, writer=False))
+    writer = create_async_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+    reader = create_async_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
+                                 pool_pre_ping=True)
+    return Engines(kind, writer, reader)
+
+
+def migration_engine(url: str | URL) -> AsyncEngine:
+    """One connection; on SQLite with ``BEGIN IMMEDIATE`` so that DDL is transactional too."""
+    if backend_kind(url) == "sqlite":
+        return _sqlite_engine(url, writer=True)
+    return create_async_engine(url, poolclass=NullPool)
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def _sqlite_engine(url: str | URL, *, writer: bool) -> AsyncEngine:
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(
+        url,
+        pool_size=1 if writer else 4,
+        max_overflow=0 if writer else 4,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Type globs become LIKE patterns; keep them as case-sensitive as the in-memory match.
+        cursor.execute("PRAGMA case_sensitive_like=ON")
+        cursor.close()
+
+    if writer:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,196 @@
+"""The records of the log: events as stored, their canonical encoding, hash chain and filters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+"""The "previous hash" of the first event of every log."""
+
+JsonObject = dict[str, Any]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds: fixed width, so text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(value: object) -> str:
+    """The one encoding that hashes are computed over: sorted keys, no spaces, UTF-8 as is.
+
+    Text that is not valid Unicode (a lone surrogate from a ``\\ud800`` escape) cannot be
+    stored as UTF-8; such a value is encoded with ASCII escapes instead, which is just as
+    canonical, since decoding and encoding it again yields the same text.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text
+
+
+def chain_hash(previous: str, position: int, event_id: str, stream: str, type_: str,  # noqa: PLR0917
+               data_json: str, meta_json: str, time: str) -> str:
+    """sha256 over the previous event's hash and this event's canonical encoding.
+
+    The canonical encoding is the sorted-key JSON object of ``data, id, meta, position, stream,
+    time, type`` with ``data`` and ``meta`` in their own canonical encoding (as stored).
+    """
+    body = (
+        f'{{"data":{data_json},"id":{json.dumps(event_id)},"meta":{meta_json},'
+        f'"position":{position},"stream":{canonical_json(stream)},'
+        f'"time":{json.dumps(time)},"type":{canonical_json(type_)}}}'
+    )
+    return hashlib.sha256((previous + body).encode("utf-8")).hexdigest()
+
+
+def safe_text(value: object, limit: int) -> str | None:
+    """A string fit for an indexed column on every backend: no NUL, valid UTF-8, bounded."""
+    if not isinstance(value, str) or not value:
+        return None
+    cleaned = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return cleaned[:limit] or None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; ``meta`` may carry ``ticker`` and ``strategy`` for filtering."""
+
+    stream: str
+    type: str
+    data: Mapping[str, Any]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A committed event. ``data_json``/``meta_json`` are the stored canonical encodings."""
+
+    position: int
+    id: str
+    stream: str
+    type: str
+    data_json: str
+    meta_json: str
+    time: str
+    hash: str
+
+    @cached_property
+    def data(self) -> JsonObject:
+        value: JsonObject = json.loads(self.data_json)
+        return value
+
+    @cached_property
+    def meta(self) -> JsonObject:
+        value: JsonObject = json.loads(self.meta_json)
+        return value
+
+    @property
+    def ticker(self) -> str | None:
+        value = self.meta.get("ticker")
+        return value if isinstance(value, str) else None
+
+    @property
+    def strategy(self) -> str | None:
+        value = self.meta.get("strategy")
+        return value if isinstance(value, str) else None
+
+    @cached_property
+    def json(self) -> str:
+        """The event as a JSON object, built from the stored encodings without re-encoding."""
+        return (
+            f'{{"position":{self.position},"id":"{self.id}",'
+            f'"stream":{json.dumps(self.stream, ensure_ascii=False)},'
+            f'"type":{json.dumps(self.type, ensure_ascii=False)},'
+            f'"data":{self.data_json},"meta":{self.meta_json},'
+            f'"time":"{self.time}","hash":"{self.hash}"}}'
+        )
+
+    @cached_property
+    def frame(self) -> str:
+        """The WebSocket ``event`` frame, encoded once and shared by every subscriber."""
+        return '{"op":"event",' + self.json[1:]
+
+    def to_dict(self) -> JsonObject:
+        return {
+            "position": self.position,
+            "id": self.id,
+            "stream": self.stream,
+            "type": self.type,
+            "data": self.data,
+            "meta": self.meta,
+            "time": self.time,
+            "hash": self.hash,
+        }
+
+    def expected_hash(self, previous: str) -> str:
+        return chain_hash(previous, self.position, self.id, self.stream, self.type,
+                          self.data_json, self.meta_json, self.time)
+
+
+_GLOB_CHARS = re.compile(r"[*?]")
+
+
+def glob_regex(pattern: str) -> str:
+    """``*`` matches any run of characters, ``?`` one character; nothing else is special."""
+    return re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".") + r"\Z"
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a reader wants. Empty lists mean "any"; lists are OR-ed, kinds AND-ed.
+
+    ``types`` are glob patterns (``signal.*``); ``streams``, ``tickers`` and ``strategies`` are
+    exact values. Tickers and strategies are matched against the event's meta.
+    """
+
+    types: tuple[str, ...] = ()
+    streams: tuple[str, ...] = ()
+    tickers: tuple[str, ...] = ()
+    strategies: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, types: Iterable[str] = (), streams: Iterable[str] = (),
+              tickers: Iterable[str] = (), strategies: Iterable[str] = ()) -> EventFilter:
+        return cls(tuple(types), tuple(streams), tuple(tickers), tuple(strategies))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.types or self.streams or self.tickers or self.strategies)
+
+    @cached_property
+    def _type_regex(self) -> re.Pattern[str] | None:
+        if not self.types:
+            return None
+        return re.compile("|".join(f"(?:{glob_regex(t)})" for t in self.types))
+
+    def matches(self, event: Event) -> bool:
+        if self.is_empty:
+            return True
+        regex = self._type_regex
+        if regex is not None and not regex.match(event.type):
+            return False
+        if self.streams and event.stream not in self.streams:
+            return False
+        if self.tickers and event.ticker not in self.tickers:
+            return False
+        return not (self.strategies and event.strategy not in self.strategies)
+
+    def exact_types(self) -> tuple[str, ...] | None:
+        """The type patterns when none is a glob (then SQL can use ``IN``), else None."""
+        if any(_GLOB_CHARS.search(t) for t in self.types):
+            return None
+        return self.types

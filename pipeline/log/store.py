@@ -1,0 +1,356 @@
+"""The event log: group-committed appends, reads by cursor, the head and the epoch.
+
+Appends go through one writer task per process. Callers queue a *unit of work*; the writer
+takes every unit that is waiting, runs them one after the other inside one database
+transaction, commits once, and only then answers each caller. So many concurrent requests
+share one fsync, and nobody is answered before the commit that holds their events.
+
+Inside the transaction the writer first locks the ``log_head`` row. Positions and the hash
+chain continue from what that row says, so writers on other connections, processes or hosts
+queue behind the lock: positions are assigned in commit order and a rollback leaves no hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Executable, or_, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pipeline.errors import LogUnavailable, SignalboxError
+from pipeline.log.backends import Engines, create_engines
+from pipeline.log.model import (
+    Event,
+    EventFilter,
+    NewEvent,
+    canonical_json,
+    chain_hash,
+    format_time,
+    safe_text,
+    utc_now,
+)
+from pipeline.log.schema import events, log_head
+
+log = logging.getLogger("signalbox.log")
+
+T = TypeVar("T")
+Unit = Callable[["Transaction"], Awaitable[T]]
+CommitListener = Callable[[Sequence[Event]], None]
+
+HEAD_ROW = 1
+
+
+class Transaction:
+    """What a unit of work sees: the open transaction of one group commit.
+
+    Writes are staged and flushed together at the end of the batch (``executemany``), so a
+    unit that reads must not expect to see what an earlier unit of the same batch staged:
+    such units keep their in-batch facts in ``local``. A unit that raises has its staged events
+    and writes discarded; it must change ``local`` only after its last check.
+    """
+
+    def __init__(self, conn: AsyncConnection, position: int, last_hash: str) -> None:
+        self.conn = conn
+        self.position = position
+        self.last_hash = last_hash
+        self.now: datetime = utc_now()
+        self.local: dict[str, Any] = {}
+        self._events: list[Event] = []
+        self._writes: list[tuple[Executable, dict[str, Any]]] = []
+
+    def append(self, new: NewEvent) -> Event:
+        position = self.position + 1
+        data_json = canonical_json(dict(new.data))
+        meta_json = canonical_json(dict(new.meta))
+        event_id = str(uuid.uuid4())
+        time = format_time(self.now)
+        digest = chain_hash(self.last_hash, position, event_id, new.stream, new.type,
+                            data_json, meta_json, time)
+        event = Event(position, event_id, new.stream, new.type, data_json, meta_json, time,
+                      digest)
+        self._events.append(event)
+        self.position = position
+        self.last_hash = digest
+        return event
+
+    def stage(self, statement: Executable, params: dict[str, Any]) -> None:
+        """Queue a write (insert/update of a projection) to run in this transaction."""
+        self._writes.append((statement, params))
+
+    @property
+    def events(self) -> Sequence[Event]:
+        return self._events
+
+    def _mark(self) -> tuple[int, int, int, str]:
+        return len(self._events), len(self._writes), self.position, self.last_hash
+
+    def _reset(self, mark: tuple[int, int, int, str]) -> None:
+        n_events, n_writes, self.position, self.last_hash = mark
+        del self._events[n_events:]
+        del self._writes[n_writes:]
+
+    async def _flush(self) -> None:
+        if self._events:
+            await self.conn.execute(events.insert(), [_event_row(e) for e in self._events])
+        start = 0
+        # Consecutive writes of the same statement go out as one executemany.
+        while start < len(self._writes):
+            statement = self._writes[start][0]
+            end = start
+            while end < len(self._writes) and self._writes[end][0] is statement:
+                end += 1
+            await self.conn.execute(statement, [p for _, p in self._writes[start:end]])
+            start = end
+
+
+def _event_row(event: Event) -> dict[str, Any]:
+    return {
+        "position": event.position,
+        "id": event.id,
+        "stream": event.stream,
+        "type": event.type,
+        "data": event.data_json,
+        "meta": event.meta_json,
+        "time": event.time,
+        "hash": event.hash,
+        "ticker": safe_text(event.ticker, 100),
+        "strategy": safe_text(event.strategy, 200),
+    }
+
+
+@dataclass
+class _Pending(Generic[T]):
+    unit: Unit[T]
+    future: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop()
+                                      .create_future())
+
+
+class EventLog:
+    """The append-only log of one database. Open with :meth:`open`, then :meth:`close`."""
+
+    def __init__(self, engines: Engines, epoch: str, *, max_batch: int = 1000,
+                 commit_timeout: float = 5.0) -> None:
+        self.engines = engines
+        self.epoch = epoch
+        self.max_batch = max_batch
+        self.commit_timeout = commit_timeout
+        self._queue: asyncio.Queue[_Pending[Any]] = asyncio.Queue()
+        self._listeners: list[CommitListener] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection | None = None
+        self._closing = False
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> EventLog:
+        engines = create_engines(url)
+        try:
+            async with engines.reader.connect() as conn:
+                epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
+        except SQLAlchemyError as exc:
+            await engines.dispose()
+            raise LogUnavailable(
+                f"cannot read the log at {_redact(url)}: {exc.__class__.__name__}; "
+                "run `signalbox migrate` first, or check the database URL"
+            ) from exc
+        if epoch is None:
+            await engines.dispose()
+            raise LogUnavailable("the log has no head row: run `signalbox migrate`")
+        log_ = cls(engines, epoch, **options)
+        log_._writer = asyncio.create_task(log_._write_loop(), name="signalbox-log-writer")
+        return log_
+
+    async def close(self) -> None:
+        """Stop taking appends, commit what is queued, then release the database."""
+        self._closing = True
+        if self._writer is not None:
+            await self._queue.put(_Pending(_stop_unit))
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        await self.engines.dispose()
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(events)`` after each commit that appended events, in order."""
+        self._listeners.append(listener)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def transact(self, unit: Unit[T]) -> T:
+        """Run ``unit`` in the next group commit; return its result once that has committed.
+
+        Raises :class:`LogUnavailable` when the commit failed or did not finish within
+        ``commit_timeout`` (then nothing is acknowledged), or whatever the unit raised.
+        """
+        if self._closing:
+            raise LogUnavailable("the server is shutting down: retry against another instance")
+        pending: _Pending[T] = _Pending(unit)
+        await self._queue.put(pending)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), self.commit_timeout)
+        except TimeoutError:
+            raise LogUnavailable(
+                f"the log did not commit within {self.commit_timeout:g} s: retry later"
+            ) from None
+
+    async def append(self, new_events: Iterable[NewEvent]) -> list[Event]:
+        batch = list(new_events)
+
+        async def unit(tx: Transaction) -> list[Event]:
+            return [tx.append(e) for e in batch]
+
+        return await self.transact(unit)
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = any(p.unit is _stop_unit for p in batch)
+            work = [p for p in batch if p.unit is not _stop_unit]
+            if work:
+                await self._commit(work)
+            if stop and self._queue.empty():
+                return
+
+    async def _writer_conn(self) -> AsyncConnection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = await self.engines.writer.connect()
+        return self._conn
+
+    async def _commit(self, batch: list[_Pending[Any]]) -> None:
+        results: list[tuple[_Pending[Any], Any, BaseException | None]] = []
+        try:
+            conn = await self._writer_conn()
+            async with conn.begin():
+                row = (await conn.execute(
+                    select(log_head.c.position, log_head.c.hash)
+                    .where(log_head.c.id == HEAD_ROW).with_for_update()
+                )).one()
+                tx = Transaction(conn, row.position, row.hash)
+                for pending in batch:
+                    results.append(await _run_unit(tx, pending))
+                await tx._flush()
+                if tx.events:
+                    await conn.execute(
+                        update(log_head).where(log_head.c.id == HEAD_ROW)
+                        .values(position=tx.position, hash=tx.last_hash)
+                    )
+        except Exception as exc:  # the database is down, locked, full, or the commit failed
+            log.warning("group commit of %d units failed: %r", len(batch), exc)
+            await self._drop_connection()
+            error = LogUnavailable(
+                f"the log could not commit ({exc.__class__.__name__}); nothing was recorded: "
+                "retry later"
+            )
+            for pending in batch:
+                _settle(pending, None, error)
+            return
+        for pending, value, unit_error in results:
+            _settle(pending, value, unit_error)
+        if tx.events:
+            for listener in self._listeners:
+                listener(tx.events)
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.invalidate()
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self, after: int, limit: int = 500,
+                   filter: EventFilter | None = None) -> list[Event]:
+        """Committed events with ``position > after``, oldest first, at most ``limit``."""
+        stmt = select(events).where(events.c.position > after)
+        if filter is not None and not filter.is_empty:
+            stmt = stmt.where(*_filter_clauses(filter))
+        stmt = stmt.order_by(events.c.position).limit(limit)
+        try:
+            async with self.engines.reader.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+        except SQLAlchemyError as exc:
+            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+        return [
+            Event(r.position, r.id, r.stream, r.type, r.data, r.meta, r.time, r.hash)
+            for r in rows
+        ]
+
+    async def head(self) -> int:
+        """The position of the last committed event (0 for an empty log)."""
+        try:
+            async with self.engines.reader.connect() as conn:
+                value = (await conn.execute(select(log_head.c.position))).scalar_one()
+        except SQLAlchemyError as exc:
+            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+        return int(value)
+
+
+async def _stop_unit(tx: Transaction) -> None:  # pragma: no cover - a marker, never run
+    return None
+
+
+async def _run_unit(tx: Transaction, pending: _Pending[Any]) -> tuple[_Pending[Any], Any,
+                                                                      BaseException | None]:
+    mark = tx._mark()
+    try:
+        return pending, await pending.unit(tx), None
+    except SignalboxError as exc:
+        tx._reset(mark)
+        return pending, None, exc
+    except SQLAlchemyError:
+        raise  # the transaction itself is broken: the whole batch fails
+    except Exception as exc:
+        log.exception("unit of work failed")
+        tx._reset(mark)
+        return pending, None, exc
+
+
+def _settle(pending: _Pending[Any], value: Any, error: BaseException | None) -> None:
+    if pending.future.done():
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    else:
+        pending.future.set_result(value)
+
+
+def _like(pattern: str) -> str:
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filter.types:
+        exact = filter.exact_types()
+        if exact is not None:
+            clauses.append(events.c.type.in_(exact))
+        else:
+            clauses.append(or_(*(events.c.type.like(_like(t), escape="\\")
+                                 for t in filter.types)))
+    if filter.streams:
+        clauses.append(events.c.stream.in_(filter.streams))
+    if filter.tickers:
+        clauses.append(events.c.ticker.in_(filter.tickers))
+    if filter.strategies:
+        clauses.append(events.c.strategy.in_(filter.strategies))
+    return clauses
+
+
+def _redact(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,716 @@
+"""The canonical trading signal, and parsers of what senders really post.
+
+Two doors lead in:
+
+* :func:`parse_tradingview` is lenient, for whatever TradingView (or a relay people copy from:
+  3Commas, PineConnector, a Pine ``alert()`` string) sends: JSON, ``key=value`` text or a
+  comma-separated command; field names have aliases, numbers may be strings, actions have
+  synonyms, and every field it does not know is kept in ``extras``.
+* :func:`parse_api_signal` is strict on names: the canonical :class:`Signal` fields only.
+
+Both collect every problem (not only the first) as :class:`SignalError` with a stable code and
+a message that says what to do, and never raise: bad input must be answered with a 4xx, and the
+rejected body is still recorded for the audit.
+
+Numbers are exact: ``Decimal`` end to end, never float arithmetic. ``extras`` keeps the JSON
+values as sent; a non-integer number in it is held as a ``Decimal`` and written by
+:meth:`Signal.to_data` as a JSON number (a float that prints back to exactly that decimal), and
+a number no float can carry exactly (over ~17 digits) is kept as its decimal text. So
+``to_data()`` is plain JSON for the event log and ``Signal.model_validate(s.to_data()) == s``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, NamedTuple, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import textformats as tf
+from pipeline.textformats import PLACEHOLDER, BadValue, BodyFormat, DecodeFailure, clip, norm_word
+
+__all__ = [
+    "Action",
+    "BodyFormat",
+    "OrderType",
+    "ParsedBody",
+    "QuantityType",
+    "Signal",
+    "SignalError",
+    "SignalErrorCode",
+    "TimeInForce",
+    "parse_api_signal",
+    "parse_tradingview",
+]
+
+
+class Action(StrEnum):
+    """What the sender wants done: one vocabulary for every source."""
+
+    #: buy order: open or add to a long, or (by side) cover a short
+    BUY = "buy"
+    #: sell order: open or add to a short, or (by side) reduce a long
+    SELL = "sell"
+    #: close an existing long
+    EXIT_LONG = "exit_long"
+    #: close an existing short
+    EXIT_SHORT = "exit_short"
+    #: flatten whatever position there is
+    CLOSE = "close"
+
+
+class QuantityType(StrEnum):
+    """What unit ``Signal.quantity`` is counted in."""
+
+    #: units, contracts, shares or base currency
+    CONTRACTS = "contracts"
+    #: a cash amount in the quote currency
+    QUOTE = "quote"
+    #: percent of equity
+    PERCENT = "percent"
+    #: percent of equity put at risk (PineConnector ``risk=1``)
+    RISK = "risk"
+
+
+class OrderType(StrEnum):
+    """How the order is to be placed."""
+
+    #: at the market, no price condition
+    MARKET = "market"
+    #: at ``limit_price`` or better
+    LIMIT = "limit"
+    #: a market order once ``stop_price`` trades
+    STOP = "stop"
+    #: a limit order at ``limit_price`` once ``stop_price`` trades
+    STOP_LIMIT = "stop_limit"
+
+
+class TimeInForce(StrEnum):
+    """How long an unfilled order stays working."""
+
+    #: good till cancelled
+    GTC = "gtc"
+    #: immediate or cancel: fill what can be filled now, cancel the rest
+    IOC = "ioc"
+    #: fill or kill: all at once or nothing
+    FOK = "fok"
+    #: until the end of the trading day
+    DAY = "day"
+
+
+class SignalErrorCode(StrEnum):
+    """The stable codes of :class:`SignalError`."""
+
+    #: a required field (ticker, action) is absent or blank
+    MISSING_FIELD = "missing_field"
+    #: a field is there but its value cannot be used
+    INVALID_VALUE = "invalid_value"
+    #: the action is not a word of the vocabulary
+    UNKNOWN_ACTION = "unknown_action"
+    #: TradingView left a ``{{...}}`` placeholder unsubstituted
+    UNREPLACED_PLACEHOLDER = "unreplaced_placeholder"
+    #: the body is empty or free text
+    UNPARSEABLE = "unparseable"
+    #: the body starts like JSON but does not decode
+    INVALID_JSON = "invalid_json"
+    #: older than its max_lag when it arrived
+    EXPIRED = "expired"
+    #: a field the canonical API does not know (API only)
+    UNKNOWN_FIELD = "unknown_field"
+
+
+_TICKER = re.compile(r"[A-Z0-9!#&.^_/+\-]{1,64}")
+_EXCHANGE = re.compile(r"[A-Z0-9_.\-]{1,32}")
+_MAX_LAG = 10**9
+_MAX_ID_LENGTH = 200
+# The prices each order type takes: (limit_price given, stop_price given).
+_ORDER_PRICES = {
+    OrderType.MARKET: ((False, False), "neither limit_price nor stop_price"),
+    OrderType.LIMIT: ((True, False), "limit_price and no stop_price"),
+    OrderType.STOP: ((False, True), "stop_price and no limit_price"),
+    OrderType.STOP_LIMIT: ((True, True), "both limit_price and stop_price"),
+}
+
+
+class Signal(BaseModel):
+    """One normalized trading signal, whatever format it arrived in.
+
+    ``order_type`` is inferred from the prices when not given: LIMIT with only a limit price,
+    STOP with only a stop price, STOP_LIMIT with both, else MARKET. ``ticker`` "NASDAQ:AAPL"
+    becomes exchange NASDAQ and ticker AAPL, unless an exchange is given, which then wins.
+    ``max_lag`` (seconds): a signal older than that when it arrives must not be acted on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ticker: str
+    exchange: str | None = None
+    action: Action
+    quantity: Decimal | None = None
+    quantity_type: QuantityType | None = None
+    order_type: OrderType = OrderType.MARKET
+    limit_price: Decimal | None = None
+    stop_price: Decimal | None = None
+    price: Decimal | None = None
+    take_profit: Decimal | None = None
+    stop_loss: Decimal | None = None
+    time_in_force: TimeInForce | None = None
+    interval: str | None = None
+    bar_time: datetime | None = None
+    signal_time: datetime | None = None
+    strategy: str | None = None
+    order_id: str | None = None
+    comment: str | None = None
+    max_lag: int | None = Field(default=None, gt=0, le=_MAX_LAG)
+    extras: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_ticker_and_infer_order_type(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        ticker = data.get("ticker")
+        if isinstance(ticker, str) and ":" in ticker:
+            prefix, _, symbol = ticker.strip().partition(":")
+            if prefix and symbol:
+                data["ticker"] = symbol
+                if data.get("exchange") is None:
+                    data["exchange"] = prefix
+        if data.get("order_type") is None:
+            has = (data.get("limit_price") is not None, data.get("stop_price") is not None)
+            data["order_type"] = next(t for t, (need, _) in _ORDER_PRICES.items() if need == has)
+        return data
+
+    @field_validator("ticker")
+    @classmethod
+    def _valid_ticker(cls, value: str) -> str:
+        value = value.strip().upper()
+        if not _TICKER.fullmatch(value) or not any(ch.isalnum() for ch in value):
+            raise ValueError(
+                "must be a symbol like AAPL, ES1! or BINANCE:BTCUSDT "
+                "(letters, digits and ! # & . ^ _ / + -, at most 64)"
+            )
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _valid_exchange(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().upper()
+        if not _EXCHANGE.fullmatch(value):
+            raise ValueError("must be an exchange code like NASDAQ or BINANCE")
+        return value
+
+    @field_validator("quantity", "limit_price", "stop_price", "price", "take_profit", "stop_loss")
+    @classmethod
+    def _exact_positive(cls, value: Decimal | None) -> Decimal | None:
+        if value is None:
+            return None
+        value = tf.checked_decimal(value)
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("bar_time", "signal_time")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else tf.as_utc(value)
+
+    @field_validator("extras")
+    @classmethod
+    def _json_extras(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {key: tf.exact_numbers(item) for key, item in tf.json_native(value).items()}
+        except tf.NotJsonValue as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _prices_fit_order_type(self) -> Self:
+        needed, described = _ORDER_PRICES[self.order_type]
+        if (self.limit_price is not None, self.stop_price is not None) != needed:
+            raise ValueError(
+                f'order_type "{self.order_type}" needs {described}: fix the prices, '
+                "or leave order_type out to have it inferred from them"
+            )
+        return self
+
+    def to_data(self) -> dict[str, Any]:
+        """A JSON-ready dict: exact decimal strings, RFC 3339 UTC times, None fields omitted."""
+        data: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, Decimal):
+                value = tf.decimal_text(value)
+            elif isinstance(value, datetime):
+                value = tf.format_time(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            elif name == "extras":
+                value = tf.json_numbers(value)
+            if value is not None:
+                data[name] = value
+        return data
+
+
+@dataclass(frozen=True)
+class SignalError:
+    """One problem with a body; ``field`` is the field as the sender named it."""
+
+    code: str
+    field: str | None
+    message: str
+
+    def to_data(self) -> dict[str, Any]:
+        return {"code": str(self.code), "field": self.field, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    """What a body was recognised as, and its signal or every reason there is none.
+
+    ``fields`` holds plain JSON values (exact, see ``textformats.json_native``), secret removed.
+    """
+
+    format: BodyFormat
+    fields: dict[str, Any]
+    signal: Signal | None
+    errors: tuple[SignalError, ...]
+    idempotency_key: str | None
+    secret: str | None
+
+
+# -- values: the words of each vocabulary, and how each field is read ----------------------
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class _UnknownWord(BadValue):
+    def __init__(self, text: str, code: SignalErrorCode) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _words(synonyms: Mapping[_E, tuple[str, ...]]) -> dict[str, _E]:
+    return {word: member for member, words in synonyms.items() for word in (str(member), *words)}
+
+
+def _canonical(enum: type[_E]) -> dict[str, _E]:
+    return {member.value: member for member in enum}
+
+
+def _word_reader(table: Mapping[str, StrEnum], code: SignalErrorCode) -> Callable[[Any], Any]:
+    accepted = ", ".join(table)
+
+    def read(value: Any) -> StrEnum:
+        word = norm_word(value) if isinstance(value, str) else None
+        if word is None or word not in table:
+            raise _UnknownWord(f"holds {tf.show(value)}, which is not one of: {accepted}", code)
+        return table[word]
+
+    return read
+
+
+def _positive(value: Any) -> Decimal:
+    number = tf.parse_decimal(value)
+    if number <= 0:
+        raise BadValue(f"must be greater than 0, got {tf.show(value)}")
+    return number
+
+
+def _seconds(value: Any) -> int:
+    number = tf.parse_decimal(value)
+    if number != number.to_integral_value() or not 0 < number <= _MAX_LAG:
+        raise BadValue(f"must be whole seconds from 1 to {_MAX_LAG}, got {tf.show(value)}")
+    return int(number)
+
+
+_ACTION_WORDS = _words(
+    {
+        Action.BUY: ("long", "enter_long", "open_long", "go_long", "bull", "bullish"),
+        Action.SELL: ("short", "enter_short", "open_short", "go_short", "bear", "bearish"),
+        Action.EXIT_LONG: ("close_long", "sell_to_close", "long_exit"),
+        Action.EXIT_SHORT: ("close_short", "cover", "buy_to_cover", "short_exit"),
+        Action.CLOSE: ("exit", "flat", "flatten", "close_all", "exit_all", "closeall"),
+    }
+)
+_LENIENT_WORDS: dict[str, Mapping[str, StrEnum]] = {
+    "action": _ACTION_WORDS,
+    "quantity_type": _words(
+        {
+            QuantityType.CONTRACTS: ("contract", "base", "units", "unit", "shares", "coins"),
+            QuantityType.QUOTE: ("cash",),
+            QuantityType.PERCENT: ("pct", "%", "percent_of_equity"),
+            QuantityType.RISK: ("risk_percent",),
+        }
+    ),
+    "order_type": _words(
+        {
+            OrderType.MARKET: ("mkt",),
+            OrderType.LIMIT: ("lmt",),
+            OrderType.STOP: ("stp", "stop_market"),
+            OrderType.STOP_LIMIT: ("stoplimit", "stp_lmt"),
+        }
+    ),
+    "time_in_force": _canonical(TimeInForce),
+}
+_STRICT_WORDS: dict[str, Mapping[str, StrEnum]] = {
+    "action": _canonical(Action),
+    "quantity_type": _canonical(QuantityType),
+    "order_type": _canonical(OrderType),
+    "time_in_force": _canonical(TimeInForce),
+}
+_PRICE_FIELDS = ("quantity", "limit_price", "stop_price", "price", "take_profit", "stop_loss")
+_READERS: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(("ticker", "exchange", "interval", "strategy", "order_id"), tf.parse_text),
+    **dict.fromkeys(_PRICE_FIELDS, _positive),
+    **dict.fromkeys(("bar_time", "signal_time"), tf.parse_time),
+    "comment": tf.parse_text,
+    "max_lag": _seconds,
+}
+
+
+def _readers(words: Mapping[str, Mapping[str, StrEnum]]) -> dict[str, Callable[[Any], Any]]:
+    readers = dict(_READERS)
+    for name, table in words.items():
+        action = name == "action"
+        code = SignalErrorCode.UNKNOWN_ACTION if action else SignalErrorCode.INVALID_VALUE
+        readers[name] = _word_reader(table, code)
+    return readers
+
+
+_LENIENT_READERS = _readers(_LENIENT_WORDS)
+_STRICT_READERS = _readers(_STRICT_WORDS)
+
+# -- the TradingView names -----------------------------------------------------------------
+
+# Lenient names, in priority order: when a body holds several aliases of one field, the first
+# present one wins and the others stay in extras under their own names. "time" comes last of
+# the signal times because TradingView's {{time}} is the bar's open time, not when the alert
+# fired ({{timenow}}). "time_close" is not bar_time: it is the bar's close, one interval after
+# the bar time, so it stays in extras. "volume" is never quantity: it is the plotted volume.
+_ALIASES: dict[str, list[str]] = {
+    name: names.split()
+    for name, names in {
+        "ticker": "ticker symbol tv_instrument instrument pair market",
+        "exchange": "exchange tv_exchange",
+        "action": "action order_action strategy.order.action side direction",
+        "quantity": "quantity qty contracts strategy.order.contracts amount order.amount size "
+        "risk percent",
+        "quantity_type": "quantity_type qty_type order.currency_type",
+        "order_type": "order_type ordertype",
+        "price": "price fill_price strategy.order.price signal_price trigger_price close",
+        "limit_price": "limit_price limit",
+        "stop_price": "stop_price stop",
+        "take_profit": "take_profit tp takeprofit",
+        "stop_loss": "stop_loss sl stoploss",
+        "time_in_force": "time_in_force tif",
+        "interval": "interval timeframe tf",
+        "bar_time": "bar_time",
+        "signal_time": "signal_time timenow timestamp time",
+        "strategy": "strategy strategy_name strategy_id",
+        "order_id": "order_id orderid client_order_id strategy.order.id",
+        "comment": "comment strategy.order.comment message msg",
+        "max_lag": "max_lag",
+    }.items()
+}
+# PineConnector's risk=1 is a quantity of 1 in the unit the key names.
+_IMPLIED_QUANTITY_TYPE = {"risk": "risk", "percent": "percent"}
+# Where a strategy says the position after the fill: "flat" turns a buy or sell into an exit.
+_POSITION_KEYS = ("sentiment", "market_position", "strategy_info.market_position")
+_SECRET_KEYS = ("passphrase", "secret")
+# How deep aliases are looked for: "strategy": {"order": {"action": ...}} is three keys.
+_NESTING_SEARCHED = 3
+_SIGNAL_FIELDS = tuple(name for name in Signal.model_fields if name != "extras")
+_MISSING_HINTS = {
+    "ticker": 'add "ticker": "{{ticker}}" to the alert message (symbol or pair work too)',
+    "action": 'add "action": "{{strategy.order.action}}" or a word like buy/sell/close',
+}
+_STRICT_MISSING_HINTS = {
+    "ticker": 'it is required: the symbol, e.g. "AAPL" or "BINANCE:BTCUSDT"',
+    "action": f"it is required: one of {', '.join(Action)}",
+}
+_JSON_KINDS: dict[type, str] = {
+    **dict.fromkeys((list, tuple), "an array"),
+    **dict.fromkeys((int, float, Decimal), "a number"),
+    **{str: "a string", bool: "true or false", type(None): "null"},
+}
+_EXAMPLE = (
+    '{"ticker":"{{ticker}}","action":"{{strategy.order.action}}",'
+    '"quantity":"{{strategy.order.contracts}}","price":"{{close}}"}'
+)
+
+
+class _Pick(NamedTuple):
+    """A value chosen for a Signal field, with the name the sender gave it ("order.amount")."""
+
+    sender: str
+    value: Any
+    alias: str
+
+
+@dataclass
+class _Draft:
+    """A body on its way to a Signal: what was picked from it and every problem so far."""
+
+    format: BodyFormat
+    fields: dict[str, Any]
+    secret: str | None = None
+    idempotency_key: str | None = None
+    picked: dict[str, _Pick] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    errors: list[SignalError] = field(default_factory=list)
+
+    def add(self, code: str, name: str | None, message: str) -> None:
+        # A sender's field name can be a megabyte long; the error only needs to point at it.
+        self.errors.append(SignalError(code, None if name is None else clip(name, 200), message))
+
+
+def _absent(value: Any) -> bool:
+    """Null and blank count as not sent: {{strategy.order.comment}} is blank when unset."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _placeholder_message(name: str | None, found: list[str]) -> str:
+    where = f'field "{clip(name, 200)}" still holds' if name else "the body still holds"
+    what, it = ("placeholder", "it") if len(found) == 1 else ("placeholders", "them")
+    return (
+        f"{where} the TradingView {what} {', '.join(clip(f) for f in found[:3])}: TradingView "
+        f"did not substitute {it}; check the alert message uses a placeholder valid for this "
+        "alert type"
+    )
+
+
+def _placeholders(value: Any, path: str = "") -> Iterator[tuple[str, list[str]]]:
+    if isinstance(value, str):
+        found = tf.find_placeholders(value)
+        if found:
+            yield path, found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _placeholders(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _placeholders(item, f"{path}[{index}]")
+
+
+def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool) -> _Draft:
+    """Take the secret out, report placeholders anywhere, read the idempotency key."""
+    name_of: Callable[[str], str] = norm_word if lenient else str
+    secrets = {key for key in fields if name_of(key) in _SECRET_KEYS}
+    draft = _Draft(fmt, {key: value for key, value in fields.items() if key not in secrets})
+    secret = next((v for k, v in fields.items() if k in secrets and not _absent(v)), None)
+    if isinstance(secret, str | int) and not isinstance(secret, bool):
+        draft.secret = str(secret)
+    # Extras included: a forwarded "{{plot_0}}" is as wrong as an unsubstituted price.
+    for path, found in _placeholders(draft.fields):
+        draft.add(SignalErrorCode.UNREPLACED_PLACEHOLDER, path, _placeholder_message(path, found))
+    id_key = next((key for key in draft.fields if name_of(key) == "id"), None)
+    value = None if id_key is None else draft.fields[id_key]
+    if id_key is None or _absent(value) or (isinstance(value, str) and PLACEHOLDER.search(value)):
+        return draft  # an unsubstituted id would make every later alert a duplicate
+    try:
+        key = tf.parse_text(value)
+        if len(key) > _MAX_ID_LENGTH:
+            raise BadValue(f"must be at most {_MAX_ID_LENGTH} characters")
+        draft.idempotency_key = key
+    except BadValue as exc:
+        draft.add(SignalErrorCode.INVALID_VALUE, id_key, f'field "{clip(id_key)}" {exc}')
+    return draft
+
+
+def _pick_lenient(draft: _Draft) -> None:
+    # "id" and "extras" are never aliases, and "id" is never an extra.
+    body = {k: v for k, v in draft.fields.items() if norm_word(k) not in ("id", "extras")}
+    found: dict[str, list[tuple[tf.Path, Any]]] = {}
+    for path, value in tf.leaves(body, _NESTING_SEARCHED):
+        found.setdefault(".".join(map(norm_word, path)), []).append((path, value))
+    taken: set[tf.Path] = set()
+    for name, aliases in _ALIASES.items():
+        for alias in aliases:
+            for path, value in found.get(alias, ()):
+                if _absent(value):
+                    taken.add(path)  # a blank alias is dropped, not kept in extras
+                elif name not in draft.picked:
+                    draft.picked[name] = _Pick(".".join(path), value, alias)
+                    taken.add(path)
+    draft.extras = tf.without_paths(body, taken)
+    for key, value in draft.fields.items():
+        if norm_word(key) == "extras" and isinstance(value, dict):
+            draft.extras.update(value)  # the sender's own extras object wins over stray keys
+        elif norm_word(key) == "extras" and not _absent(value):
+            draft.extras[key] = value
+    quantity = draft.picked.get("quantity")
+    implied = _IMPLIED_QUANTITY_TYPE.get(quantity.alias) if quantity else None
+    if quantity and implied and "quantity_type" not in draft.picked:
+        draft.picked["quantity_type"] = _Pick(quantity.sender, implied, quantity.alias)
+
+
+def _pick_strict(draft: _Draft) -> None:
+    for key, value in draft.fields.items():
+        if key in _SIGNAL_FIELDS and not _absent(value):
+            draft.picked[key] = _Pick(key, value, key)
+        elif key == "extras" and isinstance(value, dict):
+            draft.extras = dict(value)
+        elif key == "extras" and value is not None:
+            draft.add(SignalErrorCode.INVALID_VALUE, key, 'field "extras" must be a JSON object')
+        elif key not in (*_SIGNAL_FIELDS, "extras", "id"):
+            draft.add(
+                SignalErrorCode.UNKNOWN_FIELD,
+                key,
+                f'unknown field "{clip(key)}": the API takes only the Signal fields '
+                f'({", ".join(_SIGNAL_FIELDS)}) and "id"; put your own data under "extras"',
+            )
+
+
+def _read_all(draft: _Draft, readers: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, pick in draft.picked.items():
+        if isinstance(pick.value, str) and PLACEHOLDER.search(pick.value):
+            continue  # already reported as an unreplaced placeholder
+        try:
+            values[name] = readers[name](pick.value)
+        except BadValue as exc:
+            code = exc.code if isinstance(exc, _UnknownWord) else SignalErrorCode.INVALID_VALUE
+            draft.add(code, pick.sender, f'field "{clip(pick.sender)}" {exc}')
+    return values
+
+
+def _exit_when_flat(draft: _Draft, values: dict[str, Any]) -> None:
+    """A buy or sell that leaves the position flat closes it: sell+flat is exit_long."""
+    action = values.get("action")
+    flat = any(
+        ".".join(map(norm_word, path)) in _POSITION_KEYS
+        and isinstance(value, str)
+        and norm_word(value) == "flat"
+        for path, value in tf.leaves(draft.fields, _NESTING_SEARCHED)
+    )
+    if flat and action in (Action.BUY, Action.SELL):
+        values["action"] = Action.EXIT_LONG if action is Action.SELL else Action.EXIT_SHORT
+        draft.extras.setdefault("side", str(action))
+
+
+def _check_expiry(draft: _Draft, values: dict[str, Any], now: datetime, default: Any) -> None:
+    signal_time, max_lag = values.get("signal_time"), values.get("max_lag", default)
+    if signal_time is None or not isinstance(max_lag, int) or max_lag <= 0:
+        return
+    age = (tf.as_utc(now) - signal_time).total_seconds()
+    if age > max_lag:
+        draft.add(
+            SignalErrorCode.EXPIRED,
+            draft.picked["signal_time"].sender,
+            f"the signal is {age:.0f} s old (signal time {tf.format_time(signal_time)}, received "
+            f"{tf.format_time(now)}), more than max_lag {max_lag} s, so it must not be acted on; "
+            "check the sender's clock and queue, or allow a larger max_lag",
+        )
+
+
+def _finish(
+    draft: _Draft,
+    values: dict[str, Any],
+    now: datetime,
+    default_max_lag: int | None,
+    hints: Mapping[str, str],
+) -> ParsedBody:
+    for name, hint in hints.items():
+        if name not in draft.picked:
+            draft.add(SignalErrorCode.MISSING_FIELD, name, f'field "{name}" is missing: {hint}')
+    _check_expiry(draft, values, now, default_max_lag)
+    signal = None
+    if not draft.errors:
+        try:
+            signal = Signal.model_validate({**values, "extras": draft.extras})
+        except ValidationError as exc:
+            for item in exc.errors(include_url=False):
+                # The only rule across fields is that the prices fit the order type.
+                name = str(item["loc"][0]) if item["loc"] else "order_type"
+                sender = draft.picked[name].sender if name in draft.picked else name
+                text = str(item["msg"]).removeprefix("Value error, ")
+                draft.add(SignalErrorCode.INVALID_VALUE, sender, f'field "{clip(sender)}" {text}')
+    return ParsedBody(
+        draft.format,
+        draft.fields,
+        signal,
+        tuple(draft.errors),
+        draft.idempotency_key,
+        draft.secret,
+    )
+
+
+def _rejected(fmt: BodyFormat, code: SignalErrorCode, message: str) -> ParsedBody:
+    return ParsedBody(fmt, {}, None, (SignalError(code, None, message),), None, None)
+
+
+def _undecodable(decoded: tf.DecodedBody) -> ParsedBody:
+    failure = decoded.failure
+    if failure is DecodeFailure.PLACEHOLDER_JSON:
+        draft = _Draft(decoded.format, {})
+        for key, holder in decoded.placeholders:
+            message = _placeholder_message(key, [holder])
+            draft.add(SignalErrorCode.UNREPLACED_PLACEHOLDER, key or None, message)
+        return ParsedBody(decoded.format, {}, None, tuple(draft.errors), None, None)
+    if failure is DecodeFailure.INVALID_JSON:
+        return _rejected(
+            decoded.format,
+            SignalErrorCode.INVALID_JSON,
+            f"the body is not valid JSON ({decoded.detail}): check quotes, commas and braces, "
+            'and put placeholders in quotes ("price": "{{close}}")',
+        )
+    if failure is DecodeFailure.NOT_AN_OBJECT:
+        message = f"the body is JSON but {decoded.detail}: send one JSON object like {_EXAMPLE}"
+        return _rejected(decoded.format, SignalErrorCode.INVALID_VALUE, message)
+    what = "empty" if failure is DecodeFailure.EMPTY else "free text, not a signal"
+    message = f"the body is {what}: send JSON like {_EXAMPLE}"
+    return _rejected(decoded.format, SignalErrorCode.UNPARSEABLE, message)
+
+
+def _is_action_word(word: str) -> bool:
+    return norm_word(word) in _ACTION_WORDS
+
+
+def parse_tradingview(
+    body: str, *, now: datetime, default_max_lag: int | None = None
+) -> ParsedBody:
+    """Parse a TradingView alert body, whatever its Content-Type said.
+
+    A JSON object first; else ``key=value`` pairs or a comma-separated command; else free text.
+    ``now`` decides expiry: ``signal_time + max_lag < now`` (``default_max_lag`` when the body
+    has no max_lag) is rejected as ``expired``.
+    """
+    decoded = tf.decode_body(body, _is_action_word)
+    if decoded.failure is not None:
+        return _undecodable(decoded)
+    draft = _start(decoded.format, decoded.fields, lenient=True)
+    _pick_lenient(draft)
+    values = _read_all(draft, _LENIENT_READERS)
+    _exit_when_flat(draft, values)
+    return _finish(draft, values, now, default_max_lag, _MISSING_HINTS)
+
+
+def parse_api_signal(
+    obj: object, *, now: datetime, default_max_lag: int | None = None
+) -> ParsedBody:
+    """Parse a decoded ``POST /api/signals`` body: the canonical Signal fields, plus "id".
+
+    Strict on names (an unknown field is ``unknown_field``) and on words (canonical values
+    only); numbers may be JSON numbers or strings, times RFC 3339 or epoch numbers.
+    """
+    if not isinstance(obj, dict):
+        found = _JSON_KINDS.get(type(obj), f"a {type(obj).__name__}")
+        message = f"the body must be a JSON object of Signal fields, not {found}"
+        return _rejected(BodyFormat.JSON, SignalErrorCode.INVALID_VALUE, message)
+    try:
+        fields: dict[str, Any] = tf.json_native(obj)
+    except tf.NotJsonValue as exc:
+        message = f"the body is not plain JSON: {exc}"
+        return _rejected(BodyFormat.JSON, SignalErrorCode.INVALID_VALUE, message)
+    draft = _start(BodyFormat.JSON, fields, lenient=False)
+    _pick_strict(draft)
+    values = _read_all(draft, _STRICT_READERS)
+    return _finish(draft, values, now, default_max_lag, _STRICT_MISSING_HINTS)

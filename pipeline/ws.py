@@ -1,0 +1,314 @@
+"""The WebSocket endpoint ``/ws``: hello, welcome, replay from the cursor, live, heartbeats.
+
+One connection runs three tasks: the *sender* pages events after the connection's cursor
+(from the hub's window or the log) and goes live once it has caught up; the *receiver* reads
+the client's frames; the *heartbeat* pings and closes a silent client. A send blocks while
+the client does not read (TCP back-pressure), which stalls only this connection's cursor:
+nothing is queued for it, so a slow reader costs no memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from pipeline.auth import Scope, TokenStore, bearer_token
+from pipeline.errors import SignalboxError
+from pipeline.hub import Hub
+from pipeline.log import EventFilter, EventLog
+
+log = logging.getLogger("signalbox.ws")
+
+FILTER_KEYS = ("types", "streams", "tickers", "strategies")
+MAX_FILTER_VALUES = 100
+MAX_FILTER_LENGTH = 200
+TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?-]+$")
+MAX_BATCH_BYTES = 1 << 20
+
+
+class CloseCode(IntEnum):
+    GOING_AWAY = 1001
+    INTERNAL_ERROR = 1011
+    OVERLOADED = 1013
+    MALFORMED = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    TIMEOUT = 4408
+    CONFLICT = 4409
+
+
+class Closing(Exception):
+    """Ends a connection with an error frame and a close code."""
+
+    def __init__(self, code: CloseCode, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class Hello:
+    token: str | None
+    cursor: int | None
+    epoch: str | None
+    filter: EventFilter
+    consumer: str | None
+    batch: bool
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    heartbeat: float
+    hello_timeout: float
+    max_message: int
+
+
+class Connections:
+    """The open connections of this process, so that shutdown can close them with 1001."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.open = 0
+
+
+def parse_hello(text: str) -> Hello:
+    frame = _decode(text)
+    if frame.get("op") != "hello":
+        raise Closing(CloseCode.MALFORMED, 'the first frame must be {"op": "hello", ...}')
+    token = frame.get("token")
+    if token is not None and not isinstance(token, str):
+        raise Closing(CloseCode.MALFORMED, "token must be a string")
+    cursor = frame.get("cursor")
+    if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)
+                               or cursor < 0):
+        raise Closing(CloseCode.MALFORMED, "cursor must be a position (integer >= 0) or null")
+    epoch = frame.get("epoch")
+    if epoch is not None and not isinstance(epoch, str):
+        raise Closing(CloseCode.MALFORMED, "epoch must be a string or null")
+    consumer = frame.get("consumer")
+    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100):
+        raise Closing(CloseCode.MALFORMED, "consumer must be a name of 1-100 characters or null")
+    batch = frame.get("batch", False)
+    if not isinstance(batch, bool):
+        raise Closing(CloseCode.MALFORMED, "batch must be true or false")
+    return Hello(token, cursor, epoch, parse_filter(frame.get("filter")), consumer, batch)
+
+
+def parse_filter(value: object) -> EventFilter:
+    if value is None:
+        return EventFilter()
+    if not isinstance(value, dict):
+        raise Closing(CloseCode.MALFORMED, "filter must be an object")
+    unknown = set(value) - set(FILTER_KEYS)
+    if unknown:
+        raise Closing(CloseCode.MALFORMED,
+                      f"unknown filter key(s) {sorted(unknown)}: use {list(FILTER_KEYS)}")
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in FILTER_KEYS:
+        items = value.get(key) or []
+        if not isinstance(items, list) or len(items) > MAX_FILTER_VALUES or not all(
+            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH for i in items
+        ):
+            raise Closing(CloseCode.MALFORMED,
+                          f"filter.{key} must be a list of at most {MAX_FILTER_VALUES} "
+                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters")
+        lists[key] = tuple(items)
+    bad = [t for t in lists["types"] if not TYPE_PATTERN.match(t)]
+    if bad:
+        raise Closing(CloseCode.MALFORMED,
+                      f"bad type pattern(s) {bad}: letters, digits, . _ - and the globs * ?")
+    return EventFilter(lists["types"], lists["streams"], lists["tickers"], lists["strategies"])
+
+
+def _decode(text: str) -> dict[str, Any]:
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
+        raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"")
+    return frame
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, websocket: WebSocket, *, event_log: EventLog, hub: Hub,
+                 token_store: TokenStore, connections: Connections,
+                 settings: StreamSettings, page_size: int) -> None:
+        self.ws = websocket
+        self.log = event_log
+        self.hub = hub
+        self.tokens = token_store
+        self.connections = connections
+        self.settings = settings
+        self.page_size = page_size
+        self.last_heard = time.monotonic()
+        self._send_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        self.connections.open += 1
+        try:
+            await self._serve()
+        except Closing as closing:
+            await self._close(closing.code, closing.message, **closing.extra)
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("websocket session failed")
+            await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
+        finally:
+            self.connections.open -= 1
+
+    async def _serve(self) -> None:
+        hello = await self._receive_hello()
+        cursor = await self._authorize(hello)
+        await self._send_text(json.dumps({
+            "op": "welcome", "epoch": self.log.epoch, "head": self.hub.head,
+            "cursor": cursor, "heartbeat": self.settings.heartbeat,
+        }))
+        tasks = [
+            asyncio.create_task(self._stream(cursor, hello)),
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._going_away()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # re-raises Closing / WebSocketDisconnect
+
+    async def _receive_hello(self) -> Hello:
+        try:
+            text = await asyncio.wait_for(self._receive_text(), self.settings.hello_timeout)
+        except TimeoutError:
+            raise Closing(CloseCode.TIMEOUT,
+                          f"no hello within {self.settings.hello_timeout:g} s") from None
+        return parse_hello(text)
+
+    async def _authorize(self, hello: Hello) -> int:
+        secret = hello.token or bearer_token(self.ws.headers)
+        try:
+            token = await self.tokens.authenticate(secret)
+            token.require(Scope.READ)
+        except SignalboxError as exc:
+            codes = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.FORBIDDEN}
+            raise Closing(codes.get(exc.status, CloseCode.OVERLOADED), exc.message) from None
+        if hello.epoch is not None and hello.epoch != self.log.epoch:
+            raise Closing(CloseCode.CONFLICT,
+                          "epoch mismatch: this log was created anew; the cursor belongs to "
+                          "another log. Start again from cursor 0 with the new epoch",
+                          epoch=self.log.epoch)
+        if hello.cursor is None:
+            return self.hub.head
+        if hello.cursor > self.hub.head and hello.cursor > await self.log.head():
+            raise Closing(CloseCode.CONFLICT,
+                          f"cursor {hello.cursor} is ahead of the head of the log "
+                          f"({self.hub.head}): it belongs to another log or epoch",
+                          epoch=self.log.epoch, head=self.hub.head)
+        return hello.cursor
+
+    async def _stream(self, cursor: int, hello: Hello) -> None:
+        replaying = True
+        while True:
+            changed = self.hub.changed
+            page = await self.hub.page(cursor, hello.filter, self.page_size)
+            if page.events:
+                await self._send_events([e.frame for e in page.events], hello.batch)
+            cursor = max(cursor, page.covered)
+            if cursor < self.hub.head:
+                continue
+            if replaying:
+                replaying = False
+                await self._send_text(f'{{"op":"live","position":{cursor}}}')
+            await changed.wait()
+
+    async def _send_events(self, frames: list[str], batch: bool) -> None:
+        if not batch:
+            for frame in frames:
+                await self._send_text(frame)
+            return
+        chunk: list[str] = []
+        size = 0
+        for frame in frames:
+            if chunk and size + len(frame) > MAX_BATCH_BYTES:
+                await self._send_text("\n".join(chunk))
+                chunk, size = [], 0
+            chunk.append(frame)
+            size += len(frame) + 1
+        if chunk:
+            await self._send_text("\n".join(chunk))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frame = _decode(await self._receive_text())
+            self.last_heard = time.monotonic()
+            op = frame["op"]
+            if op == "pong":
+                continue
+            if op == "ping":
+                await self._send_text('{"op":"pong"}')
+            elif op == "ack":
+                position = frame.get("position")
+                if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+                    raise Closing(CloseCode.MALFORMED, "ack needs a position (integer >= 0)")
+            elif op == "hello":
+                raise Closing(CloseCode.MALFORMED, "hello was already received")
+            else:
+                raise Closing(CloseCode.MALFORMED,
+                              f"unknown op {op!r}: clients send hello, ack and pong")
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat
+        while True:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self.last_heard
+            if silent > 2 * interval:
+                raise Closing(CloseCode.TIMEOUT,
+                              f"no frame from the client for {silent:.0f} s: answer pings "
+                              'with {"op": "pong"}')
+            if not self._send_lock.locked():  # a blocked sender already keeps the link busy
+                await self._send_text(f'{{"op":"ping","head":{self.hub.head}}}')
+
+    async def _going_away(self) -> None:
+        await self.connections.stopping.wait()
+        raise Closing(CloseCode.GOING_AWAY, "the server is shutting down: reconnect shortly")
+
+    async def _receive_text(self) -> str:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text = message.get("text")
+        if text is None:
+            raise Closing(CloseCode.MALFORMED, "binary frames are not part of the protocol: "
+                                               "send JSON text frames")
+        if len(text) > self.settings.max_message:
+            raise Closing(CloseCode.MALFORMED,
+                          f"frame over {self.settings.max_message} characters")
+        return str(text)
+
+    async def _send_text(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(text)
+
+    async def _close(self, code: CloseCode, message: str, **extra: Any) -> None:
+        frame = json.dumps({"op": "error", "code": int(code), "message": message, **extra})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send_text(frame), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(int(code), message[:120]), 5)

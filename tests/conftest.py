@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import ServerProcess, create_pg_database, drop_pg_database
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database of each backend. PostgreSQL must be there: its absence fails."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+        return
+    url, name = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[ServerProcess]:
+    process = ServerProcess(database_url).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http_client:
+        yield http_client

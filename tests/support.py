@@ -1,0 +1,229 @@
+"""Real servers for the tests: `signalbox serve` in a subprocess on 127.0.0.1, real databases.
+
+Nothing here mocks a part of the system: the server is the installed command, the databases
+are SQLite files in a temporary folder and databases created on the machine's PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+PG_ADMIN_DSN = os.environ.get("SIGNALBOX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+ADMIN_TOKEN = "sbx_test_admin_" + uuid.uuid4().hex
+INGEST_TOKEN = "sbx_test_ingest_" + uuid.uuid4().hex
+RUNNING = re.compile(r"Uvicorn running on http://[\d.]+:(\d+)")
+
+
+async def create_pg_database() -> tuple[str, str]:
+    """A new, empty PostgreSQL database: (its SQLAlchemy URL, its name)."""
+    name = f"sbx_test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return f"{base}/{name}", name
+
+
+async def drop_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+class ServerProcess:
+    """`python -m pipeline serve` on a free port of 127.0.0.1."""
+
+    def __init__(self, database_url: str, *, env: Mapping[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.database_url = database_url
+        self.extra_env = dict(env or {})
+        self.args = list(args or [])
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.output: list[str] = []
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        env = {**os.environ, "SIGNALBOX_ADMIN_TOKEN": ADMIN_TOKEN,
+               "SIGNALBOX_WEBHOOK_SECRET": INGEST_TOKEN, **self.extra_env}
+        port = str(self.port) if self.port else "0"
+        self._ready.clear()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", port,
+             "--database-url", self.database_url, *self.args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.output[-50:]))
+        return self
+
+    def _pump(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.output.append(line)
+            match = RUNNING.search(line)
+            if match:
+                self.port = int(match.group(1))
+                self._ready.set()
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash or an OOM kill."""
+        self.signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def restart(self) -> ServerProcess:
+        """Start again on the same port (after stop or kill)."""
+        return self.start()
+
+
+def headers(token: str = ADMIN_TOKEN, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **extra}
+
+
+async def read_all_events(client: httpx.AsyncClient, token: str = ADMIN_TOKEN,
+                          **params: Any) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        response = await client.get("/api/events", params={"after": after, "limit": 1000,
+                                                           **params},
+                                    headers=headers(token))
+        response.raise_for_status()
+        page = response.json()
+        events.extend(page["events"])
+        if not page["events"]:
+            return events
+        after = page["events"][-1]["position"]
+
+
+async def ws_connect(server: ServerProcess, **hello: Any) -> ClientConnection:
+    conn = await websockets.connect(server.ws_url, max_size=None)
+    frame = {"op": "hello", "token": ADMIN_TOKEN, "cursor": None, **hello}
+    await conn.send(json.dumps(frame))
+    return conn
+
+
+async def next_frame(conn: ClientConnection, wait: float = 10.0) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(await asyncio.wait_for(conn.recv(), wait))
+    return value
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def verify_chain(events: list[dict[str, Any]]) -> None:
+    """Check positions 1..N and the hash chain as docs/protocol.md defines it, independently
+    of the server's code: sha256(previous hash + canonical JSON of the event)."""
+    previous = "0" * 64
+    for expected, event in enumerate(events, start=1):
+        assert event["position"] == expected, f"gap or repeat at {expected}"
+        body = {k: event[k] for k in ("data", "id", "meta", "position", "stream", "time",
+                                      "type")}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        digest = hashlib.sha256((previous + canonical).encode()).hexdigest()
+        assert digest == event["hash"], f"hash chain broken at {expected}"
+        previous = digest
+
+
+class FastClient:
+    """A small keep-alive HTTP/1.1 client for bulk load in tests: many requests over a few
+    persistent connections, without the per-request overhead of a general-purpose client."""
+
+    def __init__(self, base_url: str, connections: int = 16) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.size = connections
+        self._free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue())
+        self._all: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> FastClient:
+        for _ in range(self.size):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self._all.append(writer)
+            self._free.put_nowait((reader, writer))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._all:
+            writer.close()
+
+    async def post(self, path: str, payload: Any, token: str = ADMIN_TOKEN,
+                   extra: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        body = json.dumps(payload).encode()
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}",
+                 f"Authorization: Bearer {token}", "Content-Type: application/json",
+                 f"Content-Length: {len(body)}"]
+        lines.extend(f"{k}: {v}" for k, v in (extra or {}).items())
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        reader, writer = await self._free.get()
+        try:
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            content = await reader.readexactly(length)
+        finally:
+            self._free.put_nowait((reader, writer))
+        return int(status_line.split()[1]), json.loads(content)

@@ -1,0 +1,202 @@
+"""The event log on each backend: group commit, ordering, reads, filters and the hash chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import random
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from pipeline import migrate
+from pipeline.errors import LogUnavailable, NotFound
+from pipeline.log import GENESIS_HASH, Event, EventFilter, EventLog, NewEvent, Transaction
+from pipeline.log.model import glob_regex
+
+
+@pytest.fixture
+async def event_log(database_url: str) -> AsyncIterator[EventLog]:
+    await migrate.upgrade_async(database_url)
+    opened = await EventLog.open(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def verify_chain(events: list[Event]) -> None:
+    previous = GENESIS_HASH
+    for expected_position, event in enumerate(events, start=1):
+        assert event.position == expected_position
+        assert event.expected_hash(previous) == event.hash, event.position
+        previous = event.hash
+
+
+async def read_everything(log: EventLog, page: int = 1000) -> list[Event]:
+    found: list[Event] = []
+    while batch := await log.read(found[-1].position if found else 0, page):
+        found.extend(batch)
+    return found
+
+
+async def test_concurrent_appends_share_commits_and_get_contiguous_positions(
+        event_log: EventLog) -> None:
+    results = await asyncio.gather(*(
+        event_log.append([NewEvent(f"s-{i}", "test.one", {"i": i}),
+                          NewEvent(f"s-{i}", "test.two", {"i": i})])
+        for i in range(300)
+    ))
+    for pair in results:  # one request's events are adjacent: they commit together
+        assert pair[1].position == pair[0].position + 1
+    events = await read_everything(event_log)
+    assert len(events) == 600 and await event_log.head() == 600
+    verify_chain(events)
+    assert sorted(e.data["i"] for e in events if e.type == "test.one") == list(range(300))
+
+
+async def test_read_after_limit_and_filters(event_log: EventLog) -> None:
+    await event_log.append([
+        NewEvent("signal-a", "signal.received", {}, {"ticker": "AAA", "strategy": "s1"}),
+        NewEvent("signal-a", "signal.accepted", {}, {"ticker": "AAA", "strategy": "s1"}),
+        NewEvent("signal-b", "signal.received", {}, {"ticker": "BBB"}),
+        NewEvent("other", "sys_event", {}, {}),
+        NewEvent("other", "sysXevent", {}, {}),
+    ])
+    assert [e.position for e in await event_log.read(1, 2)] == [2, 3]
+    by_glob = await event_log.read(0, 10, EventFilter(types=("signal.*",)))
+    assert [e.position for e in by_glob] == [1, 2, 3]
+    # "_" is not a wildcard, only * and ? are, in SQL as in memory
+    assert [e.position for e in await event_log.read(0, 10, EventFilter(types=("sys_event",)))
+            ] == [4]
+    assert [e.position for e in await event_log.read(0, 10, EventFilter(types=("sys?event",)))
+            ] == [4, 5]
+    assert [e.position for e in await event_log.read(0, 10, EventFilter(tickers=("AAA",)))
+            ] == [1, 2]
+    both = EventFilter(types=("signal.received",), tickers=("AAA", "BBB"))
+    assert [e.position for e in await event_log.read(0, 10, both)] == [1, 3]
+    assert [e.position for e in await event_log.read(0, 10, EventFilter(strategies=("s1",)))
+            ] == [1, 2]
+    assert [e.position for e in await event_log.read(0, 10, EventFilter(streams=("other",)))
+            ] == [4, 5]
+    everything = await read_everything(event_log)
+    for candidate in (EventFilter(types=("signal.*",)), both, EventFilter(types=("sys?event",))):
+        in_memory = [e.position for e in everything if candidate.matches(e)]
+        assert in_memory == [e.position for e in await event_log.read(0, 10, candidate)]
+
+
+def test_glob_only_knows_star_and_question_mark() -> None:
+    assert re.match(glob_regex("signal.*"), "signal.accepted")
+    assert not re.match(glob_regex("signal.*"), "signalXaccepted")
+    assert not re.match(glob_regex("[s]ignal"), "signal")
+    assert not re.match(glob_regex("signal"), "signal.accepted")
+
+
+async def test_a_failing_unit_leaves_no_trace_and_does_not_fail_its_batch(
+        event_log: EventLog) -> None:
+    async def good(tx: Transaction) -> int:
+        return tx.append(NewEvent("s", "ok", {})).position
+
+    async def bad(tx: Transaction) -> int:
+        tx.append(NewEvent("s", "half-written", {}))
+        raise NotFound("refused after appending")
+
+    outcomes = await asyncio.gather(event_log.transact(good), event_log.transact(bad),
+                                    event_log.transact(good), return_exceptions=True)
+    assert isinstance(outcomes[1], NotFound)
+    events = await read_everything(event_log)
+    assert [e.type for e in events] == ["ok", "ok"]
+    verify_chain(events)
+
+
+async def test_unicode_and_lone_surrogates_are_stored_and_hashed(event_log: EventLog) -> None:
+    await event_log.append([NewEvent("s", "t", {"text": "emoji \U0001f680 and \x00 nul",
+                                                "broken": json.loads('"\\ud800"')},
+                                     {"strategy": "x\x00y"})])
+    (event,) = await read_everything(event_log)
+    assert event.data["text"] == "emoji \U0001f680 and \x00 nul"
+    assert event.data["broken"] == "\ud800"
+    verify_chain([event])
+
+
+async def test_epoch_is_stable_and_head_starts_at_zero(database_url: str) -> None:
+    await migrate.upgrade_async(database_url)
+    first = await EventLog.open(database_url)
+    try:
+        assert await first.head() == 0
+        epoch = first.epoch
+    finally:
+        await first.close()
+    await migrate.upgrade_async(database_url)  # idempotent: no new epoch
+    second = await EventLog.open(database_url)
+    try:
+        assert second.epoch == epoch
+    finally:
+        await second.close()
+
+
+async def test_an_unmigrated_database_is_refused_clearly(database_url: str) -> None:
+    with pytest.raises(LogUnavailable, match="signalbox migrate"):
+        await EventLog.open(database_url)
+
+
+async def test_closing_commits_what_is_queued(event_log: EventLog, database_url: str) -> None:
+    pending = [asyncio.ensure_future(event_log.append([NewEvent("s", "t", {"i": i})]))
+               for i in range(100)]
+    await asyncio.sleep(0)
+    await event_log.close()
+    done = await asyncio.gather(*pending)
+    reopened = await EventLog.open(database_url)
+    try:
+        assert await reopened.head() == len(done) == 100
+    finally:
+        await reopened.close()
+
+
+def _writer_process(url: str, writer: int, count: int) -> None:
+    async def main() -> None:
+        log = await EventLog.open(url)
+        try:
+            for i in range(count):
+                await log.append([NewEvent(f"w{writer}", "race", {"w": writer, "i": i})
+                                  for _ in range(random.randint(1, 3))])
+        finally:
+            await log.close()
+
+    asyncio.run(main())
+
+
+async def test_readers_never_miss_a_position_that_commits_later(database_url: str) -> None:
+    """Writers in separate processes race; a reader tails by cursor and must see every
+    position exactly once, in order: a later commit may never take a smaller position."""
+    await migrate.upgrade_async(database_url)
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_writer_process, args=(database_url, w, 150))
+               for w in range(4)]
+    for process in writers:
+        process.start()
+    reader = await EventLog.open(database_url)
+    seen: list[int] = []
+    try:
+        cursor = 0
+        while any(p.is_alive() for p in writers) or cursor < await reader.head():
+            for event in await reader.read(cursor, 50):
+                assert event.position == cursor + 1, f"gap or repeat after {cursor}"
+                cursor = event.position
+                seen.append(cursor)
+            await asyncio.sleep(0.001)
+        for process in writers:
+            process.join(30)
+            assert process.exitcode == 0
+        head = await reader.head()
+        assert seen == list(range(1, head + 1))
+        verify_chain(await read_everything(reader))
+        async with reader.engines.reader.connect() as conn:
+            per_writer = (await conn.execute(text(
+                "SELECT stream, count(*) FROM events GROUP BY stream"))).all()
+        assert sum(n for _, n in per_writer) == head
+    finally:
+        await reader.close()

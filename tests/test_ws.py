@@ -1,0 +1,348 @@
+"""The WebSocket stream from a subscriber's side: hello, replay, live, resume, close codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection
+
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    FastClient,
+    ServerProcess,
+    headers,
+    next_frame,
+    ws_connect,
+)
+
+BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
+
+
+async def post(client: httpx.AsyncClient, ticker: str = "BTCUSDT", **extra: Any) -> int:
+    response = await client.post("/api/signals", json={**BTC, "ticker": ticker, **extra},
+                                 headers=headers(INGEST_TOKEN))
+    assert response.status_code in (202, 422), response.text
+    position: int = response.json()["position"]
+    return position
+
+
+async def expect_close(conn: ClientConnection, code: int) -> dict[str, Any]:
+    """The error frame that precedes the close, and the close code."""
+    error = await next_frame(conn)
+    assert error["op"] == "error" and error["code"] == code, error
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(conn.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+    return error
+
+
+async def collect_until(conn: ClientConnection, position: int) -> list[dict[str, Any]]:
+    """Events until one at or after ``position`` (skipping pings)."""
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["position"] < position:
+        frame = await next_frame(conn)
+        if frame["op"] == "event":
+            events.append(frame)
+    return events
+
+
+async def test_welcome_replay_then_live(server: ServerProcess, client: httpx.AsyncClient) -> None:
+    await post(client)
+    conn = await ws_connect(server, cursor=0)
+    try:
+        welcome = await next_frame(conn)
+        assert welcome["op"] == "welcome" and welcome["cursor"] == 0
+        assert welcome["head"] == 2 and welcome["heartbeat"] == 15
+        replayed = [await next_frame(conn), await next_frame(conn)]
+        assert [f["position"] for f in replayed] == [1, 2]
+        assert set(replayed[0]) == {"op", "position", "id", "stream", "type", "data", "meta",
+                                    "time", "hash"}
+        assert await next_frame(conn) == {"op": "live", "position": 2}
+        await post(client)
+        live = [await next_frame(conn), await next_frame(conn)]
+        assert [f["position"] for f in live] == [3, 4]
+    finally:
+        await conn.close()
+
+
+async def test_live_only_and_header_auth(server: ServerProcess, client: httpx.AsyncClient) -> None:
+    await post(client)
+    conn = await websockets.connect(server.ws_url,
+                                    additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    try:
+        await conn.send(json.dumps({"op": "hello", "cursor": None}))
+        welcome = await next_frame(conn)
+        assert welcome["cursor"] == welcome["head"] == 2
+        assert await next_frame(conn) == {"op": "live", "position": 2}
+        await post(client)
+        assert (await next_frame(conn))["position"] == 3
+    finally:
+        await conn.close()
+
+
+async def test_filters_and_live_position_cover_skipped_events(
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    await post(client, "AAA")
+    await post(client, "BBB")
+    conn = await ws_connect(server, cursor=0,
+                            filter={"types": ["signal.acc*"], "tickers": ["BBB"]})
+    try:
+        await next_frame(conn)
+        event = await next_frame(conn)
+        assert (event["type"], event["meta"]["ticker"], event["position"]) == (
+            "signal.accepted", "BBB", 4)
+        assert await next_frame(conn) == {"op": "live", "position": 4}
+        await post(client, "AAA")
+        await post(client, "BBB")
+        event = await next_frame(conn)
+        assert (event["meta"]["ticker"], event["position"]) == ("BBB", 8)
+    finally:
+        await conn.close()
+
+
+async def test_batch_mode_packs_frames(server: ServerProcess, client: httpx.AsyncClient) -> None:
+    for _ in range(5):
+        await post(client)
+    conn = await ws_connect(server, cursor=0, batch=True)
+    try:
+        await next_frame(conn)
+        message = await asyncio.wait_for(conn.recv(), 10)
+        frames = [json.loads(line) for line in str(message).split("\n")]
+        assert [f["position"] for f in frames] == list(range(1, 11))
+    finally:
+        await conn.close()
+
+
+def hello(**fields: Any) -> str:
+    return json.dumps({"op": "hello", **fields})
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    ("not json", 4400),
+    ('{"no": "op"}', 4400),
+    ('{"op": "ack", "position": 1}', 4400),
+    (hello(token=ADMIN_TOKEN, cursor=-1), 4400),
+    (hello(token=ADMIN_TOKEN, cursor=True), 4400),
+    (hello(token=ADMIN_TOKEN, filter={"types": "signal.*"}), 4400),
+    (hello(token=ADMIN_TOKEN, filter={"colour": ["red"]}), 4400),
+    (hello(token=ADMIN_TOKEN, filter={"types": ["[a]"]}), 4400),
+    (hello(cursor=0), 4401),
+    (hello(token="sbx_wrong", cursor=0), 4401),
+    (hello(token=INGEST_TOKEN, cursor=0), 4403),
+    (hello(token=ADMIN_TOKEN, cursor=99), 4409),
+    (hello(token=ADMIN_TOKEN, cursor=0, epoch="other"), 4409),
+])
+async def test_bad_hello_gets_the_right_close_code(server: ServerProcess, frame: str,
+                                                  code: int) -> None:
+    async with websockets.connect(server.ws_url) as conn:
+        await conn.send(frame)
+        await expect_close(conn, code)
+
+
+async def test_binary_oversized_and_unknown_frames_close_4400_and_others_go_on(
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    bystander = await ws_connect(server, cursor=None)
+    await next_frame(bystander)
+    await next_frame(bystander)
+    try:
+        for bad in (b"\x00\x01", "x" * 70_000, '{"op": "teleport"}', '{"op": "hello"}'):
+            conn = await ws_connect(server, cursor=None)
+            await next_frame(conn)  # welcome
+            await next_frame(conn)  # live
+            await conn.send(bad)
+            await expect_close(conn, 4400)
+        async with websockets.connect(server.ws_url, max_size=None) as conn:
+            await conn.send("x" * (2 << 20))  # over the protocol layer's limit
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(conn.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        position = await post(client)
+        frames = await collect_until(bystander, position)
+        assert frames[-1]["position"] == position
+    finally:
+        await bystander.close()
+
+
+async def test_epoch_mismatch_tells_the_right_epoch(server: ServerProcess,
+                                                   client: httpx.AsyncClient) -> None:
+    epoch = (await client.get("/readyz")).json()["epoch"]
+    conn = await ws_connect(server, cursor=0, epoch=str(uuid.uuid4()))
+    error = await expect_close(conn, 4409)
+    assert error["epoch"] == epoch
+    conn = await ws_connect(server, cursor=0, epoch=epoch)
+    assert (await next_frame(conn))["op"] == "welcome"
+    await conn.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_hello_that_never_comes_and_silent_clients_are_closed_4408(
+        database_url: str) -> None:
+    server = ServerProcess(database_url, env={"SIGNALBOX_HELLO_TIMEOUT": "0.5"},
+                           args=["--heartbeat", "0.3"]).start()
+    try:
+        async with websockets.connect(server.ws_url) as conn:
+            await expect_close(conn, 4408)
+        conn = await ws_connect(server, cursor=None)
+        assert (await next_frame(conn))["heartbeat"] == 0.3
+        frames = []
+        while True:  # pings arrive; without a pong the server gives up after 2 x heartbeat
+            frame = await next_frame(conn)
+            frames.append(frame["op"])
+            if frame["op"] == "error":
+                assert frame["code"] == 4408
+                break
+        assert "ping" in frames
+        answering = await ws_connect(server, cursor=None)
+        pings = 0
+        while pings < 6:  # 6 x 0.3 s: well past 2 x heartbeat, and still open
+            frame = await next_frame(answering)
+            if frame["op"] == "ping":
+                pings += 1
+                await answering.send('{"op": "pong"}')
+            assert frame["op"] != "error", frame
+        await answering.close()
+    finally:
+        server.stop()
+
+
+async def test_shutdown_closes_subscribers_with_1001(database_url: str) -> None:
+    server = ServerProcess(database_url).start()
+    conn = await ws_connect(server, cursor=None)
+    await next_frame(conn)
+    stopping = asyncio.get_running_loop().run_in_executor(None, server.stop)
+    frames: list[dict[str, Any]] = []
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            frames.append(await next_frame(conn))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert await stopping == 0
+
+
+@pytest.fixture
+async def writer_client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http_client:
+        yield http_client
+
+
+FILTERS = st.sampled_from([
+    None,
+    {"types": ["signal.accepted"]},
+    {"tickers": ["AAA"]},
+    {"types": ["signal.*"], "tickers": ["BBB", "CCC"]},
+])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_resume_after_random_disconnects_loses_nothing(
+        server: ServerProcess, writer_client: httpx.AsyncClient) -> None:
+    """Property: whatever the disconnect points and the filter, a subscriber that reconnects
+    with the last position it saw ends with exactly the matching sequence."""
+    tickers = ["AAA", "BBB", "CCC"]
+
+    async def run(disconnects: list[int], event_filter: dict[str, Any] | None) -> None:
+        start = (await writer_client.get("/readyz")).json()["head"]
+        writers_done = asyncio.Event()
+
+        async def write() -> None:
+            for i in range(60):
+                await post(writer_client, tickers[i % 3])
+            writers_done.set()
+
+        writer = asyncio.create_task(write())
+        seen: list[dict[str, Any]] = []
+        cursor = start
+        budget = list(disconnects)
+        while True:
+            conn = await ws_connect(server, cursor=cursor, filter=event_filter)
+            try:
+                assert (await next_frame(conn))["op"] == "welcome"
+                taken = 0
+                limit = budget.pop(0) if budget else None
+                while limit is None or taken < limit:
+                    try:
+                        frame = await next_frame(conn, 1.0 if writers_done.is_set() else 10)
+                    except TimeoutError:
+                        break
+                    if frame["op"] == "event":
+                        seen.append(frame)
+                        cursor = frame["position"]
+                        taken += 1
+                    elif frame["op"] == "live":
+                        cursor = max(cursor, frame["position"])
+            finally:
+                await conn.close()
+            if writers_done.is_set() and not budget and limit is None:
+                break
+        await writer
+        expected = await expected_events(writer_client, start, event_filter)
+        positions = [e["position"] for e in seen]
+        assert positions == sorted(set(positions)), "out of order or repeated"
+        assert positions == [e["position"] for e in expected], "gap"
+
+    @settings(max_examples=5, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.integers(min_value=0, max_value=40), max_size=4), FILTERS)
+    def property_(disconnects: list[int], event_filter: dict[str, Any] | None) -> None:
+        asyncio.run_coroutine_threadsafe(run(disconnects, event_filter), loop).result(120)
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, property_)
+
+
+async def expected_events(client: httpx.AsyncClient, after: int,
+                          event_filter: dict[str, Any] | None) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {"after": after, "limit": 1000}
+    if event_filter:
+        params["type"] = ",".join(event_filter.get("types", []))
+        params["ticker"] = ",".join(event_filter.get("tickers", []))
+    response = await client.get("/api/events", params=params, headers=headers())
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_slow_reader_does_not_grow_server_memory_and_gets_everything(
+        database_url: str) -> None:
+    # The heartbeat outlasts the test: a reader that does not read cannot answer pings.
+    server = ServerProcess(database_url, env={"SIGNALBOX_WINDOW": "1000"},
+                           args=["--heartbeat", "300"]).start()
+    try:
+        assert server.process is not None
+        process = psutil.Process(server.process.pid)
+        reader = await websockets.connect(server.ws_url, max_size=None, max_queue=1,
+                                          ping_interval=None)
+        await reader.send(json.dumps({"op": "hello", "token": ADMIN_TOKEN, "cursor": 0}))
+        baseline = 0
+        async with FastClient(server.base_url) as client:
+            for batch in range(25):
+                statuses = await asyncio.gather(*(
+                    client.post("/api/signals", {**BTC, "ticker": f"T{i}"}, INGEST_TOKEN)
+                    for i in range(1000)))
+                assert {status for status, _ in statuses} == {202}
+                if batch == 2:
+                    baseline = process.memory_info().rss
+        grown = process.memory_info().rss - baseline
+        head = 50_000
+        # The reader took nothing while 50,000 events were appended: the server must not
+        # have buffered them for it.
+        assert grown < 30 * 1024 * 1024, f"server grew by {grown / 1e6:.1f} MB"
+        positions: list[int] = []
+        while not positions or positions[-1] < head:
+            frame = json.loads(await asyncio.wait_for(reader.recv(), 30))
+            if frame["op"] == "event":
+                positions.append(frame["position"])
+        assert positions == list(range(1, head + 1))
+        await reader.close()
+    finally:
+        server.stop()
