@@ -18,6 +18,7 @@ from pipeline.app import RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
+from pipeline.log import EventLog
 from pipeline.log.backends import create_engines
 
 
@@ -107,6 +108,8 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings) -> int:
     if settings.migrate:
         migrate.upgrade(settings.database_url)
+    else:  # fail here with one line, not with a traceback from inside uvicorn's lifespan
+        asyncio.run(_check_log(settings.database_url))
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -119,6 +122,12 @@ def serve(settings: Settings) -> int:
     server = _Server(config, app.state.connections.stopping)
     server.run()
     return 0 if server.started else 1
+
+
+async def _check_log(url: str) -> None:
+    """Raise :class:`LogUnavailable` (which says to run `signalbox migrate`) if there is no log."""
+    event_log = await EventLog.open(url)
+    await event_log.close()
 
 
 async def token_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     token_cache: float = Field(2.0, ge=0)
     log_level: str = "info"
 
+    @field_validator("admin_token", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `SIGNALBOX_ADMIN_TOKEN=` means "no token", not a token whose secret is "".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("allowed_sources", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:

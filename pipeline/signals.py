@@ -420,6 +420,9 @@ _ALIASES: dict[str, list[str]] = {
         "max_lag": "max_lag",
     }.items()
 }
+# In a comma-separated command (PineConnector's format) sl= and tp= are distances in pips,
+# not prices: they stay in extras rather than pose as stop_loss / take_profit prices.
+_DISTANCE_ALIASES_IN_COMMANDS = frozenset({"sl", "tp"})
 # PineConnector's risk=1 is a quantity of 1 in the unit the key names.
 _IMPLIED_QUANTITY_TYPE = {"risk": "risk", "percent": "percent"}
 # Where a strategy says the position after the fill: "flat" turns a buy or sell into an exit.
@@ -532,8 +535,11 @@ def _pick_lenient(draft: _Draft) -> None:
     for path, value in tf.leaves(body, _NESTING_SEARCHED):
         found.setdefault(".".join(map(norm_word, path)), []).append((path, value))
     taken: set[tf.Path] = set()
+    command = draft.format is BodyFormat.CSV
     for name, aliases in _ALIASES.items():
         for alias in aliases:
+            if command and alias in _DISTANCE_ALIASES_IN_COMMANDS:
+                continue
             for path, value in found.get(alias, ()):
                 if _absent(value):
                     taken.add(path)  # a blank alias is dropped, not kept in extras

@@ -168,9 +168,7 @@ EXPECTED: dict[str, Outcome] = {
             "quantity": "1",
             "quantity_type": "risk",
             "order_type": "market",
-            "take_profit": "20",
-            "stop_loss": "10",
-            "extras": {"license_id": "60123456789"},
+            "extras": {"license_id": "60123456789", "sl": "10", "tp": "20"},
         },
     ),
     "indicator_plots": Outcome(BodyFormat.JSON, errors=frozenset({("missing_field", "action")})),
@@ -329,8 +327,9 @@ def test_tradingview_plain_text_example_takes_exchange_ticker_and_pairs() -> Non
 def test_pineconnector_command_is_a_risk_sized_order_with_its_licence_kept() -> None:
     signal = accepted(tv(EMBEDDED_ALERTS["pineconnector_csv"]))
     assert (signal.quantity, signal.quantity_type) == (Decimal(1), QuantityType.RISK)
-    assert (signal.stop_loss, signal.take_profit) == (Decimal(10), Decimal(20))
-    assert signal.extras == {"license_id": "60123456789"}
+    # PineConnector's sl/tp are distances in pips, never prices: kept as sent, in extras.
+    assert (signal.stop_loss, signal.take_profit) == (None, None)
+    assert signal.extras == {"license_id": "60123456789", "sl": "10", "tp": "20"}
 
 
 # -- actions -------------------------------------------------------------------------------

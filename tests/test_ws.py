@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -229,12 +228,6 @@ async def test_shutdown_closes_subscribers_with_1001(database_url: str) -> None:
     assert await stopping == 0
 
 
-@pytest.fixture
-async def writer_client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http_client:
-        yield http_client
-
-
 FILTERS = st.sampled_from([
     None,
     {"types": ["signal.accepted"]},
@@ -245,18 +238,21 @@ FILTERS = st.sampled_from([
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_resume_after_random_disconnects_loses_nothing(
-        server: ServerProcess, writer_client: httpx.AsyncClient) -> None:
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
     """Property: whatever the disconnect points and the filter, a subscriber that reconnects
     with the last position it saw ends with exactly the matching sequence."""
     tickers = ["AAA", "BBB", "CCC"]
 
     async def run(disconnects: list[int], event_filter: dict[str, Any] | None) -> None:
-        start = (await writer_client.get("/readyz")).json()["head"]
+        start = (await client.get("/readyz")).json()["head"]
         writers_done = asyncio.Event()
 
         async def write() -> None:
-            for i in range(60):
-                await post(writer_client, tickers[i % 3])
+            async with FastClient(server.base_url, connections=2) as fast:
+                for i in range(60):
+                    status, _ = await fast.post("/api/signals", {**BTC, "ticker": tickers[i % 3]},
+                                                INGEST_TOKEN)
+                    assert status == 202
             writers_done.set()
 
         writer = asyncio.create_task(write())
@@ -285,7 +281,7 @@ async def test_resume_after_random_disconnects_loses_nothing(
             if writers_done.is_set() and not budget and limit is None:
                 break
         await writer
-        expected = await expected_events(writer_client, start, event_filter)
+        expected = await expected_events(client, start, event_filter)
         positions = [e["position"] for e in seen]
         assert positions == sorted(set(positions)), "out of order or repeated"
         assert positions == [e["position"] for e in expected], "gap"
