@@ -12,6 +12,8 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import migrate
 from pipeline.app import RedactTokens, create_app
@@ -19,7 +21,7 @@ from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
-from pipeline.log.backends import create_engines
+from pipeline.log.backends import create_engines, redacted_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,21 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
-    _database_flag(serve)
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--heartbeat", type=float, help="seconds between pings (default 15)")
-    serve.add_argument("--no-migrate", dest="migrate", action="store_const", const=False,
-                       help="do not upgrade the schema before serving")
-    serve.add_argument("--body-limit", type=int, help="largest request body in bytes")
-    serve.add_argument("--dedupe-window", type=float,
-                       help="seconds within which an identical body is a duplicate (0: off)")
-    serve.add_argument("--max-lag", type=int,
-                       help="default seconds after which a signal is expired")
-    serve.add_argument("--allowed-sources", help="comma-separated CIDRs, or tradingview")
-    serve.add_argument("--trusted-proxies", help="comma-separated CIDRs of reverse proxies")
-    serve.add_argument("--log-level", help="debug, info, warning or error")
-
+    _setting_flags(serve)
     migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
     _database_flag(migrate_cmd)
 
@@ -62,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Secrets are never flags: a command line is visible to every user of the machine.
+_ENV_ONLY = frozenset({"admin_token", "webhook_secret"})
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every setting; pydantic converts and validates the values."""
+    for name, field in Settings.model_fields.items():
+        if name in _ENV_ONLY:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name,
+                                action="store_const", const=False,
+                                help=f"do not {field.description}")
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(),
+                                help=f"{field.description} (default {field.default!r})")
+
+
 def _database_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="sqlite+aiosqlite:///PATH or "
                                                "postgresql+asyncpg://USER@HOST/DB")
@@ -77,7 +84,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            where = f"--{name.replace('_', '-')} / SIGNALBOX_{name.upper()}"
+            print(f"signalbox: {where}: {error['msg']}", file=sys.stderr)
+        return 2
     try:
         if args.command == "serve":
             return serve(settings)
@@ -88,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(token_command(args, settings))
     except SignalboxError as exc:
         print(f"signalbox: {exc.message}", file=sys.stderr)
-        return 2
+        return 1
+    except (SQLAlchemyError, OSError) as exc:
+        # Unreachable server, wrong credentials, missing tables: say so in one line.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"signalbox: the database at {redacted_url(settings.database_url)} failed: "
+              f"{reason}. Check --database-url, and run `signalbox migrate` on a new database",
+              file=sys.stderr)
+        return 1
 
 
 class _Server(uvicorn.Server):

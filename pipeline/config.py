@@ -21,26 +21,36 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SIGNALBOX_", extra="ignore")
 
-    database_url: str = DEFAULT_DATABASE_URL
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    migrate: bool = True
-    heartbeat: float = Field(15.0, gt=0)
-    hello_timeout: float = Field(10.0, gt=0)
-    admin_token: SecretStr | None = None
-    webhook_secret: SecretStr | None = None
-    body_limit: int = Field(64 * 1024, ge=1024)
-    dedupe_window: float = Field(0.0, ge=0)
-    max_lag: int | None = Field(None, gt=0)
-    allowed_sources: Networks = []
-    trusted_proxies: Networks = []
-    commit_timeout: float = Field(5.0, gt=0)
-    window: int = Field(10_000, ge=100)
-    page_size: int = Field(500, ge=10, le=10_000)
-    ws_max_message: int = Field(64 * 1024, ge=1024)
-    poll_interval: float = Field(1.0, gt=0)
-    token_cache: float = Field(2.0, ge=0)
-    log_level: str = "info"
+    database_url: str = Field(DEFAULT_DATABASE_URL, description=(
+        "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"))
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+    migrate: bool = Field(True, description="upgrade the schema before serving")
+    heartbeat: float = Field(15.0, gt=0, description="seconds between WebSocket pings")
+    hello_timeout: float = Field(10.0, gt=0, description="seconds a client has to say hello")
+    admin_token: SecretStr | None = Field(None, description="a token with every scope")
+    webhook_secret: SecretStr | None = Field(None, description="a token with scope ingest")
+    body_limit: int = Field(64 * 1024, ge=1024, description="largest request body in bytes")
+    dedupe_window: float = Field(0.0, ge=0, description=(
+        "seconds within which an identical body from the same token is a repeat (0: off)"))
+    max_lag: int | None = Field(None, gt=0, description=(
+        "seconds after its signal time at which a signal without max_lag is expired"))
+    allowed_sources: Networks = Field([], description=(
+        "comma-separated CIDRs allowed to post webhooks, or tradingview (empty: everyone)"))
+    trusted_proxies: Networks = Field([], description=(
+        "comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed"))
+    commit_timeout: float = Field(5.0, gt=0, description=(
+        "seconds to wait for a commit before answering 503"))
+    window: int = Field(10_000, ge=100, description="recent events kept in memory for subscribers")
+    page_size: int = Field(500, ge=10, le=10_000, description=(
+        "events per page when a subscriber is paged from the log"))
+    ws_max_message: int = Field(64 * 1024, ge=1024, description=(
+        "largest WebSocket message a client may send, in bytes"))
+    poll_interval: float = Field(1.0, gt=0, description=(
+        "seconds between looks for events appended by other processes"))
+    token_cache: float = Field(2.0, ge=0, description=(
+        "seconds a token check is cached (revocation takes effect within it)"))
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("admin_token", "webhook_secret", mode="before")
     @classmethod

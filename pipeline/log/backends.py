@@ -35,6 +35,11 @@ class Engines:
         await self.reader.dispose()
 
 
+def redacted_url(url: str | URL) -> str:
+    """The URL without its password, fit for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def backend_kind(url: str | URL) -> str:
     name = make_url(url).get_backend_name()
     if name == "sqlite":

@@ -22,12 +22,11 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Executable, or_, select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeline.errors import LogUnavailable, SignalboxError
-from pipeline.log.backends import Engines, create_engines
+from pipeline.log.backends import Engines, create_engines, redacted_url
 from pipeline.log.model import (
     Event,
     EventFilter,
@@ -158,7 +157,7 @@ class EventLog:
         except SQLAlchemyError as exc:
             await engines.dispose()
             raise LogUnavailable(
-                f"cannot read the log at {_redact(url)}: {exc.__class__.__name__}; "
+                f"cannot read the log at {redacted_url(url)}: {exc.__class__.__name__}; "
                 "run `signalbox migrate` first, or check the database URL"
             ) from exc
         if epoch is None:
@@ -350,7 +349,3 @@ def _filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
     if filter.strategies:
         clauses.append(events.c.strategy.in_(filter.strategies))
     return clauses
-
-
-def _redact(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)

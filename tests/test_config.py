@@ -1,0 +1,39 @@
+"""Settings: every one documented in the README, every one a flag (but secrets), all validated."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.cli import build_parser, settings_from
+from pipeline.config import TRADINGVIEW_SENDERS, Settings
+from tests.support import repo_root
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    readme = (repo_root() / "README.md").read_text()
+    documented = set(re.findall(r"`SIGNALBOX_([A-Z_]+)`", readme))
+    assert documented >= {name.upper() for name in Settings.model_fields}
+
+
+def test_every_setting_but_the_secrets_is_a_serve_flag() -> None:
+    args = build_parser().parse_args([
+        "serve", "--heartbeat", "3", "--allowed-sources", "10.0.0.0/8, tradingview",
+        "--no-migrate", "--max-lag", "60", "--window", "500",
+    ])
+    settings = settings_from(args)
+    assert settings.heartbeat == 3.0 and settings.migrate is False
+    assert settings.max_lag == 60 and settings.window == 500
+    assert settings.allowed_sources == ["10.0.0.0/8", *TRADINGVIEW_SENDERS]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--admin-token", "x"])
+
+
+def test_bad_values_are_refused_with_the_setting_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="heartbeat"):
+        Settings(heartbeat=0)
+    monkeypatch.setenv("SIGNALBOX_TRUSTED_PROXIES", "not-an-address")
+    with pytest.raises(ValidationError, match="not an IP address"):
+        Settings()
