@@ -23,6 +23,8 @@ from pipeline.errors import SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
+from pipeline.processing.handlers import load_handler
+from pipeline.processing.runner import HandlerRunner
 from pipeline.ws import Connections, Session, StreamSettings
 
 log = logging.getLogger("signalbox")
@@ -41,19 +43,26 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub = Hub(event_log, window=settings.window, page_size=settings.page_size,
                   poll_interval=settings.poll_interval)
         tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
+        runner: HandlerRunner | None = None
         try:
             await bootstrap_tokens(tokens, settings)
             await hub.start()
+            if settings.handler:
+                runner = handler_runner(settings, event_log, hub)
+                await runner.start()
             app.state.services = http.Services(
                 log=event_log, hub=hub, tokens=tokens,
                 ingestor=Ingestor(event_log, dedupe_window=settings.dedupe_window),
                 sources=SourcePolicy.from_settings(settings.allowed_sources,
                                                    settings.trusted_proxies),
                 body_limit=settings.body_limit, max_lag=settings.max_lag,
+                claim_lease=settings.claim_lease,
             )
             yield
         finally:
             connections.stopping.set()
+            if runner is not None:
+                await runner.stop()
             await hub.stop()
             await event_log.close()
 
@@ -81,6 +90,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.connections = connections
     return app
+
+
+def handler_runner(settings: Settings, event_log: EventLog, hub: Hub) -> HandlerRunner:
+    assert settings.handler is not None
+    secret = settings.forward_secret.get_secret_value() if settings.forward_secret else None
+    return HandlerRunner(
+        event_log, hub, settings.handler, load_handler(settings.handler),
+        options={"forward_url": settings.forward_url, "forward_secret": secret,
+                 "forward_timeout": settings.forward_timeout},
+        attempts=settings.handler_attempts, backoff=settings.handler_backoff,
+        timeout=settings.handler_timeout, concurrency=settings.handler_concurrency,
+        default_max_lag=settings.max_lag,
+    )
 
 
 async def bootstrap_tokens(tokens: TokenStore, settings: Settings) -> None:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Secrets are never flags: a command line is visible to every user of the machine.
-_ENV_ONLY = frozenset({"admin_token", "webhook_secret"})
+_ENV_ONLY = frozenset({"admin_token", "webhook_secret", "forward_secret"})
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:

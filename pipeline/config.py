@@ -50,9 +50,25 @@ class Settings(BaseSettings):
         "seconds between looks for events appended by other processes"))
     token_cache: float = Field(2.0, ge=0, description=(
         "seconds a token check is cached (revocation takes effect within it)"))
+    claim_lease: float = Field(300.0, gt=0, description=(
+        "seconds after which a processing claim without an outcome is listed as stuck"))
+    handler: str | None = Field(None, description=(
+        "in-process handler: module:function, or a name such as log or forward"))
+    handler_attempts: int = Field(5, ge=1, le=100, description=(
+        "tries of a handler before the signal fails"))
+    handler_backoff: float = Field(0.5, ge=0, description=(
+        "first retry delay of a handler, in seconds (doubles each try, full jitter)"))
+    handler_concurrency: int = Field(8, ge=1, le=256, description=(
+        "tickers handled at once (one ticker's signals always run in order)"))
+    handler_timeout: float = Field(30.0, gt=0, description="seconds one handler call may take")
+    forward_url: str | None = Field(None, description="where the forward handler POSTs signals")
+    forward_secret: SecretStr | None = Field(None, description=(
+        "HMAC key of the forward handler's X-Signalbox-Signature"))
+    forward_timeout: float = Field(5.0, gt=0, description=(
+        "seconds the forward handler waits for an answer"))
     log_level: str = Field("info", description="debug, info, warning or error")
 
-    @field_validator("admin_token", "webhook_secret", mode="before")
+    @field_validator("admin_token", "webhook_secret", "forward_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `SIGNALBOX_ADMIN_TOKEN=` means "no token", not a token whose secret is "".

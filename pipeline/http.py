@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -15,9 +16,12 @@ from starlette.routing import Route
 from pipeline.auth import Scope, SourcePolicy, Token, TokenStore, bearer_token
 from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from pipeline.hub import Hub
-from pipeline.ingest import EventType, Ingestor, Outcome, Submission, stream_of
-from pipeline.log import Event, EventFilter, EventLog, utc_now
+from pipeline.ingest import Ingestor, Outcome, Submission
+from pipeline.log import Event, EventFilter, EventLog, format_time, utc_now
 from pipeline.log.schema import signals
+from pipeline.processing.consumers import list_positions
+from pipeline.processing.projection import STEP_COLUMN, EventType, Status, stream_of
+from pipeline.processing.status import StatusReport, report_status
 from pipeline.signals import parse_api_signal, parse_tradingview
 
 MAX_EVENTS_PAGE = 1000
@@ -36,6 +40,7 @@ class Services:
     sources: SourcePolicy
     body_limit: int
     max_lag: int | None
+    claim_lease: float
 
 
 def services(request: Request) -> Services:
@@ -216,6 +221,11 @@ def signal_summary(row: Any) -> dict[str, Any]:
         "updated_at": row.updated_at,
         "position": row.first_position,
         "last_position": row.last_position,
+        "claimed_by": row.claimed_by,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "steps": {status.value: getattr(row, column) for status, column in STEP_COLUMN.items()
+                  if getattr(row, column) is not None},
     }
 
 
@@ -231,6 +241,11 @@ async def list_signals(request: Request) -> Response:
             stmt = stmt.where(signals.c[name].in_(values))
     if before:
         stmt = stmt.where(signals.c.first_position < before)
+    if request.query_params.get("stuck", "").lower() in ("1", "true", "yes"):
+        # Claimed longer ago than the lease and still without an outcome: a person decides.
+        cutoff = format_time(utc_now() - timedelta(seconds=svc.claim_lease))
+        stmt = stmt.where(signals.c.status == Status.PROCESSING,
+                          signals.c.processing_at < cutoff)
     stmt = stmt.order_by(signals.c.first_position.desc()).limit(limit)
     async with svc.log.engines.reader.connect() as conn:
         rows = (await conn.execute(stmt)).all()
@@ -263,6 +278,28 @@ async def get_signal(request: Request) -> Response:
     )
 
 
+async def post_status(request: Request) -> Response:
+    svc = services(request)
+    token = await authenticate(request, bearer_token(request.headers), Scope.REPORT)
+    body, _ = decode_body(await read_body(request, svc.body_limit))
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest('the body is not JSON: send {"status": "processed", "detail": {}}'
+                         ) from None
+    report = StatusReport.parse(request.path_params["signal_id"], value)
+    outcome = await report_status(svc.log, report, token.name)
+    return JSONResponse(outcome.to_body())
+
+
+async def get_consumers(request: Request) -> Response:
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.READ)
+    head = await svc.log.head()
+    found = await list_positions(svc.log.engines.reader)
+    return JSONResponse({"consumers": [c.to_body(head) for c in found], "head": head})
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -280,6 +317,8 @@ routes = [
     Route("/api/signals", post_signal, methods=["POST"]),
     Route("/api/signals", list_signals, methods=["GET"]),
     Route("/api/signals/{signal_id}", get_signal, methods=["GET"]),
+    Route("/api/signals/{signal_id}/status", post_status, methods=["POST"]),
+    Route("/api/consumers", get_consumers, methods=["GET"]),
     Route("/api/events", get_events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -132,9 +132,10 @@ class Hub:
         # published, so that the window takes over without a gap or a repeat.
         events = await self.log.read(after, limit, None if filter.is_empty else filter)
         events = [e for e in events if e.position <= head]
-        if len(events) >= limit:
-            return Page(events, events[-1].position)
-        return Page(events, head)
+        covered = events[-1].position if len(events) >= limit else head
+        if filter.partition is not None:  # the one part of a filter that SQL cannot apply
+            events = [e for e in events if filter.matches(e)]
+        return Page(events, covered)
 
     def _from_window(self, after: int, filter: EventFilter, limit: int) -> Page:
         start = after + 1 - self._first

@@ -9,11 +9,9 @@ so two concurrent requests with one key can never both be accepted.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select
@@ -22,35 +20,16 @@ from pipeline.errors import BadRequest
 from pipeline.log import EventLog, NewEvent, Transaction, format_time
 from pipeline.log.model import safe_text
 from pipeline.log.schema import signals
+from pipeline.processing.projection import (
+    EventType,
+    SignalRows,
+    content_hash,
+    fold,
+    stream_of,
+)
 from pipeline.signals import ParsedBody
 
 MAX_KEY_LENGTH = 200
-
-
-class EventType(StrEnum):
-    """The event types of a signal's stream, in the order of its life cycle."""
-
-    RECEIVED = "signal.received"
-    """the raw body as it came (secrets stripped) and facts about its source"""
-    ACCEPTED = "signal.accepted"
-    """the normalized signal"""
-    REJECTED = "signal.rejected"
-    """the validation errors"""
-    DUPLICATE = "signal.duplicate"
-    """a repeat of an already recorded signal arrived (and was not recorded again)"""
-    DISPATCHED = "signal.dispatched"
-    PROCESSING = "signal.processing"
-    PROCESSED = "signal.processed"
-    FAILED = "signal.failed"
-
-
-class Status(StrEnum):
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-
-
-def stream_of(signal_id: str) -> str:
-    return f"signal-{signal_id}"
 
 
 @dataclass(frozen=True)
@@ -104,22 +83,20 @@ class Ingestor:
 
     async def submit(self, submission: Submission) -> Outcome:
         key = check_idempotency_key(submission.idempotency_key)
-        content_hash = None
+        digest = None
         if self.dedupe_window > 0:
-            content_hash = hashlib.sha256(
-                f"{submission.token_name}\n{submission.raw}".encode("utf-8", "replace")
-            ).hexdigest()
+            digest = content_hash(submission.token_name, submission.raw)
 
         async def unit(tx: Transaction) -> Outcome:
-            original = await self._find_original(tx, key, content_hash)
+            original = await self._find_original(tx, key, digest)
             if original is not None:
-                return self._record_duplicate(tx, submission, original)
-            return self._record_new(tx, submission, key, content_hash)
+                return await self._record_duplicate(tx, submission, original)
+            return self._record_new(tx, submission, key)
 
         return await self.log.transact(unit)
 
     async def _find_original(self, tx: Transaction, key: str | None,
-                             content_hash: str | None) -> Outcome | None:
+                             digest: str | None) -> Outcome | None:
         seen: dict[str, Outcome] = tx.local.setdefault("originals", {})
         if key is not None:
             if f"key:{key}" in seen:
@@ -130,21 +107,23 @@ class Ingestor:
             )).one_or_none()
             if row is not None:
                 return Outcome(row.signal_id, 0, row.status, True)
-        if content_hash is not None:
-            if f"content:{content_hash}" in seen:
-                return seen[f"content:{content_hash}"]
+        if digest is not None:
+            if f"content:{digest}" in seen:
+                return seen[f"content:{digest}"]
             since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
             row = (await tx.conn.execute(
                 select(signals.c.signal_id, signals.c.status)
-                .where(signals.c.content_hash == content_hash, signals.c.received_at >= since)
+                .where(signals.c.content_hash == digest, signals.c.received_at >= since)
                 .order_by(signals.c.received_at.desc()).limit(1)
             )).one_or_none()
             if row is not None:
                 return Outcome(row.signal_id, 0, row.status, True)
         return None
 
-    def _record_duplicate(self, tx: Transaction, submission: Submission,
-                          original: Outcome) -> Outcome:
+    async def _record_duplicate(self, tx: Transaction, submission: Submission,
+                                original: Outcome) -> Outcome:
+        rows = SignalRows(tx)
+        row = await rows.get(original.signal_id)
         event = tx.append(NewEvent(
             stream_of(original.signal_id),
             EventType.DUPLICATE,
@@ -155,10 +134,11 @@ class Ingestor:
             },
             {"signal_id": original.signal_id},
         ))
+        if row is not None:
+            rows.update(fold(row, event))
         return Outcome(original.signal_id, event.position, original.status, True)
 
-    def _record_new(self, tx: Transaction, submission: Submission, key: str | None,
-                    content_hash: str | None) -> Outcome:
+    def _record_new(self, tx: Transaction, submission: Submission, key: str | None) -> Outcome:
         parsed = submission.parsed
         signal_id = str(uuid.uuid4())
         stream = stream_of(signal_id)
@@ -179,35 +159,18 @@ class Ingestor:
             verdict = tx.append(NewEvent(stream, EventType.ACCEPTED,
                                          {"signal_id": signal_id, "signal": signal.to_data()},
                                          meta))
-            status = Status.ACCEPTED
         else:
             errors = tuple(e.to_data() for e in parsed.errors)
             verdict = tx.append(NewEvent(stream, EventType.REJECTED,
                                          {"signal_id": signal_id, "errors": list(errors)},
                                          meta))
-            status = Status.REJECTED
-        now = format_time(tx.now)
-        tx.stage(signals.insert(), {
-            "signal_id": signal_id,
-            "status": status.value,
-            "source": submission.source,
-            "token_name": submission.token_name,
-            "ticker": safe_text(ticker, 100),
-            "strategy": safe_text(strategy, 200),
-            "action": signal.action.value if signal else None,
-            "idempotency_key": key,
-            "content_hash": content_hash,
-            "received_at": now,
-            "updated_at": now,
-            "first_position": received.position,
-            "last_position": verdict.position,
-        })
-        outcome = Outcome(signal_id, verdict.position, status.value, False, errors)
+        row = fold(fold(None, received), verdict)
+        SignalRows(tx).insert(row)
+        outcome = Outcome(signal_id, verdict.position, row["status"], False, errors)
         seen: dict[str, Outcome] = tx.local["originals"]
         if key is not None:
-            seen[f"key:{key}"] = Outcome(signal_id, 0, status.value, True)
-        if content_hash is not None:
-            seen[f"content:{content_hash}"] = Outcome(signal_id, 0, status.value, True)
+            seen[f"key:{key}"] = Outcome(signal_id, 0, row["status"], True)
+        seen[f"content:{row['content_hash']}"] = Outcome(signal_id, 0, row["status"], True)
         return outcome
 
 

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from pipeline.auth import Scope, TokenStore, bearer_token
-from pipeline.errors import SignalboxError
+from pipeline.auth import Scope, Token, TokenStore, bearer_token
+from pipeline.errors import BadRequest, SignalboxError
 from pipeline.hub import Hub
 from pipeline.log import EventFilter, EventLog
+from pipeline.processing.consumers import acknowledge, stored_position
+from pipeline.processing.status import StatusReport, report_status
 
 log = logging.getLogger("signalbox.ws")
 
@@ -62,7 +65,7 @@ class Hello:
     cursor: int | None
     epoch: str | None
     filter: EventFilter
-    consumer: str | None
+    consumer: str | None  # a consumer group member's name is "<group>/<member>"
     batch: bool
 
 
@@ -101,7 +104,31 @@ def parse_hello(text: str) -> Hello:
     batch = frame.get("batch", False)
     if not isinstance(batch, bool):
         raise Closing(CloseCode.MALFORMED, "batch must be true or false")
-    return Hello(token, cursor, epoch, parse_filter(frame.get("filter")), consumer, batch)
+    event_filter = parse_filter(frame.get("filter"))
+    group = frame.get("group")
+    if group is not None:
+        if consumer is not None:
+            raise Closing(CloseCode.MALFORMED, "give either consumer or group, not both")
+        name, member, size = parse_group(group)
+        consumer = f"{name}/{member}"
+        event_filter = dataclasses.replace(event_filter, partition=(member, size))
+    return Hello(token, cursor, epoch, event_filter, consumer, batch)
+
+
+def parse_group(value: object) -> tuple[str, int, int]:
+    usage = ('group must be {"name": NAME, "member": INDEX, "size": N} with '
+             "0 <= member < size <= 1024")
+    if not isinstance(value, dict):
+        raise Closing(CloseCode.MALFORMED, usage)
+    name, member, size = value.get("name"), value.get("member"), value.get("size")
+    if (not isinstance(name, str) or not 0 < len(name) <= 90 or "/" in name
+            or not _is_int(member) or not _is_int(size) or not 0 <= member < size <= 1024):
+        raise Closing(CloseCode.MALFORMED, usage)
+    return name, member, size
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_filter(value: object) -> EventFilter:
@@ -155,6 +182,8 @@ class Session:
         self.page_size = page_size
         self.last_heard = time.monotonic()
         self._send_lock = asyncio.Lock()
+        self.token: Token | None = None
+        self.consumer: str | None = None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -209,11 +238,18 @@ class Session:
         except SignalboxError as exc:
             codes = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.FORBIDDEN}
             raise Closing(codes.get(exc.status, CloseCode.OVERLOADED), exc.message) from None
+        self.token = token
+        self.consumer = hello.consumer
         if hello.epoch is not None and hello.epoch != self.log.epoch:
             raise Closing(CloseCode.CONFLICT,
                           "epoch mismatch: this log was created anew; the cursor belongs to "
                           "another log. Start again from cursor 0 with the new epoch",
                           epoch=self.log.epoch)
+        if hello.cursor is None and hello.consumer is not None:
+            # A consumer resumes after its last ack; one never seen before starts live, so
+            # that a new bot does not act on every signal of the past.
+            stored = await stored_position(self.log.engines.reader, hello.consumer)
+            return self.hub.head if stored is None else stored
         if hello.cursor is None:
             return self.hub.head
         if hello.cursor > self.hub.head and hello.cursor > await self.log.head():
@@ -264,14 +300,45 @@ class Session:
             if op == "ping":
                 await self._send_text('{"op":"pong"}')
             elif op == "ack":
-                position = frame.get("position")
-                if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-                    raise Closing(CloseCode.MALFORMED, "ack needs a position (integer >= 0)")
+                await self._ack(frame)
+            elif op == "status":
+                await self._status(frame)
             elif op == "hello":
                 raise Closing(CloseCode.MALFORMED, "hello was already received")
             else:
                 raise Closing(CloseCode.MALFORMED,
                               f"unknown op {op!r}: clients send hello, ack and pong")
+
+    async def _ack(self, frame: dict[str, Any]) -> None:
+        position = frame.get("position")
+        if not _is_int(position) or position < 0:
+            raise Closing(CloseCode.MALFORMED, "ack needs a position (integer >= 0)")
+        if self.consumer is None:
+            raise Closing(CloseCode.MALFORMED,
+                          "ack needs a consumer: name one in hello to have positions stored")
+        if position > self.hub.head and position > await self.log.head():
+            raise Closing(CloseCode.MALFORMED, f"ack of {position}, beyond the head of the log")
+        await acknowledge(self.log, self.consumer, position)
+
+    async def _status(self, frame: dict[str, Any]) -> None:
+        """A status report over the socket; answered, never closing the connection."""
+        ref = frame.get("ref")
+        signal_id = frame.get("signal_id")
+        try:
+            if not isinstance(signal_id, str) or not signal_id:
+                raise BadRequest("status needs a signal_id")
+            assert self.token is not None
+            self.token.require(Scope.REPORT)
+            report = StatusReport.parse(
+                signal_id, {**frame, "consumer": frame.get("consumer") or self.consumer})
+            outcome = await report_status(self.log, report, self.token.name)
+        except SignalboxError as exc:
+            await self._send_text(json.dumps({
+                "op": "status_error", "ref": ref, "signal_id": signal_id, "error": exc.code,
+                "message": exc.message,
+            }))
+            return
+        await self._send_text(json.dumps({"op": "status_ok", "ref": ref, **outcome.to_body()}))
 
     async def _heartbeat(self) -> None:
         interval = self.settings.heartbeat

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -144,6 +145,13 @@ class Event:
 _GLOB_CHARS = re.compile(r"[*?]")
 
 
+def partition_of(event: Event, size: int) -> int:
+    """The consumer-group member an event belongs to: crc32 of its ticker (of its stream when
+    it has none) modulo the group size, so one symbol's signals stay on one member, in order."""
+    key = event.ticker or event.stream
+    return zlib.crc32(key.encode("utf-8", "replace")) % size
+
+
 def glob_regex(pattern: str) -> str:
     """``*`` matches any run of characters, ``?`` one character; nothing else is special."""
     return re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".") + r"\Z"
@@ -161,6 +169,9 @@ class EventFilter:
     streams: tuple[str, ...] = ()
     tickers: tuple[str, ...] = ()
     strategies: tuple[str, ...] = ()
+    # (member, size) of a consumer group: only events whose ticker (or, without one, stream)
+    # hashes to this member. Matched in memory only: readers of the log apply it after SQL.
+    partition: tuple[int, int] | None = None
 
     @classmethod
     def build(cls, types: Iterable[str] = (), streams: Iterable[str] = (),
@@ -169,7 +180,8 @@ class EventFilter:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.types or self.streams or self.tickers or self.strategies)
+        return not (self.types or self.streams or self.tickers or self.strategies
+                    or self.partition)
 
     @cached_property
     def _type_regex(self) -> re.Pattern[str] | None:
@@ -187,7 +199,10 @@ class EventFilter:
             return False
         if self.tickers and event.ticker not in self.tickers:
             return False
-        return not (self.strategies and event.strategy not in self.strategies)
+        if self.strategies and event.strategy not in self.strategies:
+            return False
+        return self.partition is None or partition_of(event, self.partition[1]) == (
+            self.partition[0])
 
     def exact_types(self) -> tuple[str, ...] | None:
         """The type patterns when none is a glob (then SQL can use ``IN``), else None."""

@@ -64,7 +64,16 @@ signals = Table(
     Column("updated_at", String(32), nullable=False),
     Column("first_position", BigInteger, nullable=False),
     Column("last_position", BigInteger, nullable=False),
+    Column("claimed_by", String(200), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("dispatched_at", String(32), nullable=True),
+    Column("processing_at", String(32), nullable=True),
+    Column("processed_at", String(32), nullable=True),
+    Column("failed_at", String(32), nullable=True),
+    Column("expired_at", String(32), nullable=True),
     Index("ix_signals_content_hash", "content_hash", "received_at"),
+    Index("ix_signals_processing", "status", "processing_at"),
     Index("ix_signals_received", "first_position"),
     Index("ix_signals_ticker", "ticker", "first_position"),
     Index("ix_signals_status", "status", "first_position"),
@@ -79,4 +88,13 @@ tokens = Table(
     Column("created_at", String(32), nullable=False),
     Column("expires_at", String(32), nullable=True),
     Column("revoked_at", String(32), nullable=True),
+)
+
+consumers = Table(
+    "consumers",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    # The last position the consumer acknowledged: it resumes after it.
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", String(32), nullable=False),
 )

@@ -1,0 +1,1 @@
+"""Processing: the signals projection and its status rules, and durable consumers."""

@@ -1,0 +1,202 @@
+"""The signals projection: one row per signal, folded from its events.
+
+:func:`fold` is the only definition of what a row holds. Ingestion and status reports apply it
+to the events they append, in the same transaction (through :class:`SignalRows`), and a rebuild
+applies it to the whole log: so the live table and a rebuilt one cannot disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import bindparam, select
+
+from pipeline.errors import IllegalTransition
+from pipeline.log import Event, Transaction
+from pipeline.log.model import safe_text
+from pipeline.log.schema import signals
+
+Row = dict[str, Any]
+
+
+class EventType(StrEnum):
+    """The event types of a signal's stream, in the order of its life cycle."""
+
+    RECEIVED = "signal.received"
+    """the raw body as it came (secrets stripped) and facts about its source"""
+    ACCEPTED = "signal.accepted"
+    """the normalized signal"""
+    REJECTED = "signal.rejected"
+    """the validation errors"""
+    DUPLICATE = "signal.duplicate"
+    """a repeat of an already recorded signal arrived (and was not recorded again)"""
+    DISPATCHED = "signal.dispatched"
+    """handed to a consumer (may repeat: redelivery)"""
+    PROCESSING = "signal.processing"
+    """claimed by a consumer: nobody else may process it"""
+    PROCESSED = "signal.processed"
+    """done (final)"""
+    FAILED = "signal.failed"
+    """given up, with the error (final)"""
+    EXPIRED = "signal.expired"
+    """too old to act on when processing would have started (final)"""
+
+
+class Status(StrEnum):
+    RECEIVED = "received"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DISPATCHED = "dispatched"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+REPORTABLE = (Status.DISPATCHED, Status.PROCESSING, Status.PROCESSED, Status.FAILED,
+              Status.EXPIRED)
+FINAL = frozenset({Status.REJECTED, Status.PROCESSED, Status.FAILED, Status.EXPIRED})
+_AFTER_DELIVERY = frozenset(REPORTABLE)
+ALLOWED: dict[str, frozenset[Status]] = {
+    Status.ACCEPTED: _AFTER_DELIVERY,
+    Status.DISPATCHED: _AFTER_DELIVERY,  # dispatched again: a redelivery
+    Status.PROCESSING: frozenset({Status.PROCESSED, Status.FAILED, Status.EXPIRED}),
+}
+STEP_COLUMN = {status: f"{status.value}_at" for status in REPORTABLE}
+
+
+def stream_of(signal_id: str) -> str:
+    return f"signal-{signal_id}"
+
+
+def content_hash(token_name: str, body: str) -> str:
+    """What the content dedupe window compares: the same body from the same token."""
+    return hashlib.sha256(f"{token_name}\n{body}".encode("utf-8", "replace")).hexdigest()
+
+
+def check_transition(row: Row, new: Status, consumer: str | None) -> None:
+    """Refuse (409) a status that may not follow the signal's current one."""
+    current = Status(row["status"])
+    if new not in ALLOWED.get(current, frozenset()):
+        if current is Status.PROCESSING and new is Status.PROCESSING:
+            raise IllegalTransition(
+                f"signal {row['signal_id']} is already claimed by "
+                f"{row['claimed_by'] or 'an unnamed consumer'} (since {row['processing_at']}): "
+                "a second claim is refused so that it is never executed twice"
+            )
+        if current in FINAL:
+            raise IllegalTransition(
+                f"signal {row['signal_id']} is already {current.value}: "
+                "no status may follow a final one"
+            )
+        raise IllegalTransition(
+            f"signal {row['signal_id']} is {current.value}: it cannot become {new.value}"
+        )
+    claimer = row["claimed_by"]
+    if current is Status.PROCESSING and claimer and consumer and consumer != claimer:
+        raise IllegalTransition(
+            f"signal {row['signal_id']} is claimed by {claimer!r}, not {consumer!r}: "
+            "only the claimer reports its outcome"
+        )
+
+
+def fold(row: Row | None, event: Event) -> Row:
+    """The row after ``event``; ``row`` is None before the signal's first event."""
+    data = event.data
+    if event.type == EventType.RECEIVED:
+        return _new_row(event)
+    if row is None:
+        raise ValueError(f"event {event.position} ({event.type}) precedes its signal.received")
+    row = {**row, "updated_at": event.time, "last_position": event.position}
+    if event.type == EventType.ACCEPTED:
+        signal = data.get("signal") or {}
+        row.update(status=Status.ACCEPTED.value, action=signal.get("action"),
+                   ticker=safe_text(signal.get("ticker"), 100),
+                   strategy=safe_text(signal.get("strategy"), 200))
+    elif event.type == EventType.REJECTED:
+        row["status"] = Status.REJECTED.value
+    elif event.type.startswith("signal.") and event.type != EventType.DUPLICATE:
+        status = Status(event.type.removeprefix("signal."))
+        row["status"] = status.value
+        row[STEP_COLUMN[status]] = event.time
+        if status is Status.PROCESSING:
+            row["attempts"] = row["attempts"] + 1
+            row["claimed_by"] = safe_text(data.get("consumer"), 200)
+        elif status is Status.FAILED:
+            row["last_error"] = _error_text(data.get("detail"))
+    return row
+
+
+def _new_row(event: Event) -> Row:
+    data = event.data
+    return {
+        "signal_id": data["signal_id"],
+        "status": Status.RECEIVED.value,
+        "source": data.get("source") or "api",
+        "token_name": data.get("token"),
+        "ticker": safe_text(event.meta.get("ticker"), 100),
+        "strategy": safe_text(event.meta.get("strategy"), 200),
+        "action": None,
+        "idempotency_key": data.get("idempotency_key"),
+        "content_hash": content_hash(data.get("token") or "", data.get("body") or ""),
+        "received_at": event.time,
+        "updated_at": event.time,
+        "first_position": event.position,
+        "last_position": event.position,
+        "claimed_by": None,
+        "attempts": 0,
+        "last_error": None,
+        **{column: None for column in STEP_COLUMN.values()},
+    }
+
+
+def _error_text(detail: Any) -> str | None:
+    if isinstance(detail, dict):
+        for key in ("error", "message", "reason"):
+            if detail.get(key) is not None:
+                return str(detail[key])[:2000]
+    return None if detail is None else str(detail)[:2000]
+
+
+# What the first event fixes for good; every other column follows the signal's life.
+_FIXED = frozenset({"signal_id", "first_position", "received_at", "source", "token_name",
+                    "idempotency_key", "content_hash"})
+_MUTABLE = [c.name for c in signals.columns if c.name not in _FIXED]
+_INSERT = signals.insert()
+_UPDATE = (
+    signals.update()
+    .where(signals.c.signal_id == bindparam("b_signal_id"))
+    .values({name: bindparam(name) for name in _MUTABLE})
+)
+
+
+class SignalRows:
+    """The projection inside one group commit: reads see what earlier units of the batch
+    staged, writes are staged to flush with the batch."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+        self.cache: dict[str, Row] = tx.local.setdefault("signal_rows", {})
+
+    async def get(self, signal_id: str) -> Row | None:
+        if signal_id in self.cache:
+            return self.cache[signal_id]
+        found = (await self.tx.conn.execute(
+            select(signals).where(signals.c.signal_id == signal_id)
+        )).one_or_none()
+        if found is None:
+            return None
+        row = dict(found._mapping)
+        self.cache[signal_id] = row
+        return row
+
+    def insert(self, row: Row) -> None:
+        self.cache[row["signal_id"]] = row
+        self.tx.stage(_INSERT, row)
+
+    def update(self, row: Row) -> None:
+        self.cache[row["signal_id"]] = row
+        self.tx.stage(_UPDATE, {"b_signal_id": row["signal_id"],
+                                **{name: row[name] for name in _MUTABLE}})

@@ -1,0 +1,272 @@
+"""The handler runner: consumes accepted signals from the log and runs the in-process handler.
+
+Guarantees:
+
+* Signals of one ticker are handled in log order, one at a time; different tickers run
+  concurrently (up to ``concurrency``).
+* Before the handler runs, the runner claims the signal (``signal.processing``, consumer
+  ``handler:<name>``) through the same rules as any bot, so a signal that someone else claimed
+  or finished is never run again.
+* The outcome (``signal.processed`` / ``failed`` / ``expired``) and the runner's checkpoint
+  commit in one transaction. The checkpoint is the low-water mark: every accepted signal at or
+  before it is finished. After a restart the runner resumes there; signals past it that it had
+  already finished are skipped (their status is final), and the ones it had claimed but not
+  finished are run again, since the crash may have come before the handler acted: the status
+  events record each signal once, and ``forward`` sends the signal id as ``Idempotency-Key`` so
+  that receivers can drop a repeat.
+* A handler error is retried with exponential backoff and full jitter up to ``attempts``;
+  :class:`PermanentError` fails at once. A signal past its ``max_lag`` when processing would
+  start becomes ``expired`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from enum import Enum
+from typing import Any, TypeVar
+
+from pipeline.errors import IllegalTransition, LogUnavailable
+from pipeline.hub import Hub
+from pipeline.log import Event, EventFilter, EventLog, NewEvent, Transaction, utc_now
+from pipeline.processing.consumers import stage_position, stored_position
+from pipeline.processing.handlers import Handler, HandlerContext, PermanentError
+from pipeline.processing.projection import (
+    SignalRows,
+    Status,
+    check_transition,
+    fold,
+    stream_of,
+)
+from pipeline.signals import Signal
+
+log = logging.getLogger("signalbox.runner")
+T = TypeVar("T")
+ACCEPTED = EventFilter(types=("signal.accepted",))
+
+
+class Decision(Enum):
+    RUN = "run"  # claimed now, or claimed by this runner before a restart
+    SKIP = "skip"  # final already, or someone else's claim
+    EXPIRE = "expire"
+
+
+class HandlerRunner:
+    def __init__(self, event_log: EventLog, hub: Hub, name: str, handler: Handler, *,
+                 options: Mapping[str, Any] | None = None, attempts: int = 5,
+                 backoff: float = 0.5, backoff_cap: float = 30.0, timeout: float = 30.0,
+                 concurrency: int = 8, max_pending: int = 1000,
+                 default_max_lag: int | None = None) -> None:
+        self.log = event_log
+        self.hub = hub
+        self.consumer = f"handler:{name}"
+        self.handler = handler
+        self.options = dict(options or {})
+        self.attempts = attempts
+        self.backoff = backoff
+        self.backoff_cap = backoff_cap
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.default_max_lag = default_max_lag
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lanes: dict[str, deque[Event]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: set[int] = set()
+        self._finished = asyncio.Event()
+        self._covered = 0
+        self._stored = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        stored = await stored_position(self.log.engines.reader, self.consumer)
+        if stored is None:  # a new handler starts at the head, as a new consumer does
+            stored = self.hub.head
+            await self._save_checkpoint(stored)
+        self._covered = self._stored = stored
+        self._task = asyncio.create_task(self._run(), name=f"signalbox-{self.consumer}")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+
+    # -- reading and scheduling --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            while len(self._pending) >= self.max_pending:
+                self._finished.clear()
+                await self._finished.wait()
+            changed = self.hub.changed
+            try:
+                page = await self.hub.page(self._covered, ACCEPTED, 200)
+            except LogUnavailable:
+                await asyncio.sleep(self.backoff)
+                continue
+            for event in page.events:
+                self._schedule(event)
+            self._covered = max(self._covered, page.covered)
+            if self._covered >= self.hub.head:
+                if not self._pending and self._covered > self._stored:
+                    await self._save_checkpoint(self._covered)
+                await changed.wait()
+
+    def _schedule(self, event: Event) -> None:
+        self._pending.add(event.position)
+        key = event.ticker or event.stream
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(event)
+            return
+        lane = self._lanes[key] = deque([event])
+        task = asyncio.create_task(self._drain(key, lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, key: str, lane: deque[Event]) -> None:
+        try:
+            while lane:
+                async with self._slots:
+                    await self._process(lane[0])
+                lane.popleft()
+        finally:
+            del self._lanes[key]
+
+    # -- one signal --------------------------------------------------------------------------
+
+    async def _process(self, event: Event) -> None:
+        signal = Signal.model_validate(event.data["signal"])
+        async def claim(tx: Transaction) -> Decision:
+            return await self._claim(tx, event, signal)
+
+        decision = await self._commit(claim)
+        if decision is Decision.SKIP:
+            await self._finish(event, None, {})
+        elif decision is Decision.EXPIRE:
+            await self._finish(event, Status.EXPIRED,
+                               {"reason": "past its max_lag when processing would start"})
+        else:
+            status, detail = await self._run_handler(event, signal)
+            await self._finish(event, status, detail)
+
+    async def _claim(self, tx: Transaction, event: Event, signal: Signal) -> Decision:
+        rows = SignalRows(tx)
+        row = await rows.get(event.data["signal_id"])
+        if row is None:
+            return Decision.SKIP
+        if row["status"] == Status.PROCESSING and row["claimed_by"] == self.consumer:
+            return Decision.RUN  # our own claim from before a restart: finish the job
+        if row["status"] not in (Status.ACCEPTED, Status.DISPATCHED):
+            return Decision.SKIP
+        if self._expired(signal):
+            return Decision.EXPIRE
+        claim = tx.append(self._status_event(event, row, Status.PROCESSING,
+                                             {}, row["attempts"] + 1))
+        rows.update(fold(row, claim))
+        return Decision.RUN
+
+    def _expired(self, signal: Signal) -> bool:
+        lag = signal.max_lag or self.default_max_lag
+        if signal.signal_time is None or lag is None:
+            return False
+        return signal.signal_time + timedelta(seconds=lag) < utc_now()
+
+    async def _run_handler(self, event: Event, signal: Signal) -> tuple[Status, dict[str, Any]]:
+        signal_id = event.data["signal_id"]
+        for attempt in range(1, self.attempts + 1):
+            context = HandlerContext(signal_id, event, attempt, self.options)
+            try:
+                result = await asyncio.wait_for(self.handler(signal, context), self.timeout)
+                return Status.PROCESSED, {"result": _json_safe(result), "attempts": attempt}
+            except PermanentError as exc:
+                return Status.FAILED, _failure(exc, attempt)
+            except Exception as exc:
+                log.warning("handler failed on %s (attempt %d): %r", signal_id, attempt, exc)
+                if attempt == self.attempts:
+                    return Status.FAILED, _failure(exc, attempt)
+                ceiling = min(self.backoff_cap, self.backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, ceiling))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _finish(self, event: Event, status: Status | None,
+                      detail: dict[str, Any]) -> None:
+        """The outcome and the checkpoint, in one transaction."""
+        checkpoint = self._checkpoint_without(event.position)
+
+        async def unit(tx: Transaction) -> None:
+            if status is not None:
+                rows = SignalRows(tx)
+                row = await rows.get(event.data["signal_id"])
+                try:
+                    if row is None:
+                        raise IllegalTransition("the signal is gone")
+                    check_transition(row, status, self.consumer)
+                except IllegalTransition as exc:  # changed under us: record nothing, move on
+                    log.warning("not recording %s for %s: %s", status.value, event.position, exc)
+                else:
+                    done = tx.append(self._status_event(event, row, status, detail,
+                                                        row["attempts"]))
+                    rows.update(fold(row, done))
+            self._stage_checkpoint(tx, checkpoint)
+
+        await self._commit(unit)
+        self._pending.discard(event.position)
+        self._finished.set()
+
+    def _checkpoint_without(self, position: int) -> int:
+        rest = self._pending - {position}
+        return min(rest) - 1 if rest else self._covered
+
+    async def _save_checkpoint(self, position: int) -> None:
+        async def unit(tx: Transaction) -> None:
+            self._stage_checkpoint(tx, position)
+
+        await self._commit(unit)
+
+    def _stage_checkpoint(self, tx: Transaction, position: int) -> None:
+        stage_position(tx, self.consumer, position)
+        self._stored = max(self._stored, position)
+
+    def _status_event(self, event: Event, row: dict[str, Any], status: Status,
+                      detail: dict[str, Any], attempt: int) -> NewEvent:
+        signal_id = event.data["signal_id"]
+        return NewEvent(
+            stream_of(signal_id), f"signal.{status.value}",
+            {"signal_id": signal_id, "status": status.value, "detail": detail,
+             "consumer": self.consumer, "attempt": attempt, "token": None},
+            {k: v for k, v in (("signal_id", signal_id), ("ticker", row["ticker"]),
+                               ("strategy", row["strategy"])) if v is not None},
+        )
+
+    async def _commit(self, unit: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Run ``unit`` in a group commit, retrying while the log is unavailable."""
+        delay = self.backoff
+        while True:
+            try:
+                return await self.log.transact(unit)
+            except LogUnavailable:
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(self.backoff_cap, delay * 2)
+
+
+def _failure(exc: BaseException, attempt: int) -> dict[str, Any]:
+    message = str(exc) or exc.__class__.__name__
+    return {"error": message[:2000], "type": exc.__class__.__name__, "attempts": attempt}
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)[:2000]
+    return value

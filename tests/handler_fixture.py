@@ -1,0 +1,33 @@
+"""Handlers for the runner's tests: the server loads them as ``tests.handler_fixture:NAME``.
+
+Each call appends one JSON line to the file named by SIGNALBOX_TEST_RECORD, so that a test can
+see what ran, in which order and how often. The signal's comment steers the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from pipeline.processing.handlers import HandlerContext, PermanentError
+from pipeline.signals import Signal
+
+
+async def record(signal: Signal, context: HandlerContext) -> dict[str, Any]:
+    line = json.dumps({"signal_id": context.signal_id, "ticker": signal.ticker,
+                       "position": context.event.position, "attempt": context.attempt,
+                       "comment": signal.comment})
+    with open(os.environ["SIGNALBOX_TEST_RECORD"], "a") as file:  # noqa: ASYNC230 - tiny append
+        file.write(line + "\n")
+    comment = signal.comment or ""
+    if comment.startswith("sleep:"):
+        await asyncio.sleep(float(comment.removeprefix("sleep:")))
+    if comment == "fail-twice" and context.attempt <= 2:
+        raise RuntimeError(f"flaky broker (attempt {context.attempt})")
+    if comment == "permanent":
+        raise PermanentError("unknown symbol")
+    if comment == "always":
+        raise RuntimeError("broker down")
+    return {"ok": True, "attempt": context.attempt}

@@ -1,0 +1,208 @@
+"""The in-process handler runner: once per signal, in ticker order, across crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pipeline.log import format_time, utc_now
+from pipeline.processing.handlers import SIGNATURE_HEADER, sign
+from tests.support import INGEST_TOKEN, FastClient, ServerProcess, read_all_events
+
+HANDLER = ["--handler", "tests.handler_fixture:record", "--handler-backoff", "0.01",
+           "--handler-attempts", "3"]
+
+
+def runner_server(database_url: str, record: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(database_url, env={"SIGNALBOX_TEST_RECORD": str(record)},
+                         args=[*HANDLER, *extra]).start()
+
+
+def calls(record: Path) -> list[dict[str, Any]]:
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines() if line]
+
+
+async def post_all(server: ServerProcess, bodies: list[dict[str, Any]]) -> list[str]:
+    async with FastClient(server.base_url, connections=8) as client:
+        answers = await asyncio.gather(*(client.post("/api/signals", body, INGEST_TOKEN)
+                                         for body in bodies))
+    assert {status for status, _ in answers} == {202}
+    return [answer["signal_id"] for _, answer in answers]
+
+
+async def wait_for_outcomes(server: ServerProcess, count: int,
+                            within: float = 60) -> list[dict[str, Any]]:
+    """Every event, once ``count`` signals have a final status (polled, with a deadline)."""
+    final = {"signal.processed", "signal.failed", "signal.expired"}
+    deadline = asyncio.get_running_loop().time() + within
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        while True:
+            events = await read_all_events(client)
+            if sum(e["type"] in final for e in events) >= count:
+                return events
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"only {sum(e['type'] in final for e in events)} of {count}")
+            await asyncio.sleep(0.05)
+
+
+def outcomes(events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    by_signal: dict[str, list[str]] = defaultdict(list)
+    for event in events:
+        if event["type"] not in ("signal.received", "signal.accepted"):
+            by_signal[event["data"]["signal_id"]].append(event["type"])
+    return by_signal
+
+
+async def test_each_signal_is_handled_once_and_each_ticker_in_order(
+        database_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "calls.jsonl"
+    server = runner_server(database_url, record)
+    try:
+        bodies = [{"ticker": f"T{i % 4}", "action": "buy", "quantity": "1"} for i in range(80)]
+        ids = await post_all(server, bodies)
+        events = await wait_for_outcomes(server, len(ids))
+    finally:
+        server.stop()
+    assert all(steps == ["signal.processing", "signal.processed"]
+               for steps in outcomes(events).values())
+    assert set(outcomes(events)) == set(ids)
+    made = calls(record)
+    assert Counter(c["signal_id"] for c in made) == Counter(ids)
+    for ticker in {c["ticker"] for c in made}:
+        positions = [c["position"] for c in made if c["ticker"] == ticker]
+        assert positions == sorted(positions), f"{ticker} out of order"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_retries_then_processed_or_failed(database_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "calls.jsonl"
+    server = runner_server(database_url, record)
+    try:
+        ids = await post_all(server, [
+            {"ticker": "A", "action": "buy", "comment": "fail-twice"},
+            {"ticker": "B", "action": "buy", "comment": "permanent"},
+            {"ticker": "C", "action": "buy", "comment": "always"},
+        ])
+        events = await wait_for_outcomes(server, 3)
+    finally:
+        server.stop()
+    final = {e["data"]["signal_id"]: e for e in events
+             if e["type"] in ("signal.processed", "signal.failed")}
+    assert final[ids[0]]["type"] == "signal.processed"
+    assert final[ids[0]]["data"]["detail"]["attempts"] == 3
+    assert final[ids[1]]["type"] == "signal.failed"
+    assert final[ids[1]]["data"]["detail"] == {"error": "unknown symbol",
+                                               "type": "PermanentError", "attempts": 1}
+    assert final[ids[2]]["data"]["detail"]["attempts"] == 3
+    assert Counter(c["comment"] for c in calls(record)) == {
+        "fail-twice": 3, "permanent": 1, "always": 3}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_signal_past_its_max_lag_when_processing_starts_expires(
+        database_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "calls.jsonl"
+    server = runner_server(database_url, record)
+    try:
+        now = format_time(utc_now())
+        ids = await post_all(server, [
+            {"ticker": "X", "action": "buy", "comment": "sleep:2.5"},
+            {"ticker": "X", "action": "sell", "signal_time": now, "max_lag": 1},
+        ])
+        events = await wait_for_outcomes(server, 2)
+    finally:
+        server.stop()
+    steps = outcomes(events)
+    if steps[ids[0]] != ["signal.processing", "signal.processed"]:
+        pytest.fail(f"first signal: {steps[ids[0]]}")
+    assert steps[ids[1]] == ["signal.expired"]
+    assert [c["signal_id"] for c in calls(record)] == [ids[0]]
+
+
+async def test_killed_mid_batch_skips_nothing_and_records_each_outcome_once(
+        database_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "calls.jsonl"
+    server = runner_server(database_url, record)
+    try:
+        bodies = [{"ticker": f"K{i % 5}", "action": "buy", "comment": "sleep:0.01"}
+                  for i in range(250)]
+        ids = await post_all(server, bodies)
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(calls(record)) < 60:  # kill mid-batch: some done, most not
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        server.kill()
+        server.restart()
+        events = await wait_for_outcomes(server, len(ids))
+    finally:
+        server.stop()
+    steps = outcomes(events)
+    assert set(steps) == set(ids)
+    assert all(s == ["signal.processing", "signal.processed"] for s in steps.values()), [
+        s for s in steps.values() if s != ["signal.processing", "signal.processed"]][:3]
+    ran = Counter(c["signal_id"] for c in calls(record))
+    assert set(ran) == set(ids)
+    # Only a signal in the middle of its handler at the kill may have run twice.
+    assert sum(n - 1 for n in ran.values()) <= 5
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]] = []
+    status = 200
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((dict(self.headers), body))
+        self.send_response(Receiver.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    Receiver.received = []
+    http = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http.server_address[1]}/hook"
+    http.shutdown()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("status", [200, 400])
+async def test_forward_posts_signed_signals(database_url: str, receiver: str,
+                                            status: int) -> None:
+    Receiver.status = status
+    server = ServerProcess(database_url, env={"SIGNALBOX_FORWARD_SECRET": "hmac-key"}, args=[
+        "--handler", "forward", "--forward-url", receiver, "--handler-backoff", "0.01",
+        "--handler-attempts", "2"]).start()
+    try:
+        (signal_id,) = await post_all(server, [{"ticker": "ETHUSDT", "action": "sell",
+                                                "quantity": "0.5"}])
+        events = await wait_for_outcomes(server, 1)
+    finally:
+        server.stop()
+    headers, body = Receiver.received[0]
+    assert headers[SIGNATURE_HEADER] == sign("hmac-key", body)
+    assert headers["Idempotency-Key"] == signal_id
+    sent = json.loads(body)
+    assert sent["signal_id"] == signal_id and sent["signal"]["quantity"] == "0.5"
+    final = events[-1]
+    if status == 200:
+        assert final["type"] == "signal.processed"
+    else:  # a 4xx is permanent: no retry
+        assert final["type"] == "signal.failed" and len(Receiver.received) == 1
