@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from pipeline import http
@@ -23,6 +23,7 @@ from pipeline.errors import SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
+from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
 from pipeline.ws import Connections, Session, StreamSettings
@@ -78,7 +79,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await session.run()
 
     app = Starlette(
-        routes=[*http.routes, WebSocketRoute("/ws", websocket_endpoint)],
+        routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
+                WebSocketRoute("/ws", websocket_endpoint)],
         lifespan=lifespan,
         exception_handlers={
             SignalboxError: _signalbox_error,
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.connections = connections
+    app.state.metrics = Metrics()
     return app
 
 

@@ -272,6 +272,18 @@ async def test_expired_signal_is_rejected(client: httpx.AsyncClient) -> None:
     assert [e["code"] for e in response.json()["errors"]] == ["expired"]
 
 
+async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
+    await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+    await client.post("/api/signals", json={"ticker": "X"}, headers=headers(INGEST_TOKEN))
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    lines = set(response.text.splitlines())
+    assert {"signalbox_log_head 4.0", 'signalbox_signals{status="accepted"} 1.0',
+            'signalbox_signals{status="rejected"} 1.0', "signalbox_signals_stuck 0.0"} <= lines
+    assert INGEST_TOKEN not in response.text and ADMIN_TOKEN not in response.text
+
+
 async def test_admin_token_has_every_scope(client: httpx.AsyncClient) -> None:
     posted = await client.post("/api/signals", json=BTC, headers=headers(ADMIN_TOKEN))
     assert posted.status_code == 202

@@ -156,6 +156,9 @@ async def test_a_claim_older_than_the_lease_is_listed_as_stuck(database_url: str
                     break
                 await asyncio.sleep(0.05)
             assert [s["signal_id"] for s in listing] == [stuck_id]
+            metrics = (await client.get("/metrics")).text
+            assert "signalbox_signals_stuck 1.0" in metrics
+            assert 'signalbox_signals{status="processed"} 1.0' in metrics
     finally:
         server.stop()
 

@@ -1,0 +1,59 @@
+"""``GET /metrics``: Prometheus text, read from the log and the projection at scrape time.
+
+Gauges are computed when scraped rather than counted as things happen, so every instance
+reports the same truth about the shared log and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from sqlalchemy import func, select
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pipeline.log import format_time, utc_now
+from pipeline.log.schema import signals
+from pipeline.processing.consumers import list_positions
+from pipeline.processing.projection import Status
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.head = Gauge("signalbox_log_head", "position of the last committed event",
+                          registry=self.registry)
+        self.signals = Gauge("signalbox_signals", "signals by current status", ["status"],
+                             registry=self.registry)
+        self.stuck = Gauge("signalbox_signals_stuck",
+                           "signals claimed longer ago than the claim lease, without an outcome",
+                           registry=self.registry)
+        self.lag = Gauge("signalbox_consumer_lag", "events between the head and a consumer's ack",
+                         ["consumer"], registry=self.registry)
+        self.subscribers = Gauge("signalbox_subscribers", "open WebSocket connections of this "
+                                 "instance", registry=self.registry)
+        self.window = Gauge("signalbox_hub_window_events", "events held in memory for "
+                            "subscribers by this instance", registry=self.registry)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    svc = request.app.state.services
+    metrics: Metrics = request.app.state.metrics
+    head = await svc.log.head()
+    metrics.head.set(head)
+    cutoff = format_time(utc_now() - timedelta(seconds=svc.claim_lease))
+    async with svc.log.engines.reader.connect() as conn:
+        by_status = dict((await conn.execute(
+            select(signals.c.status, func.count()).group_by(signals.c.status))).all())
+        stuck = (await conn.execute(select(func.count()).where(
+            signals.c.status == Status.PROCESSING, signals.c.processing_at < cutoff))).scalar()
+    for status in Status:
+        metrics.signals.labels(status.value).set(by_status.get(status.value, 0))
+    metrics.stuck.set(stuck or 0)
+    metrics.lag.clear()
+    for consumer in await list_positions(svc.log.engines.reader):
+        metrics.lag.labels(consumer.name).set(max(0, head - consumer.position))
+    metrics.subscribers.set(request.app.state.connections.open)
+    metrics.window.set(svc.hub.memory_events)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
