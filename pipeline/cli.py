@@ -22,6 +22,8 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
+from replay.commands import add_commands as add_client_commands
+from replay.commands import run as run_client_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
     _setting_flags(serve)
+    add_client_commands(commands)
+
     migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
     _database_flag(migrate_cmd)
 
@@ -84,6 +88,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("send", "tail"):
+        return run_client_command(args)
     try:
         settings = settings_from(args)
     except ValidationError as exc:
@@ -140,9 +146,20 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=10, lifespan="on",
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    configure_logging(settings.log_level)
     server = _Server(config, app.state.connections.stopping)
     server.run()
     return 0 if server.started else 1
+
+
+def configure_logging(level: str) -> None:
+    """Signalbox's own messages, beside uvicorn's and in the same shape."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+    ours = logging.getLogger("signalbox")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level.upper())
+    ours.propagate = False
 
 
 async def _check_log(url: str) -> None:

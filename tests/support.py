@@ -63,7 +63,6 @@ class ServerProcess:
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.output: list[str] = []
-        self._ready = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -77,27 +76,29 @@ class ServerProcess:
         env = {**os.environ, "SIGNALBOX_ADMIN_TOKEN": ADMIN_TOKEN,
                "SIGNALBOX_WEBHOOK_SECRET": INGEST_TOKEN, **self.extra_env}
         port = str(self.port) if self.port else "0"
-        self._ready.clear()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", port,
              "--database-url", self.database_url, *self.args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
-        if not self._ready.wait(timeout):
+        ready = threading.Event()  # one per process: an old process's end must not count
+        threading.Thread(target=self._pump, args=(self.process, ready), daemon=True).start()
+        if not ready.wait(timeout) or self.process.poll() is not None:
             self.kill()
             raise RuntimeError("server did not start:\n" + "".join(self.output[-50:]))
         return self
 
-    def _pump(self, process: subprocess.Popen[str]) -> None:
+    def _pump(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
         assert process.stdout is not None
         for line in process.stdout:
             self.output.append(line)
             match = RUNNING.search(line)
             if match:
                 self.port = int(match.group(1))
-                self._ready.set()
+                ready.set()
+        process.wait()
+        ready.set()  # it ended: whoever waits for it to start need not wait any longer
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -227,3 +228,55 @@ class FastClient:
         finally:
             self._free.put_nowait((reader, writer))
         return int(status_line.split()[1]), json.loads(content)
+
+
+class TcpProxy:
+    """A real TCP proxy on 127.0.0.1 in front of a server, that can cut every connection
+    through it at once: a flaky network, made on demand."""
+
+    def __init__(self, target: ServerProcess) -> None:
+        self.target = target
+        self.port = 0
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+    def cut(self) -> None:
+        self.cuts += 1
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.transport.abort()

@@ -206,3 +206,21 @@ async def test_forward_posts_signed_signals(database_url: str, receiver: str,
         assert final["type"] == "signal.processed"
     else:  # a 4xx is permanent: no retry
         assert final["type"] == "signal.failed" and len(Receiver.received) == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_builtin_log_handler_and_a_clear_error_for_an_unknown_one(
+        database_url: str) -> None:
+    server = ServerProcess(database_url, args=["--handler", "log"]).start()
+    try:
+        await post_all(server, [{"ticker": "LOG", "action": "buy"}])
+        events = await wait_for_outcomes(server, 1)
+    finally:
+        server.stop()
+    assert events[-1]["type"] == "signal.processed"
+    assert events[-1]["data"]["detail"]["result"] == {"logged": True}
+    assert events[-1]["data"]["consumer"] == "handler:log"
+    assert any("signal " in line and "LOG" in line for line in server.output)
+    broken = ServerProcess(database_url, args=["--handler", "no_such_handler"])
+    with pytest.raises(RuntimeError, match="no handler named 'no_such_handler'"):
+        broken.start(timeout=20)

@@ -1,0 +1,596 @@
+"""The client's wire layer: records, errors, backoff, and the asynchronous HTTP client.
+
+Private: import these names from ``replay`` (or ``replay.client``), whose docstring draws the
+error hierarchy. The synchronous twin of `Client` lives in ``replay.client`` and shares the
+request builders and answer parsers below, so that both speak exactly the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from enum import Enum, StrEnum
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import httpx
+
+USER_AGENT = "signalbox-replay/0.1"
+
+# -- errors --------------------------------------------------------------------------------
+
+
+class SignalboxClientError(Exception):
+    """Base of every error the client raises.
+
+    ``code`` is the server's stable error code (``unauthorized``, ``illegal_transition``, …) or
+    the client's own (``unreachable``, ``epoch_changed``); ``status`` is the HTTP status or the
+    WebSocket close code that carried it, when there was one.
+    """
+
+    def __init__(self, message: str, *, code: str = "error", status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class Unauthorized(SignalboxClientError):
+    """401 or close 4401: no token, or an unknown, revoked or expired one. Never retried."""
+
+
+class Forbidden(SignalboxClientError):
+    """403 or close 4403: the token lacks the scope (or the address is not allowed)."""
+
+
+class NotFound(SignalboxClientError):
+    """404: no such signal (or route)."""
+
+
+class Conflict(SignalboxClientError):
+    """409 (or close 4409 for a cursor ahead of the head): ``code`` says which conflict, e.g.
+    ``illegal_transition`` when a signal is already claimed or finished."""
+
+
+class BadRequest(SignalboxClientError):
+    """400, 413 and the other 4xx answers: the request itself is wrong; sending it again as it
+    is cannot help."""
+
+
+class Rejected(SignalboxClientError):
+    """422: the signal was recorded (for the audit) but rejected: see ``errors``."""
+
+    def __init__(self, message: str, *, signal_id: str | None, position: int | None,
+                 errors: list[dict[str, Any]], code: str = "rejected",
+                 status: int | None = 422) -> None:
+        super().__init__(message, code=code, status=status)
+        self.signal_id = signal_id
+        self.position = position
+        self.errors = errors
+
+
+class Unavailable(SignalboxClientError):
+    """503 (``log_unavailable``) or no connection (``unreachable``), still so after every
+    retry. Nothing was acknowledged: sending again with the same idempotency key is safe."""
+
+
+class EpochChanged(SignalboxClientError):
+    """The log was created anew (close 4409 with another epoch): the stored cursor belongs to
+    the old log. Start again from 0 (``on_epoch_change="restart"``) or investigate."""
+
+    def __init__(self, old_epoch: str | None, new_epoch: str, message: str = "") -> None:
+        super().__init__(message or f"the log's epoch changed from {old_epoch} to {new_epoch}",
+                         code="epoch_changed", status=4409)
+        self.old_epoch = old_epoch
+        self.new_epoch = new_epoch
+
+
+class ProtocolError(SignalboxClientError):
+    """Close 4400 (the server found a frame of ours malformed) or an answer this client cannot
+    read: a bug on one side or the other, not something a retry fixes."""
+
+
+_BY_STATUS: dict[int, type[SignalboxClientError]] = {
+    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable,
+}
+
+
+def raise_for_answer(response: httpx.Response) -> NoReturn:
+    """Raise the error that an unsuccessful answer stands for."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"error": f"http_{response.status_code}", "message": response.text[:200]}
+    code = str(body.get("error") or body.get("status") or f"http_{response.status_code}")
+    message = str(body.get("message") or f"HTTP {response.status_code}")
+    status = response.status_code
+    if status == 422:
+        errors = body.get("errors")
+        raise Rejected(_rejection_message(errors, message), signal_id=body.get("signal_id"),
+                       position=body.get("position"),
+                       errors=errors if isinstance(errors, list) else [], status=status)
+    kind = _BY_STATUS.get(status) or (BadRequest if 400 <= status < 500 else
+                                      SignalboxClientError)
+    raise kind(message, code=code, status=status)
+
+
+def _rejection_message(errors: object, fallback: str) -> str:
+    if isinstance(errors, list) and errors:
+        parts = [str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors]
+        return "signal rejected: " + "; ".join(parts)
+    return fallback if fallback != "HTTP 422" else "signal rejected"
+
+
+# -- records -------------------------------------------------------------------------------
+
+
+def _dict(value: object, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{name} is not a JSON object", code="bad_answer")
+    return value
+
+
+def _int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{name} is not an integer: {value!r}", code="bad_answer")
+    return value
+
+
+def _str(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} is not a string: {value!r}", code="bad_answer")
+    return value
+
+
+def _time(value: object, name: str) -> datetime:
+    try:
+        return datetime.fromisoformat(_str(value, name))
+    except ValueError:
+        raise ProtocolError(f"{name} is not an RFC 3339 time: {value!r}",
+                            code="bad_answer") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the log, as the server recorded it."""
+
+    position: int
+    id: str
+    stream: str
+    type: str
+    data: dict[str, Any] = field(hash=False)
+    meta: dict[str, Any] = field(hash=False)
+    time: datetime
+    hash: str
+
+    @classmethod
+    def from_json(cls, obj: object) -> Event:
+        frame = _dict(obj, "event")
+        return cls(
+            position=_int(frame.get("position"), "event.position"),
+            id=_str(frame.get("id"), "event.id"),
+            stream=_str(frame.get("stream"), "event.stream"),
+            type=_str(frame.get("type"), "event.type"),
+            data=_dict(frame.get("data"), "event.data"),
+            meta=_dict(frame.get("meta"), "event.meta"),
+            time=_time(frame.get("time"), "event.time"),
+            hash=_str(frame.get("hash"), "event.hash"),
+        )
+
+    @property
+    def signal_id(self) -> str | None:
+        value = self.meta.get("signal_id", self.data.get("signal_id"))
+        return value if isinstance(value, str) else None
+
+
+class ProcessingStatus(StrEnum):
+    """The statuses a bot may report for a signal."""
+
+    DISPATCHED = "dispatched"  #: handed to a bot or a queue
+    PROCESSING = "processing"  #: claimed: exactly one claim per signal succeeds
+    PROCESSED = "processed"  #: done, final
+    FAILED = "failed"  #: the attempt failed (detail: error and type), final
+    EXPIRED = "expired"  #: too old to act upon, final
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceipt:
+    """The answer to an accepted signal (``duplicate``: a repeat of an earlier key)."""
+
+    signal_id: str
+    position: int
+    status: str
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReceipt:
+    signal_id: str
+    status: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """A page of ``GET /api/events``: ask with ``after=page.next`` for the next one."""
+
+    epoch: str
+    events: tuple[Event, ...]
+    next: int
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSummary:
+    """A signal's current state; ``fields`` holds the answer as sent, newer fields included."""
+
+    signal_id: str
+    status: str
+    ticker: str | None
+    strategy: str | None
+    action: str | None
+    position: int
+    last_position: int
+    received_at: datetime
+    updated_at: datetime
+    normalized: dict[str, Any] | None = field(default=None, hash=False)
+    errors: list[dict[str, Any]] | None = field(default=None, hash=False)
+    fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> SignalSummary:
+        body = _dict(obj, "signal")
+        normalized, errors = body.get("normalized"), body.get("errors")
+        return cls(
+            signal_id=_str(body.get("signal_id"), "signal_id"),
+            status=_str(body.get("status"), "status"),
+            ticker=body.get("ticker"), strategy=body.get("strategy"), action=body.get("action"),
+            position=_int(body.get("position"), "position"),
+            last_position=_int(body.get("last_position"), "last_position"),
+            received_at=_time(body.get("received_at"), "received_at"),
+            updated_at=_time(body.get("updated_at"), "updated_at"),
+            normalized=normalized if isinstance(normalized, dict) else None,
+            errors=errors if isinstance(errors, list) else None,
+            fields=body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SignalTimeline:
+    """``GET /api/signals/{id}``: the signal, its status, and every event of it, oldest first."""
+
+    signal: SignalSummary
+    status: str
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalPage:
+    """Newest first; pass ``next_before`` as ``before`` for the next page (None: no more)."""
+
+    signals: tuple[SignalSummary, ...]
+    next_before: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    name: str
+    position: int
+    lag: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerList:
+    consumers: tuple[ConsumerInfo, ...]
+    head: int
+
+
+# -- backoff -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n)).
+
+    Full jitter spreads a crowd of clients that lost the same server over the whole window, so
+    a restarted server is not hit by all of them at once.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+
+    def ceiling(self, attempt: int) -> float:
+        return min(self.cap, self.base * 2.0 ** min(max(attempt, 0), 64))
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return (rng or _RANDOM).uniform(0.0, self.ceiling(attempt))
+
+
+_RANDOM = random.Random()
+
+
+# -- requests and answers, shared by Client and SyncClient ---------------------------------
+
+
+def json_default(value: Any) -> Any:
+    """JSON for what handlers and signals commonly hold: decimals stay exact as strings."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Enum):
+        return str(value.value if isinstance(value, Enum) else value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, default=json_default, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request, described once for both clients."""
+
+    method: str
+    path: str
+    params: tuple[tuple[str, str | int], ...] = ()
+    body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    ok: frozenset[int] = frozenset({200})
+
+
+def signal_call(signal: Mapping[str, Any], idempotency_key: str | None) -> Call:
+    """POST /api/signals. Without a key, one is made here (unless the body has its own ``id``)
+    so that every retry of this call is recognized as the same signal."""
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    if idempotency_key is None and signal.get("id") is None:
+        idempotency_key = str(uuid.uuid4())
+    if idempotency_key is not None:
+        headers += (("Idempotency-Key", idempotency_key),)
+    return Call("POST", "/api/signals", body=encode(dict(signal)), headers=headers,
+                ok=frozenset({200, 202}))
+
+
+def status_call(signal_id: str, status: str, detail: Mapping[str, Any] | None,
+                consumer: str | None) -> Call:
+    body: dict[str, Any] = {"status": str(status)}
+    if detail is not None:
+        body["detail"] = dict(detail)
+    if consumer is not None:
+        body["consumer"] = consumer
+    return Call("POST", f"/api/signals/{_segment(signal_id)}/status", body=encode(body),
+                headers=(("Content-Type", "application/json"),))
+
+
+def events_call(after: int, limit: int, *, types: Iterable[str], streams: Iterable[str],
+                tickers: Iterable[str], strategies: Iterable[str]) -> Call:
+    params: list[tuple[str, str | int]] = [("after", after), ("limit", limit)]
+    for name, values in (("type", types), ("stream", streams), ("ticker", tickers),
+                         ("strategy", strategies)):
+        params.extend((name, value) for value in values)
+    return Call("GET", "/api/events", params=tuple(params))
+
+
+def signals_call(status: Iterable[str], ticker: Iterable[str], strategy: Iterable[str],
+                 limit: int, before: int | None) -> Call:
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    for name, values in (("status", status), ("ticker", ticker), ("strategy", strategy)):
+        params.extend((name, str(value)) for value in values)
+    if before is not None:
+        params.append(("before", before))
+    return Call("GET", "/api/signals", params=tuple(params))
+
+
+def signal_timeline_call(signal_id: str) -> Call:
+    return Call("GET", f"/api/signals/{_segment(signal_id)}")
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def answer_json(response: httpx.Response, ok: frozenset[int]) -> dict[str, Any]:
+    if response.status_code not in ok:
+        raise_for_answer(response)
+    try:
+        return _dict(response.json(), "the answer")
+    except ValueError:
+        raise ProtocolError("the answer is not JSON", code="bad_answer") from None
+
+
+def as_list(values: str | Iterable[str] | None) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    return (values,) if isinstance(values, str) else tuple(values)
+
+
+def parse_receipt(body: dict[str, Any]) -> SignalReceipt:
+    return SignalReceipt(_str(body.get("signal_id"), "signal_id"),
+                         _int(body.get("position"), "position"),
+                         _str(body.get("status"), "status"), bool(body.get("duplicate")))
+
+
+def parse_status_receipt(body: dict[str, Any]) -> StatusReceipt:
+    return StatusReceipt(_str(body.get("signal_id"), "signal_id"),
+                         _str(body.get("status"), "status"),
+                         _int(body.get("position"), "position"))
+
+
+def parse_page(body: dict[str, Any]) -> EventPage:
+    events = body.get("events")
+    return EventPage(_str(body.get("epoch"), "epoch"),
+                     tuple(Event.from_json(e) for e in events or []),
+                     _int(body.get("next"), "next"), _int(body.get("head"), "head"))
+
+
+def parse_timeline(body: dict[str, Any]) -> SignalTimeline:
+    return SignalTimeline(SignalSummary.from_json(body.get("signal")),
+                          _str(body.get("status"), "status"),
+                          tuple(Event.from_json(e) for e in body.get("events") or []))
+
+
+def parse_signals(body: dict[str, Any]) -> SignalPage:
+    before = body.get("next_before")
+    return SignalPage(tuple(SignalSummary.from_json(s) for s in body.get("signals") or []),
+                      before if isinstance(before, int) else None)
+
+
+def parse_consumers(body: dict[str, Any]) -> ConsumerList:
+    found = []
+    for item in body.get("consumers") or []:
+        row = _dict(item, "consumer")
+        found.append(ConsumerInfo(_str(row.get("name"), "name"),
+                                  _int(row.get("position"), "position"),
+                                  _int(row.get("lag"), "lag"),
+                                  _time(row.get("updated_at"), "updated_at")))
+    return ConsumerList(tuple(found), _int(body.get("head"), "head"))
+
+
+def already_reported(timeline: SignalTimeline, status: str,
+                     consumer: str | None) -> StatusReceipt | None:
+    """After a retried report answered 409: was the lost first attempt ours, and did it land?
+    Yes when the signal is in that status and the event that put it there names our consumer
+    (or no consumer was given)."""
+    if timeline.status != status:
+        return None
+    event_type = f"signal.{status}"
+    landed = [e for e in timeline.events if e.type == event_type]
+    if not landed:
+        return None
+    event = landed[-1]
+    if consumer is not None:
+        named = (event.data.get("consumer"), event.meta.get("consumer"),
+                 timeline.signal.fields.get("claimed_by"))
+        if consumer not in named:
+            return None
+    return StatusReceipt(timeline.signal.signal_id, status, event.position)
+
+
+RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def give_up(failure: httpx.Response | Exception, attempts: int, url: str) -> Unavailable:
+    if isinstance(failure, httpx.Response):
+        try:
+            raise_for_answer(failure)
+        except Unavailable as exc:
+            exc.message = f"{exc.message} (after {attempts} attempts)"
+            return exc
+    return Unavailable(f"could not reach {url} after {attempts} attempts: {failure!r}",
+                       code="unreachable")
+
+
+def client_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
+
+
+# -- the asynchronous client ---------------------------------------------------------------
+
+
+class Client:
+    """Typed calls of the HTTP API.
+
+    Retries: a 503 (the log could not commit, nothing acknowledged) and a lost connection are
+    retried ``retries`` times with `Backoff`; no other answer is. `send_signal` always sends an
+    idempotency key, so a retry whose first attempt did land is answered as a repeat instead
+    of making a second signal.
+    """
+
+    def __init__(self, url: str, token: str, *, retries: int = 5,
+                 backoff: Backoff | None = None, timeout: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.backoff = backoff or Backoff()
+        self._http = httpx.AsyncClient(base_url=self.url, headers=client_headers(token),
+                                       timeout=timeout, transport=transport)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, call: Call) -> tuple[httpx.Response, bool]:
+        """The answer (anything but a 503) and whether an earlier attempt may have landed."""
+        attempt = 0
+        while True:
+            failure: httpx.Response | Exception
+            try:
+                response = await self._http.request(
+                    call.method, call.path, params=list(call.params), content=call.body,
+                    headers=dict(call.headers))
+            except RETRYABLE as exc:
+                failure = exc
+            else:
+                if response.status_code != 503:
+                    return response, attempt > 0
+                failure = response
+            if attempt >= self.retries:
+                raise give_up(failure, attempt + 1, self.url)
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+
+    async def _json(self, call: Call) -> dict[str, Any]:
+        response, _ = await self.send(call)
+        return answer_json(response, call.ok)
+
+    async def send_signal(self, signal: Mapping[str, Any],
+                          idempotency_key: str | None = None) -> SignalReceipt:
+        """POST /api/signals; raises `Rejected` (422) with the validation errors."""
+        return parse_receipt(await self._json(signal_call(signal, idempotency_key)))
+
+    async def report_status(self, signal_id: str, status: ProcessingStatus | str,
+                            detail: Mapping[str, Any] | None = None,
+                            consumer: str | None = None) -> StatusReceipt:
+        """POST /api/signals/{id}/status. A 409 after a retry is checked against the signal's
+        timeline: if our lost first attempt is what landed, that is success."""
+        call = status_call(signal_id, status, detail, consumer)
+        response, retried = await self.send(call)
+        if response.status_code == 409 and retried:
+            receipt = already_reported(await self.signal(signal_id), str(status), consumer)
+            if receipt is not None:
+                return receipt
+        return parse_status_receipt(answer_json(response, call.ok))
+
+    async def events(self, after: int = 0, limit: int = 100, *,
+                     types: str | Iterable[str] | None = None,
+                     streams: str | Iterable[str] | None = None,
+                     tickers: str | Iterable[str] | None = None,
+                     strategies: str | Iterable[str] | None = None) -> EventPage:
+        return parse_page(await self._json(events_call(
+            after, limit, types=as_list(types), streams=as_list(streams),
+            tickers=as_list(tickers), strategies=as_list(strategies))))
+
+    async def signal(self, signal_id: str) -> SignalTimeline:
+        return parse_timeline(await self._json(signal_timeline_call(signal_id)))
+
+    async def signals(self, *, status: str | Iterable[str] | None = None,
+                      ticker: str | Iterable[str] | None = None,
+                      strategy: str | Iterable[str] | None = None, limit: int = 50,
+                      before: int | None = None) -> SignalPage:
+        return parse_signals(await self._json(signals_call(
+            as_list(status), as_list(ticker), as_list(strategy), limit, before)))
+
+    async def consumers(self) -> ConsumerList:
+        return parse_consumers(await self._json(Call("GET", "/api/consumers")))
