@@ -137,7 +137,11 @@ class HandlerRunner:
         try:
             while lane:
                 async with self._slots:
-                    await self._process(lane[0])
+                    try:
+                        await self._process(lane[0])
+                    except Exception as exc:  # a bug or a malformed event: fail it, go on
+                        log.exception("runner failed on event %s", lane[0].position)
+                        await self._finish(lane[0], Status.FAILED, _failure(exc, 0))
                 lane.popleft()
         finally:
             del self._lanes[key]
