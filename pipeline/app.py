@@ -19,11 +19,12 @@ from starlette.websockets import WebSocket
 from pipeline import http
 from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
 from pipeline.config import Settings
-from pipeline.errors import SignalboxError
+from pipeline.errors import Conflict, SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
 from pipeline.metrics import Metrics, metrics_endpoint
+from pipeline.migrate import check_revision, current_revision
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
 from pipeline.ws import Connections, Session, StreamSettings
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        check_revision(await current_revision(settings.database_url), exact=True)
         event_log = await EventLog.open(settings.database_url,
                                         commit_timeout=settings.commit_timeout)
         hub = Hub(event_log, window=settings.window, page_size=settings.page_size,
@@ -117,7 +119,10 @@ async def bootstrap_tokens(tokens: TokenStore, settings: Settings) -> None:
                          settings.webhook_secret.get_secret_value())
     bootstrapped = settings.admin_token is not None or settings.webhook_secret is not None
     if not bootstrapped and await tokens.count_active() == 0:
-        secret = await tokens.create("admin", [Scope.ADMIN])
+        try:
+            secret = await tokens.create("admin", [Scope.ADMIN])
+        except Conflict:
+            return  # another instance starting at the same moment made (and printed) it
         print(
             "No token existed, so an admin token was created. It is shown only this once:\n"
             f"{secret}",

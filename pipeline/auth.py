@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pipeline.errors import BadRequest, Conflict, Forbidden, SourceNotAllowed, Unauthorized
@@ -134,27 +135,44 @@ class TokenStore:
             )).scalar_one_or_none()
             if existing is not None:
                 raise Conflict(f"a token named {name!r} exists: revoke it or choose another name")
-            await conn.execute(tokens.insert().values(
+            insert = tokens.insert().values(
                 name=name,
                 token_hash=hash_secret(secret),
                 scopes=",".join(sorted(s.value for s in granted)),
                 created_at=format_time(utc_now()),
                 expires_at=format_time(expires_at) if expires_at else None,
-            ))
+            )
+            try:
+                await conn.execute(insert)
+            except IntegrityError:  # created a moment ago by someone else
+                raise Conflict(f"a token named {name!r} exists: revoke it or choose another "
+                               "name") from None
         return secret
 
     async def put(self, name: str, scopes: Iterable[str], secret: str) -> None:
         """Create or replace the token ``name`` with ``secret`` (bootstrap from the environment)."""
         granted = ",".join(sorted(s.value for s in parse_scopes(scopes)))
         digest = hash_secret(secret)
-        async with self.engine.begin() as conn:
-            await conn.execute(tokens.delete().where(
-                (tokens.c.name == name) | (tokens.c.token_hash == digest)
-            ))
-            await conn.execute(tokens.insert().values(
-                name=name, token_hash=digest, scopes=granted,
-                created_at=format_time(utc_now()), expires_at=None, revoked_at=None,
-            ))
+        for attempt in range(3):  # instances starting together race for the same rows
+            try:
+                async with self.engine.begin() as conn:
+                    current = (await conn.execute(select(tokens).where(
+                        tokens.c.token_hash == digest))).one_or_none()
+                    if (current is not None and current.name == name
+                            and current.scopes == granted and current.revoked_at is None
+                            and current.expires_at is None):
+                        break  # already so
+                    await conn.execute(tokens.delete().where(
+                        (tokens.c.name == name) | (tokens.c.token_hash == digest)
+                    ))
+                    await conn.execute(tokens.insert().values(
+                        name=name, token_hash=digest, scopes=granted,
+                        created_at=format_time(utc_now()), expires_at=None, revoked_at=None,
+                    ))
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
         self._cache.clear()
 
     async def revoke(self, name: str) -> bool:

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":
-            migrate.upgrade(settings.database_url)
+            upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")
             return 0
         return asyncio.run(token_command(args, settings))
@@ -134,9 +134,9 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     if settings.migrate:
-        migrate.upgrade(settings.database_url)
-    else:  # fail here with one line, not with a traceback from inside uvicorn's lifespan
-        asyncio.run(_check_log(settings.database_url))
+        upgrade(settings.database_url)
+    # Fail here with one line, not with a traceback from inside uvicorn's lifespan.
+    asyncio.run(_check_log(settings.database_url))
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -162,8 +162,15 @@ def configure_logging(level: str) -> None:
     ours.propagate = False
 
 
+def upgrade(url: str) -> None:
+    """Upgrade the schema, but never touch one newer than this code knows."""
+    migrate.check_revision(asyncio.run(migrate.current_revision(url)), exact=False)
+    migrate.upgrade(url)
+
+
 async def _check_log(url: str) -> None:
-    """Raise :class:`LogUnavailable` (which says to run `signalbox migrate`) if there is no log."""
+    """Raise (with a message that says what to do) unless the log is there, at our schema."""
+    migrate.check_revision(await migrate.current_revision(url), exact=True)
     event_log = await EventLog.open(url)
     await event_log.close()
 

@@ -13,7 +13,8 @@ The hierarchy::
     │   ├── IllegalTransition           illegal_transition 409
     │   └── EpochMismatch               epoch_mismatch   409
     ├── PayloadTooLarge                 payload_too_large 413
-    └── LogUnavailable                  log_unavailable  503
+    ├── LogUnavailable                  log_unavailable  503
+    └── SchemaMismatch                  schema_mismatch  503
 
 HTTP answers render them as ``{"error": code, "message": message}``; WebSocket errors use the
 close codes of the protocol instead (see ``pipeline.ws``).
@@ -86,4 +87,11 @@ class LogUnavailable(SignalboxError):
     """The log could not commit (database down, locked, disk full): nothing was acknowledged."""
 
     code = "log_unavailable"
+    status = 503
+
+
+class SchemaMismatch(SignalboxError):
+    """The database's schema is older or newer than this version of Signalbox understands."""
+
+    code = "schema_mismatch"
     status = 503

@@ -13,6 +13,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.errors import SchemaMismatch
+from pipeline.log.backends import migration_engine
 
 
 def _script_location() -> Path:
@@ -43,3 +48,37 @@ def upgrade(url: str) -> None:
 async def upgrade_async(url: str) -> None:
     """:func:`upgrade` from async code: Alembic runs its own event loop, so give it a thread."""
     await asyncio.to_thread(upgrade, url)
+
+
+def known_revisions() -> set[str]:
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    return {script.revision for script in scripts.walk_revisions()}
+
+
+async def current_revision(url: str) -> str | None:
+    """The schema revision of the database at ``url`` (None: no schema yet)."""
+    engine = migration_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))
+                    ).scalar_one_or_none()
+    except SQLAlchemyError:
+        return None  # no alembic_version table: an empty database
+    finally:
+        await engine.dispose()
+
+
+def check_revision(revision: str | None, *, exact: bool) -> None:
+    """Refuse a schema this code does not understand: newer (unknown) always, older when
+    ``exact`` (that is, when no upgrade is about to run)."""
+    head = head_revision()
+    if revision is not None and revision not in known_revisions():
+        raise SchemaMismatch(
+            f"the database schema is at revision {revision}, newer than this Signalbox "
+            f"understands (up to {head}): run the Signalbox version that migrated it, or newer"
+        )
+    if exact and revision != head:
+        raise SchemaMismatch(
+            f"the database schema is at revision {revision or 'none'}, this Signalbox needs "
+            f"{head}: run `signalbox migrate` (or serve without --no-migrate)"
+        )

@@ -1,0 +1,91 @@
+"""Schema upgrades: raced by instances starting together, and refused when they do not fit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import asyncpg
+import pytest
+from alembic import command
+from sqlalchemy import text
+
+from pipeline import migrate
+from pipeline.log.backends import migration_engine
+from tests.support import ServerProcess
+
+
+async def scalar_rows(url: str, sql: str) -> list[object]:
+    engine = migration_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(text(sql))).scalars())
+    finally:
+        await engine.dispose()
+
+
+async def test_instances_starting_together_migrate_exactly_once(database_url: str) -> None:
+    servers = [ServerProcess(database_url) for _ in range(3)]
+    threads = [threading.Thread(target=server.start) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert all(s.process is not None and s.process.poll() is None and s.port
+                   for s in servers), [s.output[-5:] for s in servers]
+        assert await scalar_rows(database_url, "SELECT version_num FROM alembic_version") == [
+            migrate.head_revision()]
+        epochs = await scalar_rows(database_url, "SELECT epoch FROM log_head")
+        assert len(epochs) == 1
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def signalbox(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--database-url",
+                           database_url], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ), check=False)
+
+
+async def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> None:
+    await migrate.upgrade_async(database_url)
+    await execute(database_url, "UPDATE alembic_version SET version_num = 'ffff'")
+    for args in (["serve", "--port", "0"], ["serve", "--no-migrate", "--port", "0"],
+                 ["migrate"]):
+        done = signalbox(database_url, *args)
+        assert done.returncode != 0
+        assert "newer than this Signalbox understands" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_older_schema_is_upgraded_by_serve_and_refused_without_migrating(
+        database_url: str) -> None:
+    await asyncio.to_thread(command.upgrade, migrate.alembic_config(database_url), "0001")
+    refused = signalbox(database_url, "serve", "--no-migrate", "--port", "0")
+    assert refused.returncode != 0 and "run `signalbox migrate`" in refused.stderr
+    server = ServerProcess(database_url).start()  # serve migrates first
+    server.stop()
+    assert await scalar_rows(database_url, "SELECT version_num FROM alembic_version") == [
+        migrate.head_revision()]
+
+
+async def execute(url: str, sql: str) -> None:
+    if url.startswith("sqlite"):
+        engine = migration_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(sql))
+        finally:
+            await engine.dispose()
+        return
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
