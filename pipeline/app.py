@@ -23,6 +23,7 @@ from pipeline.errors import Conflict, SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
+from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
 from pipeline.processing.handlers import load_handler
@@ -47,9 +48,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                   poll_interval=settings.poll_interval)
         tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
         runner: HandlerRunner | None = None
+        wakeups = (Wakeups(settings.database_url, hub.wake)
+                   if event_log.engines.kind == "postgresql" else None)
         try:
             await bootstrap_tokens(tokens, settings)
             await hub.start()
+            if wakeups is not None:
+                await wakeups.start()
             if settings.handler:
                 runner = handler_runner(settings, event_log, hub)
                 await runner.start()
@@ -66,6 +71,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             connections.stopping.set()
             if runner is not None:
                 await runner.stop()
+            if wakeups is not None:
+                await wakeups.stop()
             await hub.stop()
             await event_log.close()
 

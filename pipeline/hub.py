@@ -48,6 +48,12 @@ class Hub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def wake(self, head: int | None = None) -> None:
+        """Look at the log now: another process may have appended up to ``head``. A hint,
+        never data; one about what this hub already has (its own commits) is ignored."""
+        if head is None or head > self.head:
+            self._wake.set()
+
     async def start(self) -> None:
         self.head = await self.log.head()
         self._first = self.head + 1

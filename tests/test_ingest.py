@@ -172,3 +172,43 @@ async def test_no_body_is_ever_answered_with_a_5xx(server: ServerProcess) -> Non
     await asyncio.get_running_loop().run_in_executor(None, run)
     async with httpx.AsyncClient(base_url=server.base_url) as client:
         verify_chain(await read_all_events(client))
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_notify_wakes_other_instances_long_before_their_poll(database_url: str) -> None:
+    """With a 60 s poll, only LISTEN/NOTIFY can bring another instance's events within 10 s."""
+    slow_poll = {"SIGNALBOX_POLL_INTERVAL": "60"}
+    first = ServerProcess(database_url, env=slow_poll).start()
+    second = ServerProcess(database_url, env=slow_poll, args=["--no-migrate"]).start()
+    try:
+        conn = await ws_connect(first, cursor=None)
+        assert (await next_frame(conn))["op"] == "welcome"
+        assert (await next_frame(conn))["op"] == "live"
+        async with httpx.AsyncClient(base_url=second.base_url) as client:
+            for round_ in range(4):
+                if round_ == 2:  # the LISTEN connection dies: it must come back by itself
+                    await terminate_listeners(database_url)
+                posted = await client.post("/api/signals", json=BTC,
+                                           headers=headers(INGEST_TOKEN))
+                head = posted.json()["position"]
+                positions: list[int] = []
+                while not positions or positions[-1] < head:
+                    frame = await next_frame(conn, 10)
+                    if frame["op"] == "event":
+                        positions.append(frame["position"])
+                assert positions == [head - 1, head]
+        await conn.close()
+    finally:
+        second.stop()
+        first.stop()
+
+
+async def terminate_listeners(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        ended = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+        assert ended >= 2  # one per instance
+    finally:
+        await conn.close()

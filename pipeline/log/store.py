@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Executable, or_, select, update
+from sqlalchemy import ColumnElement, Executable, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -37,6 +37,7 @@ from pipeline.log.model import (
     safe_text,
     utc_now,
 )
+from pipeline.log.notify import CHANNEL
 from pipeline.log.schema import events, log_head
 
 log = logging.getLogger("signalbox.log")
@@ -46,6 +47,7 @@ Unit = Callable[["Transaction"], Awaitable[T]]
 CommitListener = Callable[[Sequence[Event]], None]
 
 HEAD_ROW = 1
+NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', :head)")
 
 
 class Transaction:
@@ -246,6 +248,8 @@ class EventLog:
                         update(log_head).where(log_head.c.id == HEAD_ROW)
                         .values(position=tx.position, hash=tx.last_hash)
                     )
+                    if self.engines.kind == "postgresql":  # delivered at commit: a hint
+                        await conn.execute(NOTIFY, {"head": str(tx.position)})
         except Exception as exc:  # the database is down, locked, full, or the commit failed
             log.warning("group commit of %d units failed: %r", len(batch), exc)
             await self._drop_connection()

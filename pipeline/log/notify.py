@@ -1,0 +1,74 @@
+"""PostgreSQL LISTEN/NOTIFY as a wake-up for readers in other instances.
+
+Every group commit on PostgreSQL sends ``NOTIFY signalbox_log`` in its transaction, so the
+notification is delivered exactly when the events become visible. Each instance listens on a
+dedicated connection (a pooled one would be handed to others), re-LISTENs after it drops, and
+wakes its hub, which re-reads the log from its own cursor: a notification is only a hint, and a
+lost one costs at most one poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+CHANNEL = "signalbox_log"
+log = logging.getLogger("signalbox.notify")
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Wakeups:
+    """Calls ``wake(head)`` on each notification (the committed head it announced), and
+    ``wake(None)`` after every (re)connection."""
+
+    def __init__(self, url: str, wake: Callable[[int | None], None], *,
+                 retry: float = 1.0) -> None:
+        self.dsn = asyncpg_dsn(url)
+        self.wake = wake
+        self.retry = retry
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="signalbox-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._listen_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("LISTEN connection failed (%r); polling until it is back", exc)
+            self.connected.clear()
+            await asyncio.sleep(self.retry)
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.wake(int(payload) if payload.isdigit() else None)
+
+    async def _listen_once(self) -> None:
+        conn: Any = await asyncpg.connect(self.dsn)
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(CHANNEL, self._notified)
+            self.connected.set()
+            self.wake(None)  # whatever committed while we were not listening
+            await lost.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
