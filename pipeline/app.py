@@ -113,7 +113,7 @@ def handler_runner(settings: Settings, event_log: EventLog, hub: Hub) -> Handler
                  "forward_timeout": settings.forward_timeout},
         attempts=settings.handler_attempts, backoff=settings.handler_backoff,
         timeout=settings.handler_timeout, concurrency=settings.handler_concurrency,
-        default_max_lag=settings.max_lag,
+        default_max_lag=settings.max_lag, lease_ttl=settings.handler_lease,
     )
 
 

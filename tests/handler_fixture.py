@@ -17,6 +17,7 @@ from pipeline.signals import Signal
 
 async def record(signal: Signal, context: HandlerContext) -> dict[str, Any]:
     line = json.dumps({"signal_id": context.signal_id, "ticker": signal.ticker,
+                       "pid": os.getpid(),
                        "position": context.event.position, "attempt": context.attempt,
                        "comment": signal.comment})
     with open(os.environ["SIGNALBOX_TEST_RECORD"], "a") as file:  # noqa: ASYNC230 - tiny append

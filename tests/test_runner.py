@@ -224,3 +224,32 @@ async def test_builtin_log_handler_and_a_clear_error_for_an_unknown_one(
     broken = ServerProcess(database_url, args=["--handler", "no_such_handler"])
     with pytest.raises(RuntimeError, match="no handler named 'no_such_handler'"):
         broken.start(timeout=20)
+
+
+async def test_three_instances_run_the_handler_once_and_take_over_from_a_dead_one(
+        database_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "calls.jsonl"
+    servers = [runner_server(database_url, record, "--handler-lease", "1.5")
+               for _ in range(3)]
+    try:
+        first = await post_all(servers[0], [{"ticker": f"N{i % 3}", "action": "buy"}
+                                            for i in range(60)])
+        await wait_for_outcomes(servers[1], len(first))
+        runners = {c["pid"] for c in calls(record)}
+        assert len(runners) == 1  # the lease holder alone ran the handler
+        (holder,) = runners
+        victim = next(s for s in servers if s.process and s.process.pid == holder)
+        victim.kill()
+        survivor = next(s for s in servers if s is not victim)
+        second = await post_all(survivor, [{"ticker": "N9", "action": "sell"}
+                                           for _ in range(20)])
+        events = await wait_for_outcomes(survivor, len(first) + len(second))
+    finally:
+        for server in servers:
+            server.stop()
+    steps = outcomes(events)
+    assert all(s == ["signal.processing", "signal.processed"] for s in steps.values())
+    assert set(steps) == set(first) | set(second)
+    made = calls(record)
+    assert Counter(c["signal_id"] for c in made) == Counter(first + second)
+    assert {c["pid"] for c in made if c["signal_id"] in second} != {holder}

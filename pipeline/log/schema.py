@@ -98,3 +98,12 @@ consumers = Table(
     Column("position", BigInteger, nullable=False),
     Column("updated_at", String(32), nullable=False),
 )
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    # The instance that holds it, until expires_at unless renewed.
+    Column("holder", String(100), nullable=False),
+    Column("expires_at", String(32), nullable=False),
+)

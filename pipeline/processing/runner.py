@@ -14,6 +14,9 @@ Guarantees:
   finished are run again, since the crash may have come before the handler acted: the status
   events record each signal once, and ``forward`` sends the signal id as ``Idempotency-Key`` so
   that receivers can drop a repeat.
+* With several instances on one database, a lease decides which one runs the handler; the
+  others stand by and take over (from the checkpoint, re-running the unfinished claims) when
+  the holder stops renewing it.
 * A handler error is retried with exponential backoff and full jitter up to ``attempts``;
   :class:`PermanentError` fails at once. A signal past its ``max_lag`` when processing would
   start becomes ``expired`` instead.
@@ -37,6 +40,7 @@ from pipeline.hub import Hub
 from pipeline.log import Event, EventFilter, EventLog, NewEvent, Transaction, utc_now
 from pipeline.processing.consumers import stage_position, stored_position
 from pipeline.processing.handlers import Handler, HandlerContext, PermanentError
+from pipeline.processing.lease import Lease
 from pipeline.processing.projection import (
     SignalRows,
     Status,
@@ -62,7 +66,7 @@ class HandlerRunner:
                  options: Mapping[str, Any] | None = None, attempts: int = 5,
                  backoff: float = 0.5, backoff_cap: float = 30.0, timeout: float = 30.0,
                  concurrency: int = 8, max_pending: int = 1000,
-                 default_max_lag: int | None = None) -> None:
+                 default_max_lag: int | None = None, lease_ttl: float = 10.0) -> None:
         self.log = event_log
         self.hub = hub
         self.consumer = f"handler:{name}"
@@ -82,16 +86,57 @@ class HandlerRunner:
         self._covered = 0
         self._stored = 0
         self._task: asyncio.Task[None] | None = None
+        self.lease = Lease(event_log, self.consumer, ttl=lease_ttl)
+        self._holder: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     async def start(self) -> None:
+        self._holder = asyncio.create_task(self._hold(), name=f"signalbox-lease-{self.consumer}")
+
+    async def stop(self) -> None:
+        if self._holder is not None:
+            self._holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._holder
+            self._holder = None
+        was_running = self.running
+        await self._halt()
+        if was_running:
+            with contextlib.suppress(LogUnavailable):
+                await self.lease.release()  # let a sibling take over without waiting
+
+    async def _hold(self) -> None:
+        """Keep the lease while running; run only while it is surely ours."""
+        renewed = 0.0
+        while True:
+            try:
+                held = await self.lease.acquire()
+            except LogUnavailable:
+                held = False
+                if loop_time() - renewed < self.lease.ttl / 2:
+                    held = self.running  # not renewed yet, but not expired either
+            if held:
+                renewed = loop_time()
+                if not self.running:
+                    await self._begin()
+            elif self.running:
+                log.warning("%s: lease lost, standing by", self.consumer)
+                await self._halt()
+            await asyncio.sleep(self.lease.ttl / 3)
+
+    async def _begin(self) -> None:
         stored = await stored_position(self.log.engines.reader, self.consumer)
         if stored is None:  # a new handler starts at the head, as a new consumer does
             stored = self.hub.head
             await self._save_checkpoint(stored)
         self._covered = self._stored = stored
+        self._pending.clear()
         self._task = asyncio.create_task(self._run(), name=f"signalbox-{self.consumer}")
 
-    async def stop(self) -> None:
+    async def _halt(self) -> None:
         tasks = [t for t in (self._task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -99,6 +144,8 @@ class HandlerRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._task = None
+        self._lanes.clear()
+        self._pending.clear()
 
     # -- reading and scheduling --------------------------------------------------------------
 
@@ -261,6 +308,10 @@ class HandlerRunner:
             except LogUnavailable:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(self.backoff_cap, delay * 2)
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _failure(exc: BaseException, attempt: int) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""Leases: one holder at a time for a job that N instances could each run.
+
+A lease is a row with a holder and an expiry, taken or renewed inside a group commit: the
+commit locks the log head first, so two instances can never both see it free. A holder that
+cannot renew in time gives the job up before the lease can pass to another instance.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from pipeline.log import EventLog, Transaction, format_time
+from pipeline.log.schema import leases
+
+
+class Lease:
+    def __init__(self, event_log: EventLog, name: str, *, ttl: float = 10.0) -> None:
+        self.log = event_log
+        self.name = name
+        self.ttl = ttl
+        self.holder = str(uuid.uuid4())
+
+    async def acquire(self) -> bool:
+        """Take or renew the lease; False while another live holder has it."""
+
+        async def unit(tx: Transaction) -> bool:
+            row = (await tx.conn.execute(
+                select(leases).where(leases.c.name == self.name)
+            )).one_or_none()
+            now = format_time(tx.now)
+            until = format_time(tx.now + timedelta(seconds=self.ttl))
+            if row is None:
+                tx.stage(leases.insert(), {"name": self.name, "holder": self.holder,
+                                           "expires_at": until})
+                return True
+            if row.holder != self.holder and row.expires_at >= now:
+                return False
+            tx.stage(leases.update().where(leases.c.name == self.name),
+                     {"holder": self.holder, "expires_at": until})
+            return True
+
+        return await self.log.transact(unit)
+
+    async def release(self) -> None:
+        async def unit(tx: Transaction) -> None:
+            await tx.conn.execute(leases.delete().where(
+                leases.c.name == self.name, leases.c.holder == self.holder))
+
+        await self.log.transact(unit)
