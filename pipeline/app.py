@@ -8,7 +8,6 @@ import re
 import sys
 from collections.abc import AsyncIterator
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,6 +22,7 @@ from pipeline.errors import Conflict, SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
+from pipeline.log.backends import DATABASE_ERRORS
 from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             SignalboxError: _signalbox_error,
             HTTPException: _http_error,
-            SQLAlchemyError: _database_error,
+            **dict.fromkeys(DATABASE_ERRORS, _database_error),
             Exception: _internal_error,
         },
     )

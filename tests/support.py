@@ -186,26 +186,31 @@ def verify_chain(events: list[dict[str, Any]]) -> None:
 
 class FastClient:
     """A small keep-alive HTTP/1.1 client for bulk load in tests: many requests over a few
-    persistent connections, without the per-request overhead of a general-purpose client."""
+    persistent connections, without the per-request overhead of a general-purpose client.
+    A connection that fails is dropped and the next request on its slot dials again."""
+
+    Slot = tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
 
     def __init__(self, base_url: str, connections: int = 16) -> None:
         host, port = base_url.removeprefix("http://").split(":")
         self.host, self.port = host, int(port)
         self.size = connections
-        self._free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-            asyncio.Queue())
+        self._free: asyncio.Queue[FastClient.Slot] = asyncio.Queue()
         self._all: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> FastClient:
         for _ in range(self.size):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            self._all.append(writer)
-            self._free.put_nowait((reader, writer))
+            self._free.put_nowait(await self._dial())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for writer in self._all:
-            writer.close()
+            writer.transport.abort()
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        self._all.append(writer)
+        return reader, writer
 
     async def post(self, path: str, payload: Any, token: str = ADMIN_TOKEN,
                    extra: Mapping[str, str] | None = None) -> tuple[int, Any]:
@@ -215,29 +220,41 @@ class FastClient:
                  f"Content-Length: {len(body)}"]
         lines.extend(f"{k}: {v}" for k, v in (extra or {}).items())
         request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        reader, writer = await self._free.get()
+        slot = await self._free.get()
         try:
+            if slot is None:
+                slot = await self._dial()
+            reader, writer = slot
             writer.write(request)
             status_line = await reader.readline()
+            if not status_line:
+                raise ConnectionResetError("the server closed the connection")
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode().partition(":")
                 if name.lower() == "content-length":
                     length = int(value)
             content = await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError):
+            if slot is not None:
+                slot[1].transport.abort()
+            slot = None
+            raise
         finally:
-            self._free.put_nowait((reader, writer))
+            self._free.put_nowait(slot)
         return int(status_line.split()[1]), json.loads(content)
 
 
 class TcpProxy:
-    """A real TCP proxy on 127.0.0.1 in front of a server, that can cut every connection
-    through it at once: a flaky network, made on demand."""
+    """A real TCP proxy on 127.0.0.1 in front of a server (or any port), that can cut every
+    connection through it at once, or refuse all of them for a while: a flaky network or a
+    database that went down, made on demand."""
 
-    def __init__(self, target: ServerProcess) -> None:
+    def __init__(self, target: ServerProcess | int) -> None:
         self.target = target
         self.port = 0
         self.cuts = 0
+        self.down = False
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -255,6 +272,18 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
 
+    @property
+    def target_port(self) -> int:
+        return self.target if isinstance(self.target, int) else self.target.port
+
+    def fail(self) -> None:
+        """Down: every connection is cut, and new ones are refused until `recover`."""
+        self.down = True
+        self.cut()
+
+    def recover(self) -> None:
+        self.down = False
+
     def cut(self) -> None:
         self.cuts += 1
         for writer in list(self._open):
@@ -262,8 +291,11 @@ class TcpProxy:
         self._open.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.transport.abort()
+            return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target.port)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.transport.abort()
             return

@@ -14,12 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+# What a database that is down, restarting or unreachable raises: SQLAlchemy wraps most of it,
+# but a connection refused or lost while connecting can surface as the driver's own error.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+)
 
 
 @dataclass(frozen=True)

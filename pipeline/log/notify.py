@@ -70,5 +70,7 @@ class Wakeups:
             self.wake(None)  # whatever committed while we were not listening
             await lost.wait()
         finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:  # a connection that cannot even say goodbye is just dropped
+                conn.terminate()

@@ -22,11 +22,10 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Executable, or_, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeline.errors import LogUnavailable, SignalboxError
-from pipeline.log.backends import Engines, create_engines, redacted_url
+from pipeline.log.backends import DATABASE_ERRORS, Engines, create_engines, redacted_url
 from pipeline.log.model import (
     Event,
     EventFilter,
@@ -156,7 +155,7 @@ class EventLog:
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
-        except SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             await engines.dispose()
             raise LogUnavailable(
                 f"cannot read the log at {redacted_url(url)}: {exc.__class__.__name__}; "
@@ -179,8 +178,11 @@ class EventLog:
             self._writer = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
-        await self.engines.dispose()
+                await asyncio.wait_for(self._conn.close(), 5)
+        try:
+            await asyncio.wait_for(self.engines.dispose(), 5)
+        except TimeoutError:
+            log.warning("database connections did not close within 5 s; leaving them")
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call ``listener(events)`` after each commit that appended events, in order."""
@@ -286,7 +288,7 @@ class EventLog:
         try:
             async with self.engines.reader.connect() as conn:
                 rows = (await conn.execute(stmt)).all()
-        except SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
         return [
             Event(r.position, r.id, r.stream, r.type, r.data, r.meta, r.time, r.hash)
@@ -298,7 +300,7 @@ class EventLog:
         try:
             async with self.engines.reader.connect() as conn:
                 value = (await conn.execute(select(log_head.c.position))).scalar_one()
-        except SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
         return int(value)
 
@@ -315,7 +317,7 @@ async def _run_unit(tx: Transaction, pending: _Pending[Any]) -> tuple[_Pending[A
     except SignalboxError as exc:
         tx._reset(mark)
         return pending, None, exc
-    except SQLAlchemyError:
+    except DATABASE_ERRORS:
         raise  # the transaction itself is broken: the whole batch fails
     except Exception as exc:
         log.exception("unit of work failed")

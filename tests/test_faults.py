@@ -1,0 +1,161 @@
+"""PostgreSQL going away under load, and several instances serving one log."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    FastClient,
+    ServerProcess,
+    TcpProxy,
+    headers,
+    next_frame,
+    read_all_events,
+    verify_chain,
+    ws_connect,
+)
+
+BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "1"}
+
+
+def through(proxy: TcpProxy, database_url: str) -> str:
+    return database_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/").replace(
+        "@127.0.0.1/", f"@127.0.0.1:{proxy.port}/")
+
+
+async def keep_sending(client: FastClient, acknowledged: set[str], refused: list[int],
+                       stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            status, body = await client.post("/api/signals", BTC, INGEST_TOKEN,
+                                             {"Idempotency-Key": str(uuid.uuid4())})
+        except (OSError, asyncio.IncompleteReadError):
+            continue  # not acknowledged; the client dials again
+        if status == 202:
+            acknowledged.add(body["signal_id"])
+        else:
+            assert status == 503, (status, body)  # never a 500, never a 4xx for good input
+            refused.append(status)
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_postgres_outage_under_load_answers_503_loses_nothing_and_recovers(
+        database_url: str) -> None:
+    async with TcpProxy(5432) as proxy:
+        server = ServerProcess(through(proxy, database_url),
+                               env={"SIGNALBOX_COMMIT_TIMEOUT": "1"})
+        # Started from a thread: the proxy lives on this event loop and must keep serving.
+        await asyncio.to_thread(server.start)
+        acknowledged: set[str] = set()
+        refused: list[int] = []
+        try:
+            subscriber = await ws_connect(server, cursor=0)
+            stop = asyncio.Event()
+            async with FastClient(server.base_url, connections=4) as client, \
+                    httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+                senders = [asyncio.create_task(keep_sending(client, acknowledged, refused,
+                                                            stop)) for _ in range(4)]
+                await until(lambda: len(acknowledged) >= 100)
+                proxy.fail()  # the database is gone
+                await until(lambda: len(refused) >= 4)
+                ready = await http.get("/readyz")
+                assert ready.status_code == 503, "".join(server.output[-40:])
+                before = len(acknowledged)
+                await asyncio.sleep(random.uniform(0.5, 2.0))
+                proxy.recover()  # and back: no restart of Signalbox
+                await until(lambda: len(acknowledged) >= before + 100, within=60)
+                assert (await http.get("/readyz")).status_code == 200
+                stop.set()
+                await asyncio.gather(*senders)
+                events = await read_all_events(http)
+            verify_chain(events)
+            accepted = {e["data"]["signal_id"] for e in events if e["type"] == "signal.accepted"}
+            assert acknowledged <= accepted, f"{len(acknowledged - accepted)} acknowledged lost"
+            positions = await receive_until(subscriber, events[-1]["position"])
+            assert positions == list(range(1, events[-1]["position"] + 1))
+            await subscriber.close()
+        finally:
+            try:
+                server.stop()
+            except Exception:
+                print("".join(server.output[-30:]))
+                raise
+
+
+async def receive_until(conn: Any, head: int) -> list[int]:
+    """Positions from a subscriber that reconnects (from its cursor) whenever it is cut off."""
+    positions: list[int] = []
+    while not positions or positions[-1] < head:
+        try:
+            frame = await next_frame(conn)
+        except websockets.ConnectionClosed:
+            raise AssertionError("the subscriber was closed during the outage") from None
+        if frame["op"] == "event":
+            positions.append(frame["position"])
+    return positions
+
+
+async def until(condition: Any, within: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_three_instances_six_writers_every_subscriber_sees_the_same_log(
+        database_url: str) -> None:
+    servers = [ServerProcess(database_url, args=[] if i == 0 else ["--no-migrate"]).start()
+               for i in range(3)]
+    try:
+        total = 6 * 150
+
+        async def writer(index: int) -> None:
+            async with FastClient(servers[index % 3].base_url, connections=2) as client:
+                for _ in range(150):
+                    status, _ = await client.post("/api/signals", BTC, INGEST_TOKEN)
+                    assert status == 202
+
+        async def subscriber(home: int, hops: int) -> list[int]:
+            positions: list[int] = []
+            cursor, instance = 0, home
+            while len(positions) < 2 * total:
+                conn = await ws_connect(servers[instance], cursor=cursor)
+                take = random.randint(50, 400) if hops else 10**9
+                try:
+                    while len(positions) < 2 * total and take > 0:
+                        frame = await next_frame(conn, 30)
+                        if frame["op"] == "event":
+                            assert frame["position"] == cursor + 1, "gap or repeat"
+                            cursor = frame["position"]
+                            positions.append(cursor)
+                            take -= 1
+                finally:
+                    await conn.close()
+                if hops:  # reconnect to another instance, from the cursor
+                    hops -= 1
+                    instance = random.choice([i for i in range(3) if i != instance])
+            return positions
+
+        readers = [asyncio.create_task(subscriber(i % 3, hops=3 if i % 2 else 0))
+                   for i in range(6)]
+        await asyncio.gather(*(writer(i) for i in range(6)))
+        sequences = await asyncio.wait_for(asyncio.gather(*readers), 120)
+        assert all(s == list(range(1, 2 * total + 1)) for s in sequences)
+        async with httpx.AsyncClient(base_url=servers[2].base_url) as http:
+            verify_chain(await read_all_events(http))
+            assert (await http.get("/api/events", params={"limit": 1},
+                                   headers=headers(ADMIN_TOKEN))).json()["head"] == 2 * total
+    finally:
+        for server in servers:
+            server.stop()
