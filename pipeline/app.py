@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_revision(await current_revision(settings.database_url), exact=True)
-        event_log = await EventLog.open(settings.database_url,
+        event_log = await EventLog.open(settings.database_url, reader_pool=settings.pool_size,
                                         commit_timeout=settings.commit_timeout)
         hub = Hub(event_log, window=settings.window, page_size=settings.page_size,
                   poll_interval=settings.poll_interval)

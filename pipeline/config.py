@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
     migrate: bool = Field(True, description="upgrade the schema before serving")
+    pool_size: int = Field(5, ge=1, le=100, description=(
+        "database connections for reads (as many more under load); writes use one"))
     heartbeat: float = Field(15.0, gt=0, description="seconds between WebSocket pings")
     hello_timeout: float = Field(10.0, gt=0, description="seconds a client has to say hello")
     admin_token: SecretStr | None = Field(None, description="a token with every scope")

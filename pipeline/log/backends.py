@@ -63,7 +63,8 @@ def backend_kind(url: str | URL) -> str:
 def create_engines(url: str | URL, *, reader_pool: int = 5) -> Engines:
     kind = backend_kind(url)
     if kind == "sqlite":
-        return Engines(kind, _sqlite_engine(url, writer=True), _sqlite_engine(url, writer=False))
+        return Engines(kind, _sqlite_engine(url, writer=True),
+                       _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = create_async_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
     reader = create_async_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
                                  pool_pre_ping=True)
@@ -84,14 +85,14 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(database)
 
 
-def _sqlite_engine(url: str | URL, *, writer: bool) -> AsyncEngine:
+def _sqlite_engine(url: str | URL, *, writer: bool, pool: int = 4) -> AsyncEngine:
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(
         url,
-        pool_size=1 if writer else 4,
-        max_overflow=0 if writer else 4,
+        pool_size=1 if writer else pool,
+        max_overflow=0 if writer else pool,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
 

@@ -150,8 +150,8 @@ class EventLog:
         self._closing = False
 
     @classmethod
-    async def open(cls, url: str, **options: Any) -> EventLog:
-        engines = create_engines(url)
+    async def open(cls, url: str, *, reader_pool: int = 5, **options: Any) -> EventLog:
+        engines = create_engines(url, reader_pool=reader_pool)
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
