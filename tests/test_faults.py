@@ -52,31 +52,36 @@ async def keep_sending(client: FastClient, acknowledged: set[str], refused: list
 async def test_postgres_outage_under_load_answers_503_loses_nothing_and_recovers(
         database_url: str) -> None:
     async with TcpProxy(5432) as proxy:
-        server = ServerProcess(through(proxy, database_url),
-                               env={"SIGNALBOX_COMMIT_TIMEOUT": "1"})
-        # Started from a thread: the proxy lives on this event loop and must keep serving.
-        await asyncio.to_thread(server.start)
+        url = through(proxy, database_url)
+        servers = [ServerProcess(url, env={"SIGNALBOX_COMMIT_TIMEOUT": "1"},
+                                 args=[] if i == 0 else ["--no-migrate"]) for i in range(2)]
         acknowledged: set[str] = set()
         refused: list[int] = []
         try:
-            subscriber = await ws_connect(server, cursor=0)
+            for server in servers:  # from a thread: the proxy serves on this event loop
+                await asyncio.to_thread(server.start)
+            subscriber = await ws_connect(servers[1], cursor=0)
             stop = asyncio.Event()
-            async with FastClient(server.base_url, connections=4) as client, \
-                    httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            async with FastClient(servers[0].base_url, connections=2) as one, \
+                    FastClient(servers[1].base_url, connections=2) as two, \
+                    httpx.AsyncClient(timeout=30) as http:
                 senders = [asyncio.create_task(keep_sending(client, acknowledged, refused,
-                                                            stop)) for _ in range(4)]
+                                                            stop)) for client in (one, two) * 2]
                 await until(lambda: len(acknowledged) >= 100)
                 proxy.fail()  # the database is gone
                 await until(lambda: len(refused) >= 4)
-                ready = await http.get("/readyz")
-                assert ready.status_code == 503, "".join(server.output[-40:])
+                for server in servers:
+                    ready = await http.get(server.base_url + "/readyz")
+                    assert ready.status_code == 503, "".join(server.output[-40:])
                 before = len(acknowledged)
                 await asyncio.sleep(random.uniform(0.5, 2.0))
                 proxy.recover()  # and back: no restart of Signalbox
                 await until(lambda: len(acknowledged) >= before + 100, within=60)
-                assert (await http.get("/readyz")).status_code == 200
+                for server in servers:  # every instance is ready again by itself
+                    assert (await http.get(server.base_url + "/readyz")).status_code == 200
                 stop.set()
                 await asyncio.gather(*senders)
+                http.base_url = httpx.URL(servers[0].base_url)
                 events = await read_all_events(http)
             verify_chain(events)
             accepted = {e["data"]["signal_id"] for e in events if e["type"] == "signal.accepted"}
@@ -85,11 +90,8 @@ async def test_postgres_outage_under_load_answers_503_loses_nothing_and_recovers
             assert positions == list(range(1, events[-1]["position"] + 1))
             await subscriber.close()
         finally:
-            try:
+            for server in servers:
                 server.stop()
-            except Exception:
-                print("".join(server.output[-30:]))
-                raise
 
 
 async def receive_until(conn: Any, head: int) -> list[int]:
@@ -159,3 +161,42 @@ async def test_three_instances_six_writers_every_subscriber_sees_the_same_log(
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_consumer_acked_through_one_instance_resumes_through_another(
+        database_url: str) -> None:
+    first = ServerProcess(database_url).start()
+    second = ServerProcess(database_url, args=["--no-migrate"]).start()
+    try:
+        conn = await ws_connect(first, cursor=0, consumer="roaming-bot")
+        await next_frame(conn)
+        async with httpx.AsyncClient(base_url=first.base_url) as http:
+            for _ in range(3):
+                await http.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+        positions = await receive_until(conn, 4)
+        assert positions == [1, 2, 3, 4]
+        await conn.send('{"op": "ack", "position": 4}')
+        async with httpx.AsyncClient(base_url=second.base_url) as http:
+            await until_acked(http, "roaming-bot", 4)
+        await conn.close()
+        resumed = await ws_connect(second, cursor=None, consumer="roaming-bot")
+        welcome = await next_frame(resumed)
+        assert welcome["cursor"] == 4
+        rest = [await next_frame(resumed) for _ in range(2)]
+        assert [f["position"] for f in rest] == [5, 6]
+        await resumed.close()
+    finally:
+        second.stop()
+        first.stop()
+
+
+async def until_acked(http: httpx.AsyncClient, name: str, position: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        consumers = (await http.get("/api/consumers", headers=headers(ADMIN_TOKEN))).json()
+        if any(c["name"] == name and c["position"] == position
+               for c in consumers["consumers"]):
+            return
+        assert asyncio.get_running_loop().time() < deadline, consumers
+        await asyncio.sleep(0.02)
