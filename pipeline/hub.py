@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import LogUnavailable
 from pipeline.log import Event, EventFilter, EventLog
+from pipeline.tasks import cancel_all
 
 log = logging.getLogger("signalbox.hub")
 
@@ -61,11 +62,8 @@ class Hub:
         self._task = asyncio.create_task(self._tail(), name="signalbox-hub-tailer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_all(self._task)
+        self._task = None
         self._publish()  # let waiting subscribers notice the shutdown
 
     @property

@@ -10,13 +10,14 @@ lost one costs at most one poll interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
+
+from pipeline.tasks import cancel_all
 
 CHANNEL = "signalbox_log"
 log = logging.getLogger("signalbox.notify")
@@ -42,11 +43,8 @@ class Wakeups:
         self._task = asyncio.create_task(self._run(), name="signalbox-listen")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_all(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

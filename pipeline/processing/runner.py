@@ -49,6 +49,7 @@ from pipeline.processing.projection import (
     stream_of,
 )
 from pipeline.signals import Signal
+from pipeline.tasks import cancel_all
 
 log = logging.getLogger("signalbox.runner")
 T = TypeVar("T")
@@ -97,11 +98,8 @@ class HandlerRunner:
         self._holder = asyncio.create_task(self._hold(), name=f"signalbox-lease-{self.consumer}")
 
     async def stop(self) -> None:
-        if self._holder is not None:
-            self._holder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._holder
-            self._holder = None
+        await cancel_all(self._holder)
+        self._holder = None
         was_running = self.running
         await self._halt()
         if was_running:
@@ -137,12 +135,7 @@ class HandlerRunner:
         self._task = asyncio.create_task(self._run(), name=f"signalbox-{self.consumer}")
 
     async def _halt(self) -> None:
-        tasks = [t for t in (self._task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._task, *self._tasks)
         self._task = None
         self._lanes.clear()
         self._pending.clear()
