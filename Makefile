@@ -1,12 +1,15 @@
 # Two commands from a fresh clone:
 #   make serve   serve on SQLite (./signalbox.db), creating .venv and installing on first use
 #   make test    ruff, mypy --strict and the whole test suite (SQLite and PostgreSQL)
+# And the figures of docs/performance.md:
+#   make bench   every benchmark beside its limits and peers (BENCH_ARGS=--quick for a short run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +28,13 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -28,6 +29,7 @@ from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
+from pipeline.tasks import cancel_all
 from pipeline.ws import Connections, Session, StreamSettings
 
 log = logging.getLogger("signalbox")
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                   poll_interval=settings.poll_interval)
         tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
         runner: HandlerRunner | None = None
+        watcher: asyncio.Task[None] | None = None
         wakeups = (Wakeups(settings.database_url, hub.wake)
                    if event_log.engines.kind == "postgresql" else None)
         try:
@@ -58,6 +61,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if settings.handler:
                 runner = handler_runner(settings, event_log, hub)
                 await runner.start()
+            watcher = asyncio.create_task(connections.watch(settings.heartbeat),
+                                          name="signalbox-websocket-watcher")
             app.state.services = http.Services(
                 log=event_log, hub=hub, tokens=tokens,
                 ingestor=Ingestor(event_log, dedupe_window=settings.dedupe_window),
@@ -69,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             connections.stopping.set()
+            await cancel_all(watcher)
             if runner is not None:
                 await runner.stop()
             if wakeups is not None:

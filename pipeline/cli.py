@@ -64,10 +64,13 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         if name in _ENV_ONLY:
             continue
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
+        if field.annotation is bool and field.default:
             parser.add_argument("--no-" + name.replace("_", "-"), dest=name,
                                 action="store_const", const=False,
                                 help=f"do not {field.description}")
+        elif field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_const", const=True,
+                                help=field.description)
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(),
                                 help=f"{field.description} (default {field.default!r})")
@@ -142,7 +145,7 @@ def serve(settings: Settings) -> int:
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
         ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
-        server_header=False,
+        server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())

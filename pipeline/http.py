@@ -18,6 +18,7 @@ from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor, Outcome, Submission
 from pipeline.log import Event, EventFilter, EventLog, format_time, utc_now
+from pipeline.log.model import strict_loads
 from pipeline.log.schema import signals
 from pipeline.processing.consumers import list_positions
 from pipeline.processing.projection import STEP_COLUMN, EventType, Status, stream_of
@@ -283,10 +284,10 @@ async def post_status(request: Request) -> Response:
     token = await authenticate(request, bearer_token(request.headers), Scope.REPORT)
     body, _ = decode_body(await read_body(request, svc.body_limit))
     try:
-        value = json.loads(body)
+        value = strict_loads(body)
     except (ValueError, RecursionError):
-        raise BadRequest('the body is not JSON: send {"status": "processed", "detail": {}}'
-                         ) from None
+        raise BadRequest('the body is not JSON (NaN and Infinity are not JSON either): send '
+                         '{"status": "processed", "detail": {}}') from None
     report = StatusReport.parse(request.path_params["signal_id"], value)
     outcome = await report_status(svc.log, report, token.name)
     return JSONResponse(outcome.to_body())

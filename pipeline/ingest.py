@@ -101,23 +101,23 @@ class Ingestor:
         if key is not None:
             if f"key:{key}" in seen:
                 return seen[f"key:{key}"]
-            row = (await tx.conn.execute(
+            row = await tx.fetch_one(
                 select(signals.c.signal_id, signals.c.status)
                 .where(signals.c.idempotency_key == key)
-            )).one_or_none()
+            )
             if row is not None:
-                return Outcome(row.signal_id, 0, row.status, True)
+                return Outcome(row["signal_id"], 0, row["status"], True)
         if digest is not None:
             if f"content:{digest}" in seen:
                 return seen[f"content:{digest}"]
             since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
-            row = (await tx.conn.execute(
+            row = await tx.fetch_one(
                 select(signals.c.signal_id, signals.c.status)
                 .where(signals.c.content_hash == digest, signals.c.received_at >= since)
                 .order_by(signals.c.received_at.desc()).limit(1)
-            )).one_or_none()
+            )
             if row is not None:
-                return Outcome(row.signal_id, 0, row.status, True)
+                return Outcome(row["signal_id"], 0, row["status"], True)
         return None
 
     async def _record_duplicate(self, tx: Transaction, submission: Submission,

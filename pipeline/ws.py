@@ -1,10 +1,11 @@
 """The WebSocket endpoint ``/ws``: hello, welcome, replay from the cursor, live, heartbeats.
 
-One connection runs three tasks: the *sender* pages events after the connection's cursor
-(from the hub's window or the log) and goes live once it has caught up; the *receiver* reads
-the client's frames; the *heartbeat* pings and closes a silent client. A send blocks while
-the client does not read (TCP back-pressure), which stalls only this connection's cursor:
-nothing is queued for it, so a slow reader costs no memory.
+A connection is two tasks: the *sender* pages events after the connection's cursor (from the
+hub's window or the log, reading the next page while it sends this one) and goes live once it
+has caught up; the connection's own task reads the client's frames. One watcher for all
+connections (:class:`Connections`) pings them, closes silent clients and says goodbye at
+shutdown. A send blocks while the client does not read (TCP back-pressure), which stalls only
+this connection's cursor: nothing is queued for it, so a slow reader costs no memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeGuard
@@ -24,10 +26,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.auth import Scope, Token, TokenStore, bearer_token
 from pipeline.errors import BadRequest, SignalboxError
-from pipeline.hub import Hub
+from pipeline.hub import Hub, Page
 from pipeline.log import EventFilter, EventLog
+from pipeline.log.model import strict_loads
 from pipeline.processing.consumers import acknowledge, stored_position
 from pipeline.processing.status import StatusReport, report_status
+from pipeline.tasks import cancel_all
 
 log = logging.getLogger("signalbox.ws")
 
@@ -77,11 +81,37 @@ class StreamSettings:
 
 
 class Connections:
-    """The open connections of this process, so that shutdown can close them with 1001."""
+    """The open connections of this process, and the one task that watches them all.
+
+    Every heartbeat interval the watcher pings each session and closes those whose client
+    has been silent too long; at shutdown it closes every session with 1001. One timer for
+    all instead of one per connection keeps an idle subscriber cheap.
+    """
 
     def __init__(self) -> None:
         self.stopping = asyncio.Event()
         self.open = 0
+        self.sessions: set[Session] = set()
+        self._chores: set[asyncio.Task[None]] = set()
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self.stopping.wait()
+                    for session in list(self.sessions):
+                        session.end(Closing(CloseCode.GOING_AWAY,
+                                            "the server is shutting down: reconnect shortly"))
+                    return
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.beat(now, interval)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a short chore (a ping, a close) without waiting for it."""
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
 
 def parse_hello(text: str) -> Hello:
@@ -159,7 +189,7 @@ def parse_filter(value: object) -> EventFilter:
 
 def _decode(text: str) -> dict[str, Any]:
     try:
-        frame = json.loads(text)
+        frame = strict_loads(text)
     except (ValueError, RecursionError):
         raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
@@ -182,6 +212,7 @@ class Session:
         self.page_size = page_size
         self.last_heard = time.monotonic()
         self._send_lock = asyncio.Lock()
+        self._ending = False
         self.token: Token | None = None
         self.consumer: str | None = None
 
@@ -207,20 +238,45 @@ class Session:
             "op": "welcome", "epoch": self.log.epoch, "head": self.hub.head,
             "cursor": cursor, "heartbeat": self.settings.heartbeat,
         }))
-        tasks = [
-            asyncio.create_task(self._stream(cursor, hello)),
-            asyncio.create_task(self._receive_loop()),
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._going_away()),
-        ]
+        # The stream runs beside the receive loop; whoever ends first closes the connection,
+        # and the receive loop ends when the connection does.
+        stream = asyncio.create_task(self._ending_with(self._stream(cursor, hello)))
+        self.connections.sessions.add(self)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await self._receive_loop()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()  # re-raises Closing / WebSocketDisconnect
+            self.connections.sessions.discard(self)
+            await cancel_all(stream)
+
+    async def _ending_with(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Closing as closing:
+            await self._close(closing.code, closing.message, **closing.extra)
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("websocket stream failed")
+            await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
+
+    def beat(self, now: float, interval: float) -> None:
+        """The watcher's visit: close a client silent for two intervals, else ping it."""
+        silent = now - self.last_heard
+        if silent > 2 * interval:
+            self.end(Closing(CloseCode.TIMEOUT,
+                             f"no frame from the client for {silent:.0f} s: answer pings "
+                             'with {"op": "pong"}'))
+        elif not self._send_lock.locked():  # a blocked sender already keeps the link busy
+            self.connections.spawn(self._send_quietly(f'{{"op":"ping","head":{self.hub.head}}}'))
+
+    def end(self, closing: Closing) -> None:
+        if not self._ending:
+            self._ending = True
+            self.connections.spawn(self._close(closing.code, closing.message, **closing.extra))
+
+    async def _send_quietly(self, text: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+            await self._send_text(text)
 
     async def _receive_hello(self) -> Hello:
         try:
@@ -261,23 +317,34 @@ class Session:
 
     async def _stream(self, cursor: int, hello: Hello) -> None:
         replaying = True
-        while True:
-            changed = self.hub.changed
-            page = await self.hub.page(cursor, hello.filter, self.page_size)
-            if page.events:
-                await self._send_events([e.frame for e in page.events], hello.batch)
-            cursor = max(cursor, page.covered)
-            if cursor < self.hub.head:
-                continue
-            if replaying:
-                replaying = False
-                await self._send_text(f'{{"op":"live","position":{cursor}}}')
-            await changed.wait()
+        ahead: asyncio.Task[Page] | None = None  # the next page, read while this one is sent
+        try:
+            while True:
+                changed = self.hub.changed
+                if ahead is None:
+                    page = await self.hub.page(cursor, hello.filter, self.page_size)
+                else:
+                    page, ahead = await ahead, None
+                cursor = max(cursor, page.covered)
+                if page.events and cursor < self.hub.head:
+                    ahead = asyncio.create_task(
+                        self.hub.page(cursor, hello.filter, self.page_size))
+                if page.events:
+                    await self._send_events([e.frame for e in page.events], hello.batch)
+                if cursor < self.hub.head:
+                    continue
+                if replaying:
+                    replaying = False
+                    await self._send_text(f'{{"op":"live","position":{cursor}}}')
+                await changed.wait()
+        finally:
+            await cancel_all(ahead)
 
     async def _send_events(self, frames: list[str], batch: bool) -> None:
         if not batch:
-            for frame in frames:
-                await self._send_text(frame)
+            async with self._send_lock:  # once per page, not once per frame
+                for frame in frames:
+                    await self.ws.send_text(frame)
             return
         chunk: list[str] = []
         size = 0
@@ -339,22 +406,6 @@ class Session:
             }))
             return
         await self._send_text(json.dumps({"op": "status_ok", "ref": ref, **outcome.to_body()}))
-
-    async def _heartbeat(self) -> None:
-        interval = self.settings.heartbeat
-        while True:
-            await asyncio.sleep(interval)
-            silent = time.monotonic() - self.last_heard
-            if silent > 2 * interval:
-                raise Closing(CloseCode.TIMEOUT,
-                              f"no frame from the client for {silent:.0f} s: answer pings "
-                              'with {"op": "pong"}')
-            if not self._send_lock.locked():  # a blocked sender already keeps the link busy
-                await self._send_text(f'{{"op":"ping","head":{self.hub.head}}}')
-
-    async def _going_away(self) -> None:
-        await self.connections.stopping.wait()
-        raise Closing(CloseCode.GOING_AWAY, "the server is shutting down: reconnect shortly")
 
     async def _receive_text(self) -> str:
         message = await self.ws.receive()

@@ -213,7 +213,7 @@ def send_signals_every_way(base_url: str, marker: str, cli_secret: str) -> None:
 
 async def test_secrets_are_never_stored_or_printed(database_url: str) -> None:
     marker = f"harmless-marker-{uuid.uuid4().hex}"
-    server = ServerProcess(database_url).start()
+    server = ServerProcess(database_url, args=["--access-log"]).start()
     try:
         cli_secret = create_token(database_url, "cli-made", "--scope", "ingest")
         send_signals_every_way(server.base_url, marker, cli_secret)

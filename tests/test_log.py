@@ -10,12 +10,14 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from pipeline import migrate
 from pipeline.errors import LogUnavailable, NotFound
 from pipeline.log import GENESIS_HASH, Event, EventFilter, EventLog, NewEvent, Transaction
-from pipeline.log.model import glob_regex
+from pipeline.log.model import canonical_json, glob_regex
 
 
 @pytest.fixture
@@ -200,3 +202,29 @@ async def test_readers_never_miss_a_position_that_commits_later(database_url: st
         assert sum(n for _, n in per_writer) == head
     finally:
         await reader.close()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(JSON_VALUES | st.floats(allow_nan=False, allow_infinity=False).map(lambda f: [f, {"f": f}])
+       | st.sampled_from([1e-4, 1e-5, -1e-5, 1e15, 1e16, 1.5e300, 5e-324, 0.1, 67432.5, -0.0]))
+def test_canonical_json_is_the_documented_encoding_byte_for_byte(value: object) -> None:
+    # The hash chain is defined over json.dumps(sort_keys, compact, ensure_ascii=False), which
+    # clients re-compute; the fast encoder must agree on every value, exponents and all.
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert canonical_json(value) == expected
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\x00\x1f\x7f\u2028"])
+def test_canonical_json_of_text_that_is_not_unicode_is_ascii_escaped(text: str) -> None:
+    encoded = canonical_json({"k": text})
+    encoded.encode("utf-8")  # storable
+    assert json.loads(encoded) == {"k": text}

@@ -116,10 +116,11 @@ async def test_a_signal_past_its_max_lag_when_processing_starts_expires(
     server = runner_server(database_url, record)
     try:
         now = format_time(utc_now())
-        ids = await post_all(server, [
-            {"ticker": "X", "action": "buy", "comment": "sleep:2.5"},
-            {"ticker": "X", "action": "sell", "signal_time": now, "max_lag": 1},
-        ])
+        ids = [  # one after the other: the order of the log is the point
+            *await post_all(server, [{"ticker": "X", "action": "buy", "comment": "sleep:2.5"}]),
+            *await post_all(server, [{"ticker": "X", "action": "sell", "signal_time": now,
+                                      "max_lag": 1}]),
+        ]
         events = await wait_for_outcomes(server, 2)
     finally:
         server.stop()

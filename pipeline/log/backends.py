@@ -10,6 +10,7 @@ what makes positions follow commit order across connections, processes and hosts
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,23 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # What a database that is down, restarting or unreachable raises: SQLAlchemy wraps most of it,
 # but a connection refused or lost while connecting can surface as the driver's own error.
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
-    SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    SQLAlchemyError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
 )
 
 
 @dataclass(frozen=True)
 class Engines:
-    """A writer engine with a single connection and a pool for readers."""
+    """A pool for readers and, on PostgreSQL, a writer engine with a single connection (the
+    SQLite writer has a connection of its own: see :mod:`pipeline.log.writer`)."""
 
     kind: str
-    writer: AsyncEngine
+    url: URL
+    writer: AsyncEngine | None
     reader: AsyncEngine
 
     async def dispose(self) -> None:
-        await self.writer.dispose()
+        if self.writer is not None:
+            await self.writer.dispose()
         await self.reader.dispose()
 
 
@@ -62,13 +66,15 @@ def backend_kind(url: str | URL) -> str:
 
 def create_engines(url: str | URL, *, reader_pool: int = 5) -> Engines:
     kind = backend_kind(url)
+    url = make_url(url)
     if kind == "sqlite":
-        return Engines(kind, _sqlite_engine(url, writer=True),
-                       _sqlite_engine(url, writer=False, pool=reader_pool))
+        if sqlite_path(url) is None:
+            raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
+        return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = create_async_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
     reader = create_async_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
                                  pool_pre_ping=True)
-    return Engines(kind, writer, reader)
+    return Engines(kind, url, writer, reader)
 
 
 def migration_engine(url: str | URL) -> AsyncEngine:
@@ -83,6 +89,17 @@ def sqlite_path(url: str | URL) -> Path | None:
     if not database or database == ":memory:":
         return None
     return Path(database)
+
+
+def sqlite_pragmas() -> list[str]:
+    """The settings of every SQLite connection of the log."""
+    return [
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        # Type globs become LIKE patterns; keep them as case-sensitive as the in-memory match.
+        "PRAGMA case_sensitive_like=ON",
+    ]
 
 
 def _sqlite_engine(url: str | URL, *, writer: bool, pool: int = 4) -> AsyncEngine:
@@ -101,11 +118,8 @@ def _sqlite_engine(url: str | URL, *, writer: bool, pool: int = 4) -> AsyncEngin
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        # Type globs become LIKE patterns; keep them as case-sensitive as the in-memory match.
-        cursor.execute("PRAGMA case_sensitive_like=ON")
+        for pragma in sqlite_pragmas():
+            cursor.execute(pragma)
         cursor.close()
 
     if writer:

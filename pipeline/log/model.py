@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
+import orjson
+
 GENESIS_HASH = "0" * 64
 """The "previous hash" of the first event of every log."""
 
@@ -27,13 +29,30 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Floats that orjson writes differently from ``json``: those in exponent form (1e16 against
+# 1e+16) and those below 1e-4 (0.00001 against 1e-05): a number token starts the text or
+# follows one of : , [ in compact JSON. Text inside a string that merely looks like one only
+# sends the value the slow way.
+_ORJSON_DIFFERS = re.compile(rb"(?:^|[:,\[])-?(?:[0-9]+(?:\.[0-9]+)?[eE]|0\.0000)")
+
+
 def canonical_json(value: object) -> str:
     """The one encoding that hashes are computed over: sorted keys, no spaces, UTF-8 as is.
 
-    Text that is not valid Unicode (a lone surrogate from a ``\\ud800`` escape) cannot be
-    stored as UTF-8; such a value is encoded with ASCII escapes instead, which is just as
-    canonical, since decoding and encoding it again yields the same text.
+    It is ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``,
+    byte for byte; orjson produces the same text much faster for everything but a few cases
+    (floats beyond 1e16 or below 1e-4, integers beyond 64 bits, non-string keys, invalid Unicode),
+    which go to ``json`` instead. Text that is not valid Unicode (a lone surrogate from a
+    ``\\ud800`` escape) cannot be stored as UTF-8; such a value is encoded with ASCII escapes,
+    which is just as canonical, since decoding and encoding it again yields the same text.
     """
+    try:
+        encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    else:
+        if not _ORJSON_DIFFERS.search(encoded):
+            return encoded.decode()
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
     try:
@@ -41,6 +60,24 @@ def canonical_json(value: object) -> str:
     except UnicodeEncodeError:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return text
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """``json.loads`` without the ``NaN``/``Infinity`` extensions, which are not JSON: a body
+    that uses them is refused (``ValueError``) rather than stored."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def _plain(text: str) -> str:
+    """Text that every JSON encoder writes as is (printable ASCII without quote or backslash),
+    quoted; else "" (then the caller encodes it)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return ""
 
 
 def chain_hash(previous: str, position: int, event_id: str, stream: str, type_: str,  # noqa: PLR0917
@@ -51,9 +88,11 @@ def chain_hash(previous: str, position: int, event_id: str, stream: str, type_: 
     time, type`` with ``data`` and ``meta`` in their own canonical encoding (as stored).
     """
     body = (
-        f'{{"data":{data_json},"id":{json.dumps(event_id)},"meta":{meta_json},'
-        f'"position":{position},"stream":{canonical_json(stream)},'
-        f'"time":{json.dumps(time)},"type":{canonical_json(type_)}}}'
+        f'{{"data":{data_json},"id":{_plain(event_id) or json.dumps(event_id)},'
+        f'"meta":{meta_json},"position":{position},'
+        f'"stream":{_plain(stream) or canonical_json(stream)},'
+        f'"time":{_plain(time) or json.dumps(time)},'
+        f'"type":{_plain(type_) or canonical_json(type_)}}}'
     )
     return hashlib.sha256((previous + body).encode("utf-8")).hexdigest()
 
@@ -76,7 +115,7 @@ class NewEvent:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Event:
     """A committed event. ``data_json``/``meta_json`` are the stored canonical encodings."""
 
@@ -88,6 +127,23 @@ class Event:
     meta_json: str
     time: str
     hash: str
+
+    def __init__(self, position: int, id: str, stream: str, type: str,  # noqa: PLR0917
+                 data_json: str, meta_json: str, time: str, hash: str) -> None:
+        # Frozen, but built without a __setattr__ per field: the log reads many of them.
+        self.__dict__.update(position=position, id=id, stream=stream, type=type,
+                             data_json=data_json, meta_json=meta_json, time=time, hash=hash)
+
+    @classmethod
+    def decoded(cls, position: int, id: str, stream: str, type: str,  # noqa: PLR0917
+                data_json: str, meta_json: str, time: str, hash: str,
+                data: Mapping[str, Any], meta: Mapping[str, Any]) -> Event:
+        """An event whose ``data`` and ``meta`` are known already (just appended): they are
+        not decoded again from their JSON. They must be what decoding would give."""
+        event = cls(position, id, stream, type, data_json, meta_json, time, hash)
+        event.__dict__["data"] = dict(data)
+        event.__dict__["meta"] = dict(meta)
+        return event
 
     @cached_property
     def data(self) -> JsonObject:
@@ -110,20 +166,20 @@ class Event:
         return value if isinstance(value, str) else None
 
     @cached_property
-    def json(self) -> str:
-        """The event as a JSON object, built from the stored encodings without re-encoding."""
+    def frame(self) -> str:
+        """The WebSocket ``event`` frame, encoded once and shared by every subscriber: built
+        from the stored encodings, never re-encoded."""
         return (
-            f'{{"position":{self.position},"id":"{self.id}",'
-            f'"stream":{json.dumps(self.stream, ensure_ascii=False)},'
-            f'"type":{json.dumps(self.type, ensure_ascii=False)},'
+            f'{{"op":"event","position":{self.position},"id":{_quoted(self.id)},'
+            f'"stream":{_quoted(self.stream)},"type":{_quoted(self.type)},'
             f'"data":{self.data_json},"meta":{self.meta_json},'
-            f'"time":"{self.time}","hash":"{self.hash}"}}'
+            f'"time":{_quoted(self.time)},"hash":{_quoted(self.hash)}}}'
         )
 
-    @cached_property
-    def frame(self) -> str:
-        """The WebSocket ``event`` frame, encoded once and shared by every subscriber."""
-        return '{"op":"event",' + self.json[1:]
+    @property
+    def json(self) -> str:
+        """The event as a JSON object (the frame without its ``op``)."""
+        return "{" + self.frame[_FRAME_PREFIX:]
 
     def to_dict(self) -> JsonObject:
         return {
@@ -143,6 +199,12 @@ class Event:
 
 
 _GLOB_CHARS = re.compile(r"[*?]")
+_FRAME_PREFIX = len('{"op":"event",')
+
+
+def _quoted(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``, without its cost for ids, names and times."""
+    return _plain(text) or json.dumps(text, ensure_ascii=False)
 
 
 def partition_of(event: Event, size: int) -> int:

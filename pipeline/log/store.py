@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Executable, or_, select, text, update
+from sqlalchemy import ColumnElement, Executable, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeline.errors import LogUnavailable, SignalboxError
-from pipeline.log.backends import DATABASE_ERRORS, Engines, create_engines, redacted_url
+from pipeline.log.backends import (
+    DATABASE_ERRORS,
+    Engines,
+    create_engines,
+    redacted_url,
+    sqlite_path,
+)
 from pipeline.log.model import (
     Event,
     EventFilter,
@@ -36,17 +42,20 @@ from pipeline.log.model import (
     safe_text,
     utc_now,
 )
-from pipeline.log.notify import CHANNEL
 from pipeline.log.schema import events, log_head
+from pipeline.log.writer import (
+    INSERT_EVENT,
+    SqlAlchemyWriter,
+    SqliteWriter,
+    WriterSession,
+    compiled,
+)
 
 log = logging.getLogger("signalbox.log")
 
 T = TypeVar("T")
 Unit = Callable[["Transaction"], Awaitable[T]]
 CommitListener = Callable[[Sequence[Event]], None]
-
-HEAD_ROW = 1
-NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', :head)")
 
 
 class Transaction:
@@ -58,11 +67,12 @@ class Transaction:
     and writes discarded; it must change ``local`` only after its last check.
     """
 
-    def __init__(self, conn: AsyncConnection, position: int, last_hash: str) -> None:
-        self.conn = conn
+    def __init__(self, session: WriterSession, position: int, last_hash: str) -> None:
+        self.session = session
         self.position = position
         self.last_hash = last_hash
         self.now: datetime = utc_now()
+        self._time = format_time(self.now)
         self.local: dict[str, Any] = {}
         self._events: list[Event] = []
         self._writes: list[tuple[Executable, dict[str, Any]]] = []
@@ -72,18 +82,21 @@ class Transaction:
         data_json = canonical_json(dict(new.data))
         meta_json = canonical_json(dict(new.meta))
         event_id = str(uuid.uuid4())
-        time = format_time(self.now)
         digest = chain_hash(self.last_hash, position, event_id, new.stream, new.type,
-                            data_json, meta_json, time)
-        event = Event(position, event_id, new.stream, new.type, data_json, meta_json, time,
-                      digest)
+                            data_json, meta_json, self._time)
+        event = Event.decoded(position, event_id, new.stream, new.type, data_json, meta_json,
+                              self._time, digest, new.data, new.meta)
         self._events.append(event)
         self.position = position
         self.last_hash = digest
         return event
 
     def stage(self, statement: Executable, params: dict[str, Any]) -> None:
-        """Queue a write (insert/update of a projection) to run in this transaction."""
+        """Queue a write (insert/update of a projection) to run in this transaction.
+
+        ``statement`` is a module constant whose every value is a bind parameter named in
+        ``params``: it is compiled once and executed at the driver (:mod:`pipeline.log.writer`).
+        """
         self._writes.append((statement, params))
 
     @property
@@ -98,18 +111,57 @@ class Transaction:
         del self._events[n_events:]
         del self._writes[n_writes:]
 
-    async def _flush(self) -> None:
+    @property
+    def dialect(self) -> str:
+        """The database's dialect name (``sqlite``, ``postgresql``)."""
+        return self.session.dialect.name
+
+    async def fetch_one(self, statement: Executable) -> dict[str, Any] | None:
+        """The first row of a query, inside this transaction (committed data only)."""
+        return await self.session.fetch_one(statement)
+
+    def _grouped_writes(self) -> list[tuple[Executable, list[dict[str, Any]]]]:
+        """The events, then the staged writes: each run of one statement as one batch."""
+        grouped: list[tuple[Executable, list[dict[str, Any]]]] = []
         if self._events:
-            await self.conn.execute(events.insert(), [_event_row(e) for e in self._events])
-        start = 0
-        # Consecutive writes of the same statement go out as one executemany.
-        while start < len(self._writes):
-            statement = self._writes[start][0]
-            end = start
-            while end < len(self._writes) and self._writes[end][0] is statement:
-                end += 1
-            await self.conn.execute(statement, [p for _, p in self._writes[start:end]])
-            start = end
+            grouped.append((INSERT_EVENT, [_event_row(e) for e in self._events]))
+        for statement, params in self._writes:
+            if grouped and grouped[-1][0] is statement:
+                grouped[-1][1].append(params)
+            else:
+                grouped.append((statement, [params]))
+        return grouped
+
+
+# The columns of an Event, in the order of its fields.
+EVENT_COLUMNS = (events.c.position, events.c.id, events.c.stream, events.c.type, events.c.data,
+                 events.c.meta, events.c.time, events.c.hash)
+_READ = (select(*EVENT_COLUMNS).where(events.c.position > bindparam("after"))
+         .order_by(events.c.position).limit(bindparam("limit")))
+
+
+async def _read_at_driver(conn: AsyncConnection, after: int,
+                          limit: int) -> Sequence[Sequence[Any]]:
+    """The common read (no filter) straight from the driver: one round trip, plain rows.
+    Catch-up reads a million events this way; SQLAlchemy's result rows cost more than the
+    query."""
+    statement = compiled(_READ, conn.dialect)
+    values = statement.values({"after": after, "limit": limit})
+    driver = (await conn.get_raw_connection()).driver_connection
+    if conn.dialect.name == "sqlite":
+        rows: Sequence[Sequence[Any]] = await driver.execute_fetchall(  # type: ignore[union-attr]
+            statement.sql, values)
+    else:
+        rows = await driver.fetch(statement.sql, *values)  # type: ignore[union-attr]
+    return rows
+
+
+def open_session(engines: Engines) -> WriterSession:
+    if engines.writer is None:  # SQLite: the writer's own connection on its own thread
+        path = sqlite_path(engines.url)
+        assert path is not None
+        return SqliteWriter(path)
+    return SqlAlchemyWriter(engines.writer)
 
 
 def _event_row(event: Event) -> dict[str, Any]:
@@ -146,7 +198,7 @@ class EventLog:
         self._queue: asyncio.Queue[_Pending[Any]] = asyncio.Queue()
         self._listeners: list[CommitListener] = []
         self._writer: asyncio.Task[None] | None = None
-        self._conn: AsyncConnection | None = None
+        self._session = open_session(engines)
         self._closing = False
 
     @classmethod
@@ -176,9 +228,8 @@ class EventLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._conn.close(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._session.close(), 5)
         try:
             await asyncio.wait_for(self.engines.dispose(), 5)
         except TimeoutError:
@@ -199,9 +250,12 @@ class EventLog:
         if self._closing:
             raise LogUnavailable("the server is shutting down: retry against another instance")
         pending: _Pending[T] = _Pending(unit)
-        await self._queue.put(pending)
+        self._queue.put_nowait(pending)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), self.commit_timeout)
+            async with asyncio.timeout(self.commit_timeout):
+                # Cancelling the wait cancels only the answer: the writer still commits or
+                # drops the unit as a whole, and skips a future that is already done.
+                return await pending.future
         except TimeoutError:
             raise LogUnavailable(
                 f"the log did not commit within {self.commit_timeout:g} s: retry later"
@@ -227,34 +281,19 @@ class EventLog:
             if stop and self._queue.empty():
                 return
 
-    async def _writer_conn(self) -> AsyncConnection:
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = await self.engines.writer.connect()
-        return self._conn
-
     async def _commit(self, batch: list[_Pending[Any]]) -> None:
         results: list[tuple[_Pending[Any], Any, BaseException | None]] = []
         try:
-            conn = await self._writer_conn()
-            async with conn.begin():
-                row = (await conn.execute(
-                    select(log_head.c.position, log_head.c.hash)
-                    .where(log_head.c.id == HEAD_ROW).with_for_update()
-                )).one()
-                tx = Transaction(conn, row.position, row.hash)
-                for pending in batch:
-                    results.append(await _run_unit(tx, pending))
-                await tx._flush()
-                if tx.events:
-                    await conn.execute(
-                        update(log_head).where(log_head.c.id == HEAD_ROW)
-                        .values(position=tx.position, hash=tx.last_hash)
-                    )
-                    if self.engines.kind == "postgresql":  # delivered at commit: a hint
-                        await conn.execute(NOTIFY, {"head": str(tx.position)})
+            position, digest = await self._session.begin()
+            tx = Transaction(self._session, position, digest)
+            for pending in batch:
+                results.append(await _run_unit(tx, pending))
+            head = (tx.position, tx.last_hash) if tx.events else None
+            await self._session.commit(tx._grouped_writes(), head)
         except Exception as exc:  # the database is down, locked, full, or the commit failed
             log.warning("group commit of %d units failed: %r", len(batch), exc)
-            await self._drop_connection()
+            with contextlib.suppress(Exception):
+                await self._session.abandon()
             error = LogUnavailable(
                 f"the log could not commit ({exc.__class__.__name__}); nothing was recorded: "
                 "retry later"
@@ -268,32 +307,25 @@ class EventLog:
             for listener in self._listeners:
                 listener(tx.events)
 
-    async def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.invalidate()
-            with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None
-
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, after: int, limit: int = 500,
                    filter: EventFilter | None = None) -> list[Event]:
         """Committed events with ``position > after``, oldest first, at most ``limit``."""
-        stmt = select(events).where(events.c.position > after)
+        stmt: Executable = _READ
         if filter is not None and not filter.is_empty:
-            stmt = stmt.where(*_filter_clauses(filter))
-        stmt = stmt.order_by(events.c.position).limit(limit)
+            stmt = (select(*EVENT_COLUMNS).where(events.c.position > bindparam("after"),
+                                                 *_filter_clauses(filter))
+                    .order_by(events.c.position).limit(bindparam("limit")))
         try:
             async with self.engines.reader.connect() as conn:
-                rows = (await conn.execute(stmt)).all()
+                if stmt is _READ:
+                    rows = await _read_at_driver(conn, after, limit)
+                else:
+                    rows = (await conn.execute(stmt, {"after": after, "limit": limit})).all()
         except DATABASE_ERRORS as exc:
             raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
-        return [
-            Event(r.position, r.id, r.stream, r.type, r.data, r.meta, r.time, r.hash)
-            for r in rows
-        ]
+        return [Event(*row) for row in rows]
 
     async def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""

@@ -58,6 +58,31 @@ async def acknowledge(log: EventLog, name: str, position: int) -> None:
     await log.transact(unit)
 
 
+async def start_position(log: EventLog, name: str, position: int) -> None:
+    """Store ``position`` for a consumer that has no position yet; one that has keeps it.
+
+    A new in-process handler starts at the head as of its server's start, fixed before the
+    server takes requests, so that nothing accepted after the start is skipped however long
+    the handler takes to get its lease."""
+
+    async def unit(tx: Transaction) -> None:
+        tx.stage(_insert_new(tx.dialect),
+                 {"name": name, "position": position, "updated_at": format_time(tx.now)})
+
+    await log.transact(unit)
+
+
+_NEW: dict[str, Insert] = {}
+
+
+def _insert_new(dialect: str) -> Insert:
+    if dialect not in _NEW:
+        module: Any = postgresql if dialect == "postgresql" else sqlite
+        _NEW[dialect] = module.insert(consumers).on_conflict_do_nothing(
+            index_elements=[consumers.c.name])
+    return _NEW[dialect]
+
+
 async def stored_position(engine: AsyncEngine, name: str) -> int | None:
     async with engine.connect() as conn:
         value = (await conn.execute(
@@ -74,5 +99,5 @@ async def list_positions(engine: AsyncEngine) -> list[ConsumerPosition]:
 
 def stage_position(tx: Transaction, name: str, position: int) -> None:
     """Stage ``name``'s position into ``tx``: it commits with whatever else ``tx`` holds."""
-    tx.stage(_upsert(tx.conn.dialect.name),
+    tx.stage(_upsert(tx.dialect),
              {"name": name, "position": position, "updated_at": format_time(tx.now)})

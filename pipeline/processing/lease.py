@@ -10,10 +10,16 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from pipeline.log import EventLog, Transaction, format_time
 from pipeline.log.schema import leases
+
+_TAKE = leases.insert()
+_RENEW = (leases.update().where(leases.c.name == bindparam("b_name"))
+          .values(holder=bindparam("holder"), expires_at=bindparam("expires_at")))
+_DROP = leases.delete().where(leases.c.name == bindparam("b_name"),
+                              leases.c.holder == bindparam("b_holder"))
 
 
 class Lease:
@@ -27,26 +33,23 @@ class Lease:
         """Take or renew the lease; False while another live holder has it."""
 
         async def unit(tx: Transaction) -> bool:
-            row = (await tx.conn.execute(
-                select(leases).where(leases.c.name == self.name)
-            )).one_or_none()
+            row = await tx.fetch_one(select(leases).where(leases.c.name == self.name))
             now = format_time(tx.now)
             until = format_time(tx.now + timedelta(seconds=self.ttl))
             if row is None:
-                tx.stage(leases.insert(), {"name": self.name, "holder": self.holder,
+                tx.stage(_TAKE, {"name": self.name, "holder": self.holder,
                                            "expires_at": until})
                 return True
-            if row.holder != self.holder and row.expires_at >= now:
+            if row["holder"] != self.holder and row["expires_at"] >= now:
                 return False
-            tx.stage(leases.update().where(leases.c.name == self.name),
-                     {"holder": self.holder, "expires_at": until})
+            tx.stage(_RENEW, {"b_name": self.name, "holder": self.holder,
+                              "expires_at": until})
             return True
 
         return await self.log.transact(unit)
 
     async def release(self) -> None:
         async def unit(tx: Transaction) -> None:
-            await tx.conn.execute(leases.delete().where(
-                leases.c.name == self.name, leases.c.holder == self.holder))
+            tx.stage(_DROP, {"b_name": self.name, "b_holder": self.holder})
 
         await self.log.transact(unit)

@@ -183,12 +183,9 @@ class SignalRows:
     async def get(self, signal_id: str) -> Row | None:
         if signal_id in self.cache:
             return self.cache[signal_id]
-        found = (await self.tx.conn.execute(
-            select(signals).where(signals.c.signal_id == signal_id)
-        )).one_or_none()
-        if found is None:
+        row = await self.tx.fetch_one(select(signals).where(signals.c.signal_id == signal_id))
+        if row is None:
             return None
-        row = dict(found._mapping)
         self.cache[signal_id] = row
         return row
 

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from pipeline.errors import IllegalTransition, LogUnavailable
 from pipeline.hub import Hub
 from pipeline.log import Event, EventFilter, EventLog, NewEvent, Transaction, utc_now
-from pipeline.processing.consumers import stage_position, stored_position
+from pipeline.processing.consumers import stage_position, start_position, stored_position
 from pipeline.processing.handlers import Handler, HandlerContext, PermanentError
 from pipeline.processing.lease import Lease
 from pipeline.processing.projection import (
@@ -95,6 +95,7 @@ class HandlerRunner:
         return self._task is not None
 
     async def start(self) -> None:
+        await start_position(self.log, self.consumer, self.hub.head)
         self._holder = asyncio.create_task(self._hold(), name=f"signalbox-lease-{self.consumer}")
 
     async def stop(self) -> None:
@@ -127,7 +128,7 @@ class HandlerRunner:
 
     async def _begin(self) -> None:
         stored = await stored_position(self.log.engines.reader, self.consumer)
-        if stored is None:  # a new handler starts at the head, as a new consumer does
+        if stored is None:  # set at start; gone only if someone deleted it
             stored = self.hub.head
             await self._save_checkpoint(stored)
         self._covered = self._stored = stored

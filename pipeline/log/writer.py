@@ -1,0 +1,223 @@
+"""The log writer's database session: one transaction at a time, in as few round trips as possible.
+
+A group commit is: lock the log and read its head, let the units of work read what they must,
+then write every staged row, move the head and commit. :class:`WriterSession` is that sequence
+and nothing more, so that each backend can do it the cheapest way:
+
+- SQLite (:class:`SqliteWriter`): the ``sqlite3`` module on a thread of its own. Locking and
+  reading the head is one hop to that thread; writing, moving the head and committing is one
+  more, whatever the batch holds. SQLite releases the GIL while it works, so the event loop
+  serves requests while the previous batch is written and synced.
+- PostgreSQL (:class:`SqlAlchemyWriter`): asyncpg through SQLAlchemy, one connection; the
+  head row is locked with ``SELECT … FOR UPDATE`` and each batch ends with a ``NOTIFY``.
+
+Rows go to the driver as tuples in an ``executemany``: the statements are compiled once per
+dialect, and the log's columns (text and integers) need no conversion on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from sqlalchemy import Dialect, Executable, select, text, update
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from pipeline.log.backends import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
+from pipeline.log.notify import CHANNEL
+from pipeline.log.schema import events, log_head
+
+T = TypeVar("T")
+Row = dict[str, Any]
+Writes = Sequence[tuple[Executable, Sequence[Row]]]
+
+HEAD_ROW = 1
+INSERT_EVENT = events.insert()
+
+
+class WriterSession(Protocol):
+    dialect: Dialect
+
+    async def begin(self) -> tuple[int, str]:
+        """Open a transaction that holds the log's write lock; the head (position, hash)."""
+
+    async def fetch_one(self, statement: Executable) -> Row | None:
+        """The first row of a query inside the open transaction, as a dict."""
+
+    async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
+        """Execute the staged writes, move the head (when events were appended), commit."""
+
+    async def abandon(self) -> None:
+        """After a failure: roll back and drop the connection; the next begin reconnects."""
+
+    async def close(self) -> None: ...
+
+
+class Compiled(NamedTuple):
+    sql: str
+    names: tuple[str, ...]  # the parameters, in order
+    defaults: dict[str, Any]  # values the statement fixes itself (an OFFSET 0, say)
+
+    def values(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(params[n] if n in params else self.defaults[n] for n in self.names)
+
+
+_COMPILED: dict[tuple[Executable, str], Compiled] = {}
+
+
+def compiled(statement: Executable, dialect: Dialect) -> Compiled:
+    """The statement's SQL for ``dialect`` and its parameters in order.
+
+    Statements executed this way are module constants whose values are all bind parameters,
+    so the cache stays as small as the code."""
+    key = (statement, dialect.name)
+    if key not in _COMPILED:
+        compiled_ = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+        names = compiled_.positiontup
+        if names is None:
+            raise TypeError(f"{dialect.name} does not use positional parameters")
+        defaults = {k: v for k, v in compiled_.params.items() if v is not None}
+        _COMPILED[key] = Compiled(str(compiled_), tuple(names), defaults)
+    return _COMPILED[key]
+
+
+def as_tuples(names: tuple[str, ...], rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+    return [tuple(row[n] for n in names) for row in rows]
+
+
+class SqliteWriter:
+    """The writer's own ``sqlite3`` connection, used only from its own thread."""
+
+    dialect: Dialect = sqlite_dialect.dialect(paramstyle="qmark")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="signalbox-sqlite-writer")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+            for pragma in sqlite_pragmas():
+                db.execute(pragma)
+            self._db = db
+        return self._db
+
+    def _begin(self) -> tuple[int, str]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        position, digest = db.execute(
+            "SELECT position, hash FROM log_head WHERE id = ?", (HEAD_ROW,)).fetchone()
+        return int(position), str(digest)
+
+    async def begin(self) -> tuple[int, str]:
+        return await self._run(self._begin)
+
+    def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> Row | None:
+        cursor = self._connection().execute(sql, params)
+        found = cursor.fetchone()
+        if found is None:
+            return None
+        return {column[0]: value for column, value in zip(cursor.description, found,
+                                                          strict=True)}
+
+    async def fetch_one(self, statement: Executable) -> Row | None:
+        compiled_ = statement.compile(dialect=self.dialect)  # type: ignore[attr-defined]
+        params = compiled_.construct_params()
+        values = tuple(params[name] for name in compiled_.positiontup or ())
+        return await self._run(self._fetch_one, str(compiled_), values)
+
+    def _commit(self, batches: list[tuple[str, list[tuple[Any, ...]]]],
+                head: tuple[int, str] | None) -> None:
+        db = self._connection()
+        for sql, rows in batches:
+            db.executemany(sql, rows)
+        if head is not None:
+            db.execute("UPDATE log_head SET position = ?, hash = ? WHERE id = ?",
+                       (*head, HEAD_ROW))
+        db.execute("COMMIT")
+
+    async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
+        batches = []
+        for statement, rows in writes:
+            sql, names, _ = compiled(statement, self.dialect)
+            batches.append((sql, as_tuples(names, rows)))
+        await self._run(self._commit, batches, head)
+
+    def _abandon(self) -> None:
+        if self._db is not None:
+            try:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            finally:
+                self._db.close()
+                self._db = None
+
+    async def abandon(self) -> None:
+        await self._run(self._abandon)
+
+    async def close(self) -> None:
+        try:
+            await self._run(self._abandon)
+        finally:
+            self._thread.shutdown(wait=False)
+
+
+NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', :head)")
+HEAD_FOR_UPDATE = (select(log_head.c.position, log_head.c.hash)
+                   .where(log_head.c.id == HEAD_ROW).with_for_update())
+
+
+class SqlAlchemyWriter:
+    """One pooled connection of an async engine (PostgreSQL through asyncpg)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self._conn: AsyncConnection | None = None
+
+    async def begin(self) -> tuple[int, str]:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = await self.engine.connect()
+        await self._conn.begin()
+        row = (await self._conn.execute(HEAD_FOR_UPDATE)).one()
+        return int(row.position), str(row.hash)
+
+    async def fetch_one(self, statement: Executable) -> Row | None:
+        assert self._conn is not None
+        found = (await self._conn.execute(statement)).one_or_none()
+        return None if found is None else dict(found._mapping)
+
+    async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
+        conn = self._conn
+        assert conn is not None
+        for statement, rows in writes:
+            sql, names, _ = compiled(statement, self.dialect)
+            await conn.exec_driver_sql(sql, as_tuples(names, rows))
+        if head is not None:
+            await conn.execute(update(log_head).where(log_head.c.id == HEAD_ROW)
+                               .values(position=head[0], hash=head[1]))
+            await conn.execute(NOTIFY, {"head": str(head[0])})  # delivered at commit: a hint
+        await conn.commit()
+
+    async def abandon(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.invalidate()
+            finally:
+                await conn.close()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.wait_for(self._conn.close(), 5)
+            self._conn = None
