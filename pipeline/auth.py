@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -90,6 +91,7 @@ class TokenStore:
         self.engine = engine
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Token | None]] = {}
+        self._pending: dict[str, asyncio.Future[Token | None]] = {}
 
     async def authenticate(self, secret: str | None) -> Token:
         """The token for ``secret``, or :class:`Unauthorized`. Never logs or stores ``secret``."""
@@ -101,13 +103,27 @@ class TokenStore:
         if cached is not None and now - cached[0] < self.cache_seconds:
             token = cached[1]
         else:
-            token = await self._lookup(digest)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now, token)
+            token = await self._lookup_once(digest, now)
         if token is None:
             raise Unauthorized("unknown, revoked or expired token: check it, or create a new one")
         return token
+
+    async def _lookup_once(self, digest: str, now: float) -> Token | None:
+        """One database lookup per token at a time: the requests that find its cache entry
+        expired together wait for the same answer instead of each asking again."""
+        pending = self._pending.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(digest))
+            self._pending[digest] = pending
+            try:
+                token = await asyncio.shield(pending)
+            finally:
+                del self._pending[digest]
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, token)
+            return token
+        return await asyncio.shield(pending)
 
     async def _lookup(self, digest: str) -> Token | None:
         async with self.engine.connect() as conn:

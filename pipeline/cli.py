@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -135,6 +136,18 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def tune_garbage_collector() -> None:
+    """Collect cycles less often than CPython's default (every 700 allocations).
+
+    Serving allocates fast and keeps a window of recent events alive: with the default
+    thresholds the cyclic collector took a fifth of the server's time under load. What was
+    loaded at start (modules, settings) is frozen out of collections altogether. Memory is
+    still freed by reference counting as soon as it is unused; only cycles wait longer.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def serve(settings: Settings) -> int:
     if settings.migrate:
         upgrade(settings.database_url)
@@ -150,6 +163,7 @@ def serve(settings: Settings) -> int:
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     configure_logging(settings.log_level)
+    tune_garbage_collector()
     server = _Server(config, app.state.connections.stopping)
     server.run()
     return 0 if server.started else 1

@@ -169,6 +169,13 @@ class Event:
     def frame(self) -> str:
         """The WebSocket ``event`` frame, encoded once and shared by every subscriber: built
         from the stored encodings, never re-encoded."""
+        if _plain(self.id + self.stream + self.type + self.time + self.hash):  # the usual case
+            return (
+                f'{{"op":"event","position":{self.position},"id":"{self.id}",'
+                f'"stream":"{self.stream}","type":"{self.type}",'
+                f'"data":{self.data_json},"meta":{self.meta_json},'
+                f'"time":"{self.time}","hash":"{self.hash}"}}'
+            )
         return (
             f'{{"op":"event","position":{self.position},"id":{_quoted(self.id)},'
             f'"stream":{_quoted(self.stream)},"type":{_quoted(self.type)},'

@@ -18,7 +18,9 @@ dialect, and the log's columns (text and integers) need no conversion on the way
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from pipeline.log.backends import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
 from pipeline.log.notify import CHANNEL
 from pipeline.log.schema import events, log_head
+
+log = logging.getLogger("signalbox.log")
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -95,22 +99,54 @@ class SqliteWriter:
 
     dialect: Dialect = sqlite_dialect.dialect(paramstyle="qmark")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, checkpoint_every: float = 1.0) -> None:
         self.path = path
+        self.checkpoint_every = checkpoint_every
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="signalbox-sqlite-writer")
         self._db: sqlite3.Connection | None = None
+        # WAL checkpoints (copying the log's pages into the database file, with an fsync) run
+        # on a connection and thread of their own, so that no commit ever waits for one.
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="signalbox-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._last_checkpoint = time.monotonic()
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        for pragma in sqlite_pragmas():
+            db.execute(pragma)
+        return db
+
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-            for pragma in sqlite_pragmas():
-                db.execute(pragma)
+            db = self._open()
+            db.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
             self._db = db
         return self._db
+
+    def _checkpoint(self) -> None:
+        if self._checkpoint_db is None:
+            self._checkpoint_db = self._open()
+        # PASSIVE: copies what no reader still needs and never blocks the writer.
+        self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _after_commit(self) -> None:
+        now = time.monotonic()
+        if self._checkpointing is None and now - self._last_checkpoint >= self.checkpoint_every:
+            self._last_checkpoint = now
+            future = asyncio.get_running_loop().run_in_executor(self._checkpointer,
+                                                                self._checkpoint)
+            self._checkpointing = future
+            future.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, future: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("WAL checkpoint failed: %r", future.exception())
 
     def _begin(self) -> tuple[int, str]:
         db = self._connection()
@@ -152,6 +188,7 @@ class SqliteWriter:
             sql, names, _ = compiled(statement, self.dialect)
             batches.append((sql, as_tuples(names, rows)))
         await self._run(self._commit, batches, head)
+        self._after_commit()
 
     def _abandon(self) -> None:
         if self._db is not None:
@@ -168,8 +205,13 @@ class SqliteWriter:
     async def close(self) -> None:
         try:
             await self._run(self._abandon)
+            if self._checkpointing is not None:
+                await self._checkpointing
         finally:
             self._thread.shutdown(wait=False)
+            self._checkpointer.shutdown(wait=True)
+            if self._checkpoint_db is not None:
+                self._checkpoint_db.close()
 
 
 NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', :head)")

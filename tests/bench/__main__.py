@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ from tests.support import (
     repo_root,
 )
 
-SECTIONS = ("ingest", "latency", "fanout", "catchup", "memory", "peers")
+SECTIONS = ("ingest", "latency", "fanout", "catchup", "memory", "scaleout", "peers")
 
 
 @dataclass
@@ -240,6 +241,23 @@ class Bench:
                     if not batch:
                         row.target, row.met = "≥ 100,000 events/s", rate >= 100_000
                     self.add(row)
+
+    def scaleout(self) -> None:
+        """N instances on one PostgreSQL, each with its share of the 64 clients at once."""
+        for n in (1, 3):
+            with contextlib.ExitStack() as stack:
+                db = stack.enter_context(postgres_url())
+                servers = [stack.enter_context(signalbox(db)) for _ in range(n)]
+                runs = [subprocess.Popen(
+                    [sys.executable, "-m", "tests.bench.loadgen", "post", "--url",
+                     server.base_url, "--token", ADMIN_TOKEN, "--clients", str(64 // n),
+                     "--seconds", str(self.plan.seconds)],
+                    cwd=repo_root(), stdout=subprocess.PIPE, text=True) for server in servers]
+                total = sum(float(last_json(run.communicate(timeout=300)[0])["rate"])
+                            for run in runs)
+            self.limits[f"instances_{n}"] = total
+            self.add(self.versus(f"ingest PostgreSQL through {n} instance(s), 64 clients",
+                                 total, "signals/s", "instances_1", "one instance", "", 0))
 
     def memory(self) -> None:
         n = self.plan.idle_subscribers
