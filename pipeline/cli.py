@@ -145,7 +145,7 @@ def tune_garbage_collector() -> None:
     still freed by reference counting as soon as it is unused; only cycles wait longer.
     """
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(10_000, 50, 100)
 
 
 def serve(settings: Settings) -> int:
