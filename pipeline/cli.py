@@ -23,6 +23,8 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
+from replay.audit import add_commands as add_audit_commands
+from replay.audit import run_verify
 from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
     _setting_flags(serve)
     add_client_commands(commands)
+    add_audit_commands(commands)
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
     _database_flag(migrate_cmd)
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(settings)
+        if args.command == "audit":
+            return asyncio.run(run_verify(args, settings.database_url))
         if args.command == "migrate":
             upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")

@@ -24,12 +24,15 @@ The log is read from a database URL (offline, SELECTs only) or from a server ove
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 from sqlalchemy import select
 
 from pipeline.log.backends import create_engines
@@ -117,8 +120,6 @@ class ServerSource:
     encoding, which the hash covers, is computed again."""
 
     def __init__(self, url: str, token: str) -> None:
-        import httpx  # noqa: PLC0415 - only this source needs it
-
         self.http = httpx.AsyncClient(base_url=url, timeout=30,
                                       headers={"Authorization": f"Bearer {token}"})
         self._head: int | None = None
@@ -156,21 +157,26 @@ async def verify(source: Source, start: Head | None = None,
         if finding is not None:
             return Report(0, Head(0, GENESIS_HASH), finding)
     walk = _Walk(head, progress)
-    async for page in source.after(head.position):
-        # Read after the page: the recorded head commits with the events, so it is at least
-        # as far as any event read before it, unless an event was put there by hand.
+    while True:
+        read = False
+        async for page in source.after(walk.head.position):
+            read = True
+            # Read after the page: the recorded head commits with the events, so it is at
+            # least as far as any event read before it, unless an event was put there by hand.
+            recorded = await source.recorded_head()
+            for event in page:
+                finding = await walk.step(event, source, recorded)
+                if finding is not None:
+                    return Report(walk.count, walk.head, finding)
         recorded = await source.recorded_head()
-        for event in page:
-            finding = await walk.step(event, source, recorded)
-            if finding is not None:
-                return Report(walk.count, walk.head, finding)
-    recorded = await source.recorded_head()
-    if recorded is not None and recorded > walk.head.position:
-        return Report(walk.count, walk.head, Finding(
-            "removed", walk.head.position + 1,
-            f"the log records its head at {recorded} but ends at {walk.head.position}: "
-            f"events from {walk.head.position + 1} on were removed"))
-    return Report(walk.count, walk.head, None)
+        if recorded is None or recorded <= walk.head.position:
+            return Report(walk.count, walk.head, None)
+        if not read:  # the recorded head is further, and there is nothing more to read
+            return Report(walk.count, walk.head, Finding(
+                "removed", walk.head.position + 1,
+                f"the log records its head at {recorded} but ends at {walk.head.position}: "
+                f"events from {walk.head.position + 1} on were removed"))
+        # else: events were appended while the walk read the last page: walk on
 
 
 async def _check_start(source: Source, start: Head) -> Finding | None:
@@ -237,3 +243,49 @@ async def _next_event(source: Source, position: int) -> Event | None:
     async for page in source.after(position):
         return page[0]
     return None
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``audit verify`` on the ``signalbox`` command's subparsers."""
+    audit = commands.add_parser("audit", help="check the log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    check = audit_commands.add_parser(
+        "verify", help="walk the hash chain and the positions; name the first tampered one")
+    where = check.add_mutually_exclusive_group()
+    where.add_argument("--database-url", help="read the database directly (default: the "
+                                              "server's SIGNALBOX_DATABASE_URL)")
+    where.add_argument("--url", help="read a server's HTTP API instead (token from "
+                                     "SIGNALBOX_TOKEN, scope read)")
+    check.add_argument("--from", dest="start", type=Path,
+                       help="a verified head saved by an earlier run: check it, go on from it")
+    check.add_argument("--save", type=Path, help="save the verified head to this file")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+async def run_verify(args: Any, database_url: str) -> int:
+    """``signalbox audit verify``: 0 when the log verifies, 1 when it was tampered with."""
+    source: DatabaseSource | ServerSource
+    if args.url:
+        source = ServerSource(args.url, os.environ.get("SIGNALBOX_TOKEN", ""))
+    else:
+        source = DatabaseSource(args.database_url or database_url)
+
+    def progress(count: int, seconds: float) -> None:
+        print(f"verified {count:,} events ({count / max(seconds, 1e-9):,.0f}/s)",
+              file=sys.stderr, flush=True)
+
+    try:
+        report = await verify(source, Head.load(args.start) if args.start else None, progress)
+    finally:
+        await source.close()
+    if report.ok and args.save:
+        report.head.save(args.save)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif report.finding is None:
+        print(f"verified {report.verified:,} events: the log is intact up to position "
+              f"{report.head.position} (hash {report.head.hash})")
+    else:
+        print(f"TAMPERED: {report.finding.kind} at position {report.finding.position}: "
+              f"{report.finding.message}")
+    return 0 if report.ok else 1
