@@ -220,14 +220,7 @@ class Session:
         await self.ws.accept()
         self.connections.open += 1
         try:
-            await self._serve()
-        except Closing as closing:
-            await self._close(closing.code, closing.message, **closing.extra)
-        except WebSocketDisconnect:
-            pass
-        except Exception:
-            log.exception("websocket session failed")
-            await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
+            await self._ending_with(self._serve())
         finally:
             self.connections.open -= 1
 
@@ -249,6 +242,7 @@ class Session:
             await cancel_all(stream)
 
     async def _ending_with(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work``; however it ends, end the connection the way the protocol says."""
         try:
             await work
         except Closing as closing:
@@ -256,7 +250,7 @@ class Session:
         except WebSocketDisconnect:
             pass
         except Exception:
-            log.exception("websocket stream failed")
+            log.exception("websocket session failed")
             await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
 
     def beat(self, now: float, interval: float) -> None:
