@@ -22,6 +22,7 @@ from pipeline.log.model import strict_loads
 from pipeline.log.schema import signals
 from pipeline.processing.consumers import list_positions
 from pipeline.processing.projection import STEP_COLUMN, EventType, Status, stream_of
+from pipeline.processing.reparse import record_renormalized
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.signals import parse_api_signal, parse_tradingview
 
@@ -293,6 +294,15 @@ async def post_status(request: Request) -> Response:
     return JSONResponse(outcome.to_body())
 
 
+async def post_renormalize(request: Request) -> Response:
+    """Read a signal's recorded body with today's parsers; record a change as an event."""
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.ADMIN)
+    outcome, appended = await record_renormalized(
+        svc.log, request.path_params["signal_id"], default_max_lag=svc.max_lag)
+    return JSONResponse(outcome.to_body(appended), status_code=201 if appended else 200)
+
+
 async def get_consumers(request: Request) -> Response:
     svc = services(request)
     await authenticate(request, bearer_token(request.headers), Scope.READ)
@@ -319,6 +329,7 @@ routes = [
     Route("/api/signals", list_signals, methods=["GET"]),
     Route("/api/signals/{signal_id}", get_signal, methods=["GET"]),
     Route("/api/signals/{signal_id}/status", post_status, methods=["POST"]),
+    Route("/api/signals/{signal_id}/renormalize", post_renormalize, methods=["POST"]),
     Route("/api/consumers", get_consumers, methods=["GET"]),
     Route("/api/events", get_events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

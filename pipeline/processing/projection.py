@@ -42,6 +42,8 @@ class EventType(StrEnum):
     """given up, with the error (final)"""
     EXPIRED = "signal.expired"
     """too old to act on when processing would have started (final)"""
+    RENORMALIZED = "signal.renormalized"
+    """today's parsers read the recorded body differently (the old verdict stands)"""
 
 
 class Status(StrEnum):
@@ -117,7 +119,7 @@ def fold(row: Row | None, event: Event) -> Row:
                    strategy=safe_text(signal.get("strategy"), 200))
     elif event.type == EventType.REJECTED:
         row["status"] = Status.REJECTED.value
-    elif event.type.startswith("signal.") and event.type != EventType.DUPLICATE:
+    elif event.type.startswith("signal.") and event.type not in _NO_STATUS:
         status = Status(event.type.removeprefix("signal."))
         row["status"] = status.value
         row[STEP_COLUMN[status]] = event.time
@@ -127,6 +129,9 @@ def fold(row: Row | None, event: Event) -> Row:
         elif status is Status.FAILED:
             row["last_error"] = _error_text(data.get("detail"))
     return row
+
+
+_NO_STATUS = frozenset({EventType.DUPLICATE, EventType.RENORMALIZED})
 
 
 def _new_row(event: Event) -> Row:
