@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
+from pipeline.processing.rebuild import RebuildReport, rebuild
 from replay.audit import add_commands as add_audit_commands
 from replay.audit import run_verify
 from replay.commands import add_commands as add_client_commands
@@ -37,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_flags(serve)
     add_client_commands(commands)
     add_audit_commands(commands)
+
+    rebuild_cmd = commands.add_parser(
+        "rebuild", help="make the signals projection again from the log, compare it with the "
+                        "live one, and replace the live one only with --swap")
+    _database_flag(rebuild_cmd)
+    rebuild_cmd.add_argument("--swap", action="store_true",
+                             help="replace the live projection with the rebuilt one")
+    rebuild_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
     _database_flag(migrate_cmd)
@@ -110,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings)
         if args.command == "audit":
             return asyncio.run(run_verify(args, settings.database_url))
+        if args.command == "rebuild":
+            return asyncio.run(rebuild_command(args, settings))
         if args.command == "migrate":
             upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")
@@ -195,6 +207,48 @@ async def _check_log(url: str) -> None:
     migrate.check_revision(await migrate.current_revision(url), exact=True)
     event_log = await EventLog.open(url)
     await event_log.close()
+
+
+async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
+    """0 when the projection equals the log's fold (or was swapped), 1 when it differs."""
+    await _check_log(settings.database_url)
+
+    def progress(report: RebuildReport) -> None:
+        if sys.stderr.isatty() and report.events % 100_000 < 2000:
+            print(f"folded {report.events:,} events", file=sys.stderr, flush=True)
+
+    report = await rebuild(settings.database_url, swap=args.swap, progress=progress)
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+        return 0 if report.swapped or report.difference_count == 0 else 1
+    print(f"rebuilt {report.signals:,} signals from {report.events:,} events "
+          f"(up to position {report.head})")
+    for problem in report.problems:
+        print(f"problem  position {problem['position']} ({problem['type']}): "
+              f"{problem['message']}")
+    for difference in report.differences:
+        if difference.kind == "differs":
+            columns = "; ".join(f"{name}: live {json.dumps(v['live'], default=str)}, rebuilt "
+                                f"{json.dumps(v['rebuilt'], default=str)}"
+                                for name, v in difference.columns.items())
+            print(f"differs  {difference.signal_id}  {columns}")
+        elif difference.kind == "missing":
+            print(f"missing  {difference.signal_id}  (in the log, not in the live table)")
+        else:
+            print(f"extra    {difference.signal_id}  (in the live table, not in the log)")
+    shown = len(report.differences)
+    if report.difference_count > shown:
+        print(f"… and {report.difference_count - shown:,} more differences")
+    verdict = ("the live projection equals the log" if report.difference_count == 0 else
+               f"{report.difference_count:,} signals differ from the log")
+    if report.moved_on:
+        verdict += f" ({report.moved_on:,} changed while comparing, not compared)"
+    print(verdict)
+    if report.swapped:
+        print(f"swapped: the live projection is now the rebuilt one (up to position "
+              f"{report.head})")
+        return 0
+    return 0 if report.difference_count == 0 else 1
 
 
 async def token_command(args: argparse.Namespace, settings: Settings) -> int:

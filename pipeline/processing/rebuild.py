@@ -1,0 +1,211 @@
+"""``signalbox rebuild``: the signals projection made again from the log, compared, swapped.
+
+The projection is, by definition, the fold of the log: ``projection.fold``.
+A rebuild folds every event, oldest first and a page at a time, into a fresh table
+(``signals_rebuild``), then compares it with the live ``signals`` table row by row, in
+``signal_id`` order, a page of each at a time: memory does not grow with the log.
+
+The live table is only touched when asked (``--swap``). The swap runs in one transaction that
+first takes the log's write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``log_head``
+row, which every append locks first), folds in what was appended meanwhile, and replaces the
+live rows with the rebuilt ones: no append can fall between the last event folded and the swap,
+and a running server goes on without a restart (its appends wait for the swap's commit).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Column, MetaData, Table, bindparam, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from pipeline.log import Event
+from pipeline.log.backends import migration_engine
+from pipeline.log.schema import events, log_head, signals
+from pipeline.processing.projection import Row, fold
+
+PAGE = 2000
+SHOWN = 100  # differences and problems kept in the report (all are counted)
+COLUMNS = [c.name for c in signals.columns]
+_EVENT_COLUMNS = (events.c.position, events.c.id, events.c.stream, events.c.type,
+                  events.c.data, events.c.meta, events.c.time, events.c.hash)
+
+scratch = Table("signals_rebuild", MetaData(),
+                *(Column(c.name, c.type, primary_key=c.primary_key) for c in signals.columns))
+_UPDATE_SCRATCH = (update(scratch).where(scratch.c.signal_id == bindparam("b_signal_id"))
+                   .values({name: bindparam(name) for name in COLUMNS if name != "signal_id"}))
+
+
+@dataclass
+class Difference:
+    kind: str  # missing (in the log, not live), extra (live, not in the log), differs
+    signal_id: str
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {live, rebuilt}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "signal_id": self.signal_id, "columns": self.columns}
+
+
+@dataclass
+class RebuildReport:
+    events: int = 0  # events folded
+    head: int = 0  # the last position folded
+    signals: int = 0  # rows rebuilt
+    problems: list[dict[str, Any]] = field(default_factory=list)  # events fold refused
+    problem_count: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    difference_count: int = 0
+    moved_on: int = 0  # live rows that advanced past the folded head while comparing
+    swapped: bool = False
+
+    def note_problem(self, event: Event, message: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < SHOWN:
+            self.problems.append({"position": event.position, "type": event.type,
+                                  "message": message})
+
+    def note_difference(self, difference: Difference) -> None:
+        self.difference_count += 1
+        if len(self.differences) < SHOWN:
+            self.differences.append(difference)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "head": self.head, "signals": self.signals,
+                "problem_count": self.problem_count, "problems": self.problems,
+                "difference_count": self.difference_count,
+                "differences": [d.to_json() for d in self.differences],
+                "moved_on": self.moved_on, "swapped": self.swapped}
+
+
+Progress = Callable[[RebuildReport], None]
+
+
+async def rebuild(url: str, *, swap: bool = False,
+                  progress: Progress | None = None) -> RebuildReport:
+    """Fold the log into ``signals_rebuild``, compare with ``signals``; swap when asked."""
+    report = RebuildReport()
+    engine = migration_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: scratch.drop(sync, checkfirst=True))
+            await conn.run_sync(scratch.create)
+        while await _fold_page(engine, report):
+            if progress is not None:
+                progress(report)
+        await _compare(engine, report)
+        if swap:
+            await _swap(engine, report)
+        else:
+            async with engine.begin() as conn:
+                await conn.run_sync(scratch.drop)
+    finally:
+        await engine.dispose()
+    return report
+
+
+async def _fold_page(engine: AsyncEngine, report: RebuildReport) -> bool:
+    async with engine.begin() as conn:
+        return await _fold_page_in(conn, report)
+
+
+async def _fold_page_in(conn: AsyncConnection, report: RebuildReport) -> bool:
+    """Fold the next page of events into the scratch table; False at the end of the log."""
+    rows = (await conn.execute(select(*_EVENT_COLUMNS).where(events.c.position > report.head)
+                               .order_by(events.c.position).limit(PAGE))).all()
+    if not rows:
+        return False
+    page = [Event(*row) for row in rows]
+    ids = {e.stream.removeprefix("signal-") for e in page if e.stream.startswith("signal-")}
+    known: dict[str, Row] = {}
+    for chunk in _chunks(sorted(ids), 500):
+        found = await conn.execute(select(scratch).where(scratch.c.signal_id.in_(chunk)))
+        known.update((r.signal_id, dict(r._mapping)) for r in found)
+    existing = set(known)
+    for event in page:
+        report.events += 1
+        report.head = event.position
+        if not event.stream.startswith("signal-"):
+            continue
+        signal_id = event.stream.removeprefix("signal-")
+        try:
+            known[signal_id] = fold(known.get(signal_id), event)
+        except (ValueError, KeyError, TypeError) as exc:
+            report.note_problem(event, str(exc))
+    new = [row for sid, row in known.items() if sid not in existing]
+    changed = [{"b_signal_id": sid, **{k: v for k, v in row.items() if k != "signal_id"}}
+               for sid, row in known.items() if sid in existing]
+    if new:
+        await conn.execute(insert(scratch), new)
+        report.signals += len(new)
+    if changed:
+        await conn.execute(_UPDATE_SCRATCH, changed)
+    return True
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+async def _compare(engine: AsyncEngine, report: RebuildReport) -> None:
+    """Merge the two tables in signal_id order, a page of each at a time."""
+    live_after = rebuilt_after = ""
+    live: deque[Row] = deque()
+    rebuilt: deque[Row] = deque()
+    live_done = rebuilt_done = False
+    async with engine.connect() as conn:
+        while True:
+            if not live and not live_done:
+                live = await _rows(conn, signals, live_after)
+                live_done = not live
+                live_after = live[-1]["signal_id"] if live else live_after
+            if not rebuilt and not rebuilt_done:
+                rebuilt = await _rows(conn, scratch, rebuilt_after)
+                rebuilt_done = not rebuilt
+                rebuilt_after = rebuilt[-1]["signal_id"] if rebuilt else rebuilt_after
+            if not live and not rebuilt:
+                return
+            if rebuilt and (not live or rebuilt[0]["signal_id"] < live[0]["signal_id"]):
+                report.note_difference(Difference("missing", rebuilt.popleft()["signal_id"]))
+            elif live and (not rebuilt or live[0]["signal_id"] < rebuilt[0]["signal_id"]):
+                row = live.popleft()
+                if row["first_position"] > report.head:
+                    report.moved_on += 1  # received after the fold's last page
+                else:
+                    report.note_difference(Difference("extra", row["signal_id"]))
+            else:
+                _compare_rows(live.popleft(), rebuilt.popleft(), report)
+
+
+async def _rows(conn: AsyncConnection, table: Table, after: str) -> deque[Row]:
+    found = await conn.execute(select(table).where(table.c.signal_id > after)
+                               .order_by(table.c.signal_id).limit(PAGE))
+    return deque(dict(r._mapping) for r in found)
+
+
+def _compare_rows(live: Row, rebuilt: Row, report: RebuildReport) -> None:
+    if live["last_position"] > report.head:
+        report.moved_on += 1  # it changed after the fold's last page: not comparable
+        return
+    columns = {name: {"live": live[name], "rebuilt": rebuilt[name]} for name in COLUMNS
+               if live[name] != rebuilt[name]}
+    if columns:
+        report.note_difference(Difference("differs", live["signal_id"], columns))
+
+
+async def _swap(engine: AsyncEngine, report: RebuildReport) -> None:
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Appends lock this row first: none can commit until the swap has.
+            await conn.execute(select(log_head.c.position).with_for_update())
+        # (SQLite: the engine began with BEGIN IMMEDIATE, the database's one write lock.)
+        while await _fold_page_in(conn, report):
+            pass
+        await conn.execute(delete(signals))
+        await conn.execute(insert(signals).from_select(COLUMNS, select(
+            *(scratch.c[name] for name in COLUMNS))))
+        await conn.run_sync(scratch.drop)
+    report.swapped = True
+
