@@ -317,7 +317,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     svc = services(request)
-    head = await svc.log.head()  # LogUnavailable → 503 through the error handler
+    await svc.log.check_writable()  # LogUnavailable → 503 through the error handler
+    head = await svc.log.head()
     return JSONResponse({"status": "ready", "epoch": svc.log.epoch, "head": head,
                          "subscribers_head": svc.hub.head})
 

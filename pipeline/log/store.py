@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class EventLog:
         self._writer: asyncio.Task[None] | None = None
         self._session = open_session(engines)
         self._closing = False
+        self.failure: str | None = None  # why the last group commit failed; None once one works
 
     @classmethod
     async def open(cls, url: str, *, reader_pool: int = 5, **options: Any) -> EventLog:
@@ -294,13 +296,14 @@ class EventLog:
             log.warning("group commit of %d units failed: %r", len(batch), exc)
             with contextlib.suppress(Exception):
                 await self._session.abandon()
+            self.failure = _reason(exc)
             error = LogUnavailable(
-                f"the log could not commit ({exc.__class__.__name__}); nothing was recorded: "
-                "retry later"
+                f"the log could not commit ({self.failure}); nothing was recorded: retry later"
             )
             for pending in batch:
                 _settle(pending, None, error)
             return
+        self.failure = None
         for pending, value, unit_error in results:
             _settle(pending, value, unit_error)
         if tx.events:
@@ -327,6 +330,15 @@ class EventLog:
             raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
         return [Event(*row) for row in rows]
 
+    async def check_writable(self) -> None:
+        """Raise :class:`LogUnavailable` unless the log can commit.
+
+        Free while commits succeed; after a failed one, an empty group commit is tried, so a
+        database that came back is seen as such without waiting for a client's append.
+        """
+        if self.failure is not None:
+            await self.transact(_empty_unit)
+
     async def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
         try:
@@ -339,6 +351,19 @@ class EventLog:
 
 async def _stop_unit(tx: Transaction) -> None:  # pragma: no cover - a marker, never run
     return None
+
+
+async def _empty_unit(tx: Transaction) -> None:
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a commit failed, in words fit for a client: SQLite says it plainly ("database is
+    locked", "database or disk is full"); other drivers' messages may quote SQL, so only the
+    kind of error is given."""
+    if isinstance(exc, sqlite3.Error) and exc.args:
+        return str(exc.args[0])[:200]
+    return exc.__class__.__name__
 
 
 async def _run_unit(tx: Transaction, pending: _Pending[Any]) -> tuple[_Pending[Any], Any,
