@@ -1,4 +1,5 @@
-"""The ``signalbox`` command: serve, migrate, token create/list/revoke."""
+"""The ``signalbox`` command: serve, migrate, token create/list/revoke (and the client side:
+send, tail, audit, replay)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from replay.audit import add_commands as add_audit_commands
 from replay.audit import run_verify
 from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
+from replay.history import add_commands as add_history_commands
+from replay.history import run as run_history
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_flags(serve)
     add_client_commands(commands)
     add_audit_commands(commands)
+    add_history_commands(commands)
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the schema and exit")
     _database_flag(migrate_cmd)
@@ -110,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings)
         if args.command == "audit":
             return asyncio.run(run_verify(args, settings.database_url))
+        if args.command == "replay":
+            return run_history(args, settings.database_url)
         if args.command == "migrate":
             upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")
