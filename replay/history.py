@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log.model import EventFilter, format_time
 from pipeline.processing.attempts import AttemptPolicy
-from pipeline.processing.handlers import load_handler
+from pipeline.processing.handlers import Handler, load_handler
 from replay._sinks import DryRun, Emit, LineFile, Post, ReplayError, Sink
 from replay.sources import DatabaseSource, Selection, ServerSource, Source
 
@@ -99,6 +100,8 @@ def mode_of(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace, database_url: str) -> int:
     """``signalbox replay``: 0 done, 1 an error, 2 bad usage, 130 interrupted (Ctrl-C)."""
+    # Failed attempts are in the report; the runner's warnings about them would be noise here.
+    logging.getLogger("signalbox.runner").setLevel(logging.ERROR)
     try:
         return asyncio.run(_replay(args, database_url))
     except KeyboardInterrupt:
@@ -205,18 +208,25 @@ def open_source(args: argparse.Namespace, database_url: str) -> Source:
     return DatabaseSource(args.database_url or database_url)
 
 
-def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] | None) -> Sink:
+def handler_of(args: argparse.Namespace) -> Handler | None:
+    if not args.handler:
+        return None
+    try:
+        return load_handler(args.handler)
+    except ValueError as exc:
+        raise ReplayError(str(exc), 2) from None
+
+
+def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] | None,
+              handler: Handler | None) -> Sink:
     """The sink of the mode the options ask for."""
     state = resume or {}
     paced = args.speed is not None
     mode = mode_of(args)
     if mode == "handler":
+        assert handler is not None
         settings = Settings(**{n: getattr(args, n) for n in HANDLER_SETTINGS
                                if getattr(args, n, None) is not None})
-        try:
-            handler = load_handler(args.handler)
-        except ValueError as exc:
-            raise ReplayError(str(exc), 2) from None
         secret = settings.forward_secret.get_secret_value() if settings.forward_secret else None
         policy = AttemptPolicy(
             settings.handler_attempts, settings.handler_backoff, timeout=settings.handler_timeout,
@@ -232,12 +242,13 @@ def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] |
 
 async def _replay(args: argparse.Namespace, database_url: str) -> int:
     selection = selection_of(args)
+    handler = handler_of(args)  # bad usage is told before anything is read
     source = open_source(args, database_url)
     try:
         checkpoint = Checkpoint(args.checkpoint, await source.epoch(), identity(args, selection))
         checkpoint.load()
         head = await source.recorded_head()
-        sink = make_sink(args, source, checkpoint.resumed)
+        sink = make_sink(args, source, checkpoint.resumed, handler)
         progress = Progress(not args.quiet and sys.stderr.isatty(), selection, head,
                             checkpoint.position)
         try:
