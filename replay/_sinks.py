@@ -12,6 +12,7 @@ its counts), and comes back to it when an interrupted replay resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO, Protocol
 
 import httpx
 
-from pipeline.log.model import Event
+from pipeline.log.model import Event, canonical_json
 from pipeline.processing.attempts import (
     EXPIRED_DETAIL,
     AttemptPolicy,
@@ -96,7 +97,8 @@ class LineFile:
 
     def close(self) -> None:
         if self.path is None:
-            self.file.flush()
+            with contextlib.suppress(BrokenPipeError):
+                self.file.flush()
         else:
             self.file.close()
 
@@ -201,7 +203,9 @@ class DryRun:
         self.counts.update((status.value, verdict))
         self.report.write(json.dumps({
             "position": event.position, "signal_id": signal_id, "ticker": event.ticker,
-            "strategy": event.strategy, "replay": {"status": status.value, "detail": detail},
+            "strategy": event.strategy,
+            # Keys in the log's order, so that equal details read the same as the live ones.
+            "replay": {"status": status.value, "detail": json.loads(canonical_json(detail))},
             "live": live, "same": verdict == "same",
         }, ensure_ascii=False, separators=(",", ":")))
 

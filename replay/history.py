@@ -106,6 +106,10 @@ def run(args: argparse.Namespace, database_url: str) -> int:
         return asyncio.run(_replay(args, database_url))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `| head`: whoever read stdout stopped
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("signalbox replay: stdout was closed before the end", file=sys.stderr)
+        return 1
     except ReplayError as exc:
         print(f"signalbox replay: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -256,8 +260,10 @@ async def _replay(args: argparse.Namespace, database_url: str) -> int:
                        progress=progress)
         finally:
             progress.close()
-            checkpoint.save(sink)
-            await sink.close()
+            try:
+                checkpoint.save(sink)  # what is flushed: a broken pipe leaves the last one
+            finally:
+                await sink.close()
         summary = sink.summary()
         if summary:
             print(summary, flush=True)

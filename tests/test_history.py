@@ -308,6 +308,28 @@ def test_an_interrupted_replay_resumes_with_every_event_once(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_lines_written_after_the_last_checkpoint_of_a_killed_run_are_not_repeated(
+        database_url: str, tmp_path: Path) -> None:
+    # More than a page (2000 events): the checkpoint is saved once, then the run is killed
+    # with lines written past it that the checkpoint does not know of.
+    asyncio.run(crafted_log(database_url, spaced(3500, 0.001)))
+    out, checkpoint = tmp_path / "out.jsonl", tmp_path / "cp.json"
+    flags = ["--database-url", database_url, "--output", str(out), "--checkpoint",
+             str(checkpoint)]
+    process = subprocess.Popen(command(*flags, "--speed", "1"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: checkpoint.exists() and out.read_text().count("\n") > 2050,
+                   timeout=60)
+    finally:
+        process.kill()
+        process.wait(10)
+    assert json.loads(checkpoint.read_text())["position"] == 2000
+    assert replay(*flags).returncode == 0
+    assert [e["position"] for e in lines(out)] == list(range(1, 3501))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_checkpoint_of_other_options_or_another_log_is_refused(
         database_url: str, tmp_path: Path) -> None:
     await crafted_log(database_url, spaced(10, 1.0))
