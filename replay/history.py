@@ -51,10 +51,12 @@ def add_commands(commands: Any) -> None:
         "replay", help="read the recorded log again: as JSON lines, POSTed, or through a "
                        "handler in a dry run")
     where = replay.add_mutually_exclusive_group()
-    where.add_argument("--database-url", help="read the database directly, SELECTs only "
-                                              "(default: SIGNALBOX_DATABASE_URL)")
-    where.add_argument("--url", help="read a server's HTTP API instead (token from "
-                                     "SIGNALBOX_TOKEN, scope read)")
+    where.add_argument("--database-url", metavar="URL",
+                       help="read the database directly, SELECTs only (default: "
+                            "SIGNALBOX_DATABASE_URL)")
+    where.add_argument("--url", metavar="SERVER",
+                       help="read a server's HTTP API instead (token from SIGNALBOX_TOKEN, "
+                            "scope read)")
     chosen = replay.add_argument_group("selection (all must hold)")
     chosen.add_argument("--from-position", type=int, default=1, metavar="N",
                         help="the first position (included)")
@@ -63,11 +65,12 @@ def add_commands(commands: Any) -> None:
     chosen.add_argument("--since", metavar="TIME",
                         help="recorded at or after this time, ISO 8601 (UTC without offset)")
     chosen.add_argument("--until", metavar="TIME", help="recorded before this time")
-    chosen.add_argument("--ticker", action="append", default=[], dest="tickers",
+    chosen.add_argument("--ticker", action="append", default=[], dest="tickers", metavar="T",
                         help="repeatable: any of them")
     chosen.add_argument("--strategy", action="append", default=[], dest="strategies",
+                        metavar="S",
                         help="repeatable: any of them")
-    chosen.add_argument("--type", action="append", default=[], dest="types",
+    chosen.add_argument("--type", action="append", default=[], dest="types", metavar="GLOB",
                         help="event type glob, e.g. signal.* (repeatable)")
     modes = replay.add_argument_group("where the events go (default: JSON lines on stdout)")
     mode = modes.add_mutually_exclusive_group()
@@ -81,7 +84,7 @@ def add_commands(commands: Any) -> None:
     for name, kind, text in (("handler_attempts", int, "tries before a signal fails"),
                              ("handler_backoff", float, "first retry delay in seconds"),
                              ("handler_timeout", float, "seconds one call may take")):
-        modes.add_argument("--" + name.replace("_", "-"), type=kind, dest=name,
+        modes.add_argument("--" + name.replace("_", "-"), type=kind, dest=name, metavar="N",
                            help=f"with --handler: {text} (default: as the server, "
                                 f"SIGNALBOX_{name.upper()})")
     replay.add_argument("--speed", type=float, metavar="X",
