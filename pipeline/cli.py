@@ -1,4 +1,5 @@
-"""The ``signalbox`` command: serve, migrate, token create/list/revoke."""
+"""The ``signalbox`` command: serve, migrate, token create/list/revoke (and the client side:
+send, tail, audit, replay)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from replay.audit import add_commands as add_audit_commands
 from replay.audit import run_verify
 from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
+from replay.history import add_commands as add_history_commands
+from replay.history import run as run_history
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_flags(serve)
     add_client_commands(commands)
     add_audit_commands(commands)
+    add_history_commands(commands)
 
     rebuild_cmd = commands.add_parser(
         "rebuild", help="make the signals projection again from the log, compare it with the "
@@ -122,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_verify(args, settings.database_url))
         if args.command == "rebuild":
             return asyncio.run(rebuild_command(args, settings))
+        if args.command == "replay":
+            return run_history(args, settings.database_url)
         if args.command == "migrate":
             upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")

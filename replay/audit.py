@@ -18,7 +18,8 @@ given to a later run, it is checked first (the event at that position must still
 hash), and the walk goes on from there, so a later edit before it is caught and the walk is
 shorter.
 
-The log is read from a database URL (offline, SELECTs only) or from a server over the HTTP API.
+The log is read from a database URL (offline, SELECTs only) or from a server over the HTTP API
+(:mod:`replay.sources`).
 """
 
 from __future__ import annotations
@@ -27,19 +28,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
-from sqlalchemy import select
+from pipeline.log.model import GENESIS_HASH, Event
+from replay.sources import DatabaseSource, ServerSource, Source
 
-from pipeline.log.backends import create_engines
-from pipeline.log.model import GENESIS_HASH, Event, canonical_json
-from pipeline.log.schema import events, log_head
-
-PAGE = 2000
+__all__ = ["DatabaseSource", "Finding", "Head", "Report", "ServerSource", "add_commands",
+           "run_verify", "verify"]
 
 
 @dataclass(frozen=True)
@@ -78,71 +76,6 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "verified": self.verified, "head": asdict(self.head),
                 "finding": None if self.finding is None else asdict(self.finding)}
-
-
-class Source(Protocol):
-    async def recorded_head(self) -> int | None:
-        """The head position the log itself records (None when the source cannot tell)."""
-
-    def after(self, position: int) -> AsyncIterator[list[Event]]:
-        """Pages of events after ``position``, oldest first, until the end."""
-
-
-class DatabaseSource:
-    """The log's tables, read with SELECTs only."""
-
-    def __init__(self, url: str) -> None:
-        self.engines = create_engines(url, reader_pool=1)
-
-    async def recorded_head(self) -> int | None:
-        async with self.engines.reader.connect() as conn:
-            value = (await conn.execute(select(log_head.c.position))).scalar_one_or_none()
-        return None if value is None else int(value)
-
-    async def after(self, position: int) -> AsyncIterator[list[Event]]:
-        columns = (events.c.position, events.c.id, events.c.stream, events.c.type,
-                   events.c.data, events.c.meta, events.c.time, events.c.hash)
-        while True:
-            async with self.engines.reader.connect() as conn:
-                rows = (await conn.execute(select(*columns).where(events.c.position > position)
-                                           .order_by(events.c.position).limit(PAGE))).all()
-            if not rows:
-                return
-            yield [Event(*row) for row in rows]
-            position = rows[-1][0]
-
-    async def close(self) -> None:
-        await self.engines.dispose()
-
-
-class ServerSource:
-    """A server's ``GET /api/events`` (scope read). Its events come decoded; their canonical
-    encoding, which the hash covers, is computed again."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.AsyncClient(base_url=url, timeout=30,
-                                      headers={"Authorization": f"Bearer {token}"})
-        self._head: int | None = None
-
-    async def recorded_head(self) -> int | None:
-        return self._head
-
-    async def after(self, position: int) -> AsyncIterator[list[Event]]:
-        while True:
-            response = await self.http.get("/api/events", params={"after": position,
-                                                                  "limit": 1000})
-            response.raise_for_status()
-            page = response.json()
-            self._head = int(page["head"])
-            if not page["events"]:
-                return
-            yield [Event(e["position"], e["id"], e["stream"], e["type"],
-                         canonical_json(e["data"]), canonical_json(e["meta"]), e["time"],
-                         e["hash"]) for e in page["events"]]
-            position = page["events"][-1]["position"]
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
 Progress = Callable[[int, float], None]

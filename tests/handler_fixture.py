@@ -25,6 +25,8 @@ async def record(signal: Signal, context: HandlerContext) -> dict[str, Any]:
     comment = signal.comment or ""
     if comment.startswith("sleep:"):
         await asyncio.sleep(float(comment.removeprefix("sleep:")))
+    if comment == "fail-once" and context.attempt == 1:
+        raise RuntimeError("broker timed out")
     if comment == "fail-twice" and context.attempt <= 2:
         raise RuntimeError(f"flaky broker (attempt {context.attempt})")
     if comment == "permanent":

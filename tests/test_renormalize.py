@@ -8,7 +8,12 @@ records each change once as a ``signal.renormalized`` event, leaving the old eve
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +23,7 @@ from pipeline import migrate
 from pipeline.ingest import Ingestor, Submission
 from pipeline.log import EventLog
 from pipeline.signals import parse_tradingview
-from replay.audit import DatabaseSource, Head, ServerSource, verify
-from replay.renormalize import Applier, Summary, changes
+from replay.audit import Head, ServerSource, verify
 from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers
 from tests.test_signals import EMBEDDED_ALERTS
 
@@ -76,15 +80,22 @@ async def record_forged(url: str) -> dict[str, str]:
         await log.close()
 
 
-async def found_changes(source: DatabaseSource | ServerSource) -> tuple[dict[str, Any], Summary]:
-    summary = Summary()
-    found = {c.signal_id: c async for c in changes(source.after(0), summary,
-                                                     default_max_lag=None)}
-    return found, summary
+async def renormalize(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    env = {**os.environ, "SIGNALBOX_TOKEN": token} if token else None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "replay", "--renormalize", "--quiet", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def read_report(path: Path) -> dict[str, dict[str, Any]]:
+    return {line["signal_id"]: line for line in map(json.loads, path.read_text().splitlines())}
 
 
 async def test_renormalize_reports_exactly_the_changed_signals_and_apply_records_them(
-        database_url: str) -> None:
+        database_url: str, tmp_path: Path) -> None:
     server = ServerProcess(database_url).start()
     try:
         genuine = await record_genuine(server)
@@ -92,47 +103,49 @@ async def test_renormalize_reports_exactly_the_changed_signals_and_apply_records
         server.stop()
     forged = await record_forged(database_url)
 
-    source = DatabaseSource(database_url)
-    try:
-        found, summary = await found_changes(source)
-    finally:
-        await source.close()
+    report = tmp_path / "changes.jsonl"
+    code, out, err = await renormalize("--database-url", database_url, "--report", str(report))
+    assert code == 0, err
+    found = read_report(report)
     expected = {sid: kind for sid, kind in forged.items() if kind != "unchanged"}
-    assert summary.read == len(genuine) + len(forged)
-    assert {sid: c.kind for sid, c in found.items()} == {
+    assert {sid: c["kind"] for sid, c in found.items()} == {
         sid: "values" if kind == "errors" else kind for sid, kind in expected.items()}
     by_kind = {kind: found[sid] for sid, kind in expected.items()}
-    assert by_kind["values"].fields == [{"field": "quantity", "recorded": "0.25", "now": "0.5"}]
-    assert by_kind["accepted->rejected"].now.reasons() == {("unparseable", None)}
-    assert by_kind["rejected->accepted"].now.signal is not None
-    assert by_kind["rejected->accepted"].now.signal["ticker"] == "ETHUSDT"
-    assert by_kind["errors"].fields == [{"field": "errors",
-                                         "recorded": ["missing_field: ticker"],
-                                         "now": ["missing_field: action"]}]
+    assert by_kind["values"]["fields"] == [{"field": "quantity", "recorded": "0.25",
+                                            "now": "0.5"}]
+    assert [e["code"] for e in by_kind["accepted->rejected"]["now"]["errors"]] == ["unparseable"]
+    assert by_kind["rejected->accepted"]["now"]["signal"]["ticker"] == "ETHUSDT"
+    assert by_kind["errors"]["fields"] == [{"field": "errors",
+                                            "recorded": ["missing_field: ticker"],
+                                            "now": ["missing_field: action"]}]
+    total = len(genuine) + len(forged)
+    assert f"re-read {total} signals: {len(expected)} read differently today" in out
+    for signal_id in expected:
+        assert f"signal {signal_id}" in out
 
     server = ServerProcess(database_url).start()
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
             before = {sid: (await client.get(f"/api/signals/{sid}", headers=headers())).json()
                       for sid in expected}
-            answers: dict[str, int] = {}
-            for attempt in range(2):  # a second run records nothing new
-                applier = Applier(server.base_url, ADMIN_TOKEN)
-                applied = Summary()
-                try:
-                    for change in found.values():
-                        answer = await applier.apply(change, applied)
-                        answers[change.signal_id] = answer["position"]
-                        assert answer["received_position"] == change.position
-                finally:
-                    await applier.close()
-                assert (applied.appended, applied.already) == (
-                    (len(expected), 0) if attempt == 0 else (0, len(expected)))
+            applied = tmp_path / "applied.jsonl"
+            code, out, err = await renormalize("--url", server.base_url, "--apply", "--report",
+                                               str(applied), token=ADMIN_TOKEN)
+            assert code == 0, err
+            assert f"appended {len(expected)} signal.renormalized events (0 recorded before)" \
+                in out
+            code, again, err = await renormalize("--url", server.base_url, "--apply",
+                                                 token=ADMIN_TOKEN)
+            assert code == 0, err
+            assert f"appended 0 signal.renormalized events ({len(expected)} recorded before)" \
+                in again
             page = (await client.get("/api/events", headers=headers(), params={
                 "type": "signal.renormalized", "limit": 100})).json()
             recorded = {e["data"]["signal_id"]: e for e in page["events"]}
             assert set(recorded) == set(expected)
-            assert answers == {sid: e["position"] for sid, e in recorded.items()}
+            assert {sid: line["renormalized_position"] for sid, line
+                    in read_report(applied).items()} == {
+                sid: e["position"] for sid, e in recorded.items()}
             values = recorded[next(s for s, k in expected.items() if k == "values")]
             assert values["data"]["now"]["signal"]["quantity"] == "0.5"
             assert values["data"]["recorded"]["signal"]["quantity"] == "0.25"
@@ -141,7 +154,11 @@ async def test_renormalize_reports_exactly_the_changed_signals_and_apply_records
                 assert now["status"] == old["status"]  # a reading, not a status
                 assert now["events"][:len(old["events"])] == old["events"]
                 assert now["events"][-1]["type"] == "signal.renormalized"
-        # The log still verifies, and the changes found through the server are the same.
+            # Without the admin scope nothing is recorded, and the run says why.
+            code, out, err = await renormalize("--url", server.base_url, "--apply",
+                                               token=INGEST_TOKEN)
+            assert code == 1
+            assert "HTTP 403" in err
         server_source = ServerSource(server.base_url, ADMIN_TOKEN)
         try:
             assert (await verify(server_source, Head(0, "0" * 64))).ok
@@ -174,16 +191,18 @@ async def test_renormalize_route_answers_and_refuses(database_url: str) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_renormalize_selection_keeps_only_the_chosen_received_events(
+async def test_renormalize_reads_only_the_selection_and_refuses_bad_usage(
         database_url: str) -> None:
     forged = await record_forged(database_url)
-    chosen = next(sid for sid, kind in forged.items() if kind == "values")
-    source = DatabaseSource(database_url)
-    try:
-        summary = Summary()
-        found = [c async for c in changes(source.after(0), summary, default_max_lag=None,
-                                          keep=lambda e: e.data["signal_id"] == chosen)]
-    finally:
-        await source.close()
-    assert [c.signal_id for c in found] == [chosen]
-    assert summary.read == 1
+    first_forged = 1  # the log holds only the forged signals: two events each
+    values = next(sid for sid, kind in forged.items() if kind == "values")
+    code, out, err = await renormalize("--database-url", database_url,
+                                       "--to-position", str(first_forged + 1))
+    assert code == 0, err
+    assert out.splitlines()[-1] == "re-read 1 signals: 1 read differently today (values 1)"
+    assert f"signal {values}" in out
+    code, out, err = await renormalize("--database-url", database_url, "--apply")
+    assert code == 2
+    assert "--apply goes with --renormalize and --url" in err
+    code, out, err = await renormalize("--database-url", database_url, "--type", "signal.*")
+    assert code == 2

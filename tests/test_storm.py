@@ -3,7 +3,7 @@
 gap, no repeat), and the server's memory afterwards is what it was before the storm.
 
 The subscribers drop their connection abruptly (no close handshake), at a random moment
-between 0.2 and 4 s after each connect, and resume from the last position they saw. Most of
+between 0.5 and 6 s after each connect, and resume from the last position they saw. Most of
 them follow one ticker's ``signal.accepted`` events, which is the resume path with a filter
 (the cursor moves over events that did not match); a few follow everything. Spreading the
 tickers keeps what this 2-core machine must deliver (the test's own clients included) within
@@ -13,6 +13,7 @@ what it can: 500 subscribers of everything would be 300,000 events a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -59,10 +60,9 @@ class StormSubscriber:
 
     async def run(self) -> None:
         while True:
-            try:
+            # Dropped by the server side (overload, restart): resume all the same.
+            with contextlib.suppress(OSError, websockets.ConnectionClosed, TimeoutError):
                 await self._connection()
-            except (OSError, websockets.ConnectionClosed, TimeoutError):
-                pass  # dropped by the server side (overload, restart): resume all the same
             await asyncio.sleep(random.uniform(0, 0.2))
 
     async def _connection(self) -> None:
@@ -71,7 +71,7 @@ class StormSubscriber:
             await ws.send(json.dumps({"op": "hello", "token": ADMIN_TOKEN,
                                       "cursor": self.cursor, "filter": self.filter}))
             loop = asyncio.get_running_loop()
-            drop_at = loop.time() + random.uniform(0.2, 4.0)
+            drop_at = loop.time() + random.uniform(0.5, 6.0)
             while True:
                 wait = drop_at - loop.time() if self.storming else 60.0
                 try:
@@ -160,6 +160,7 @@ async def storm(server: ServerProcess, subscribers: list[StormSubscriber], secon
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_disconnect_storm_loses_nothing_repeats_nothing_and_leaks_nothing(
         database_url: str) -> None:
@@ -179,7 +180,7 @@ async def test_a_disconnect_storm_loses_nothing_repeats_nothing_and_leaks_nothin
 
         assert len(acked) == RATE * SECONDS
         reconnects = sum(s.connections for s in subscribers)
-        assert reconnects > SUBSCRIBERS * SECONDS / 4  # it was a storm: about one per 2 s each
+        assert reconnects > SUBSCRIBERS * SECONDS / 6  # a storm: one per 3.25 s each on average
         assert after - before < MEMORY_SLACK, (
             f"server RSS grew by {(after - before) / 2**20:.1f} MiB over "
             f"{reconnects} connections")

@@ -318,7 +318,7 @@ class EventLog:
         stmt: Executable = _READ
         if filter is not None and not filter.is_empty:
             stmt = (select(*EVENT_COLUMNS).where(events.c.position > bindparam("after"),
-                                                 *_filter_clauses(filter))
+                                                 *filter_clauses(filter))
                     .order_by(events.c.position).limit(bindparam("limit")))
         try:
             async with self.engines.reader.connect() as conn:
@@ -396,7 +396,8 @@ def _like(pattern: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
+def filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
+    """The SQL conditions of a filter on the events table (all but ``partition``)."""
     clauses: list[ColumnElement[bool]] = []
     if filter.types:
         exact = filter.exact_types()

@@ -26,20 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
 from enum import Enum
 from typing import Any, TypeVar
 
 from pipeline.errors import IllegalTransition, LogUnavailable
 from pipeline.hub import Hub
 from pipeline.log import Event, EventFilter, EventLog, NewEvent, Transaction, utc_now
+from pipeline.processing.attempts import (
+    EXPIRED_DETAIL,
+    AttemptPolicy,
+    failure,
+    is_expired,
+    run_handler,
+)
 from pipeline.processing.consumers import stage_position, start_position, stored_position
-from pipeline.processing.handlers import Handler, HandlerContext, PermanentError
+from pipeline.processing.handlers import Handler
 from pipeline.processing.lease import Lease
 from pipeline.processing.projection import (
     SignalRows,
@@ -72,11 +77,9 @@ class HandlerRunner:
         self.hub = hub
         self.consumer = f"handler:{name}"
         self.handler = handler
-        self.options = dict(options or {})
-        self.attempts = attempts
-        self.backoff = backoff
+        self.policy = AttemptPolicy(attempts, backoff, backoff_cap, timeout, dict(options or {}))
+        self.backoff = backoff  # also between tries of a log that is unavailable
         self.backoff_cap = backoff_cap
-        self.timeout = timeout
         self.max_pending = max_pending
         self.default_max_lag = default_max_lag
         self._slots = asyncio.Semaphore(concurrency)
@@ -182,7 +185,7 @@ class HandlerRunner:
                         await self._process(lane[0])
                     except Exception as exc:  # a bug or a malformed event: fail it, go on
                         log.exception("runner failed on event %s", lane[0].position)
-                        await self._finish(lane[0], Status.FAILED, _failure(exc, 0))
+                        await self._finish(lane[0], Status.FAILED, failure(exc, 0))
                 lane.popleft()
         finally:
             del self._lanes[key]
@@ -198,10 +201,9 @@ class HandlerRunner:
         if decision is Decision.SKIP:
             await self._finish(event, None, {})
         elif decision is Decision.EXPIRE:
-            await self._finish(event, Status.EXPIRED,
-                               {"reason": "past its max_lag when processing would start"})
+            await self._finish(event, Status.EXPIRED, dict(EXPIRED_DETAIL))
         else:
-            status, detail = await self._run_handler(event, signal)
+            status, detail = await run_handler(self.handler, event, signal, self.policy)
             await self._finish(event, status, detail)
 
     async def _claim(self, tx: Transaction, event: Event, signal: Signal) -> Decision:
@@ -213,35 +215,12 @@ class HandlerRunner:
             return Decision.RUN  # our own claim from before a restart: finish the job
         if row["status"] not in (Status.ACCEPTED, Status.DISPATCHED):
             return Decision.SKIP
-        if self._expired(signal):
+        if is_expired(signal, self.default_max_lag, utc_now()):
             return Decision.EXPIRE
         claim = tx.append(self._status_event(event, row, Status.PROCESSING,
                                              {}, row["attempts"] + 1))
         rows.update(fold(row, claim))
         return Decision.RUN
-
-    def _expired(self, signal: Signal) -> bool:
-        lag = signal.max_lag or self.default_max_lag
-        if signal.signal_time is None or lag is None:
-            return False
-        return signal.signal_time + timedelta(seconds=lag) < utc_now()
-
-    async def _run_handler(self, event: Event, signal: Signal) -> tuple[Status, dict[str, Any]]:
-        signal_id = event.data["signal_id"]
-        for attempt in range(1, self.attempts + 1):
-            context = HandlerContext(signal_id, event, attempt, self.options)
-            try:
-                result = await asyncio.wait_for(self.handler(signal, context), self.timeout)
-                return Status.PROCESSED, {"result": _json_safe(result), "attempts": attempt}
-            except PermanentError as exc:
-                return Status.FAILED, _failure(exc, attempt)
-            except Exception as exc:
-                log.warning("handler failed on %s (attempt %d): %r", signal_id, attempt, exc)
-                if attempt == self.attempts:
-                    return Status.FAILED, _failure(exc, attempt)
-                ceiling = min(self.backoff_cap, self.backoff * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, ceiling))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _finish(self, event: Event, status: Status | None,
                       detail: dict[str, Any]) -> None:
@@ -306,16 +285,3 @@ class HandlerRunner:
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
-
-
-def _failure(exc: BaseException, attempt: int) -> dict[str, Any]:
-    message = str(exc) or exc.__class__.__name__
-    return {"error": message[:2000], "type": exc.__class__.__name__, "attempts": attempt}
-
-
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return repr(value)[:2000]
-    return value
