@@ -38,7 +38,7 @@ export function ConnectionStatus() {
   return (
     <div className="connection" data-testid="connection" data-state={s.state}>
       <span className={`badge state-${s.state}`}>{LABELS[s.state]}</span>
-      {s.lag !== null && (
+      {s.lag !== null && (s.state === "live" || s.state === "replaying") && (
         <span className="detail" data-testid="lag">
           {s.lag === 0 ? "up to date" : `${s.lag} behind`}
         </span>
