@@ -49,9 +49,23 @@ def content_security_policy(host: str | None) -> str:
     ))
 
 
+_loaded: dict[Path, tuple[tuple[int, int], bytes, str]] = {}
+
+
+def _load(path: Path) -> tuple[bytes, str]:
+    """The file and its ETag, read once per version of the file (a few small files)."""
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _loaded.get(path)
+    if cached is None or cached[0] != version:
+        body = path.read_bytes()
+        cached = (version, body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+        _loaded[path] = cached
+    return cached[1], cached[2]
+
+
 def _file_response(request: Request, path: Path, cache_control: str) -> Response:
-    body = path.read_bytes()
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    body, etag = _load(path)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if media_type.startswith("text/"):
         media_type += "; charset=utf-8"

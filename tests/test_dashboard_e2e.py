@@ -151,6 +151,13 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
         await page.goto(shown.base_url + "/")
         await page.wait_for_selector("#token")
         await shot(page, "1-token-form")
+        # A bad token stops with its reason, and no retry loop.
+        await page.fill("#token", "sbx_not_a_token")
+        await page.click("button[type=submit]")
+        await wait_state(page, "error")
+        assert "(4401)" in await page.inner_text("[data-testid=connection-error]")
+        await shot(page, "1-bad-token")
+        await page.click("text=Change token")
         await page.fill("#token", token)
         await page.click("button[type=submit]")
         await wait_state(page, "live")
