@@ -477,11 +477,18 @@ function browserNetwork(): NetworkMonitor | null {
     watch(onChange) {
       const up = () => onChange(true);
       const down = () => onChange(false);
+      // A tab shown again (a laptop opened) dials at once instead of waiting out a backoff
+      // that the browser may have stretched while the tab was hidden.
+      const shown = () => {
+        if (document.visibilityState === "visible" && navigator.onLine) onChange(true);
+      };
       target.addEventListener("online", up);
       target.addEventListener("offline", down);
+      document.addEventListener("visibilitychange", shown);
       return () => {
         target.removeEventListener("online", up);
         target.removeEventListener("offline", down);
+        document.removeEventListener("visibilitychange", shown);
       };
     },
   };
