@@ -91,6 +91,22 @@ describe("SignalboxClient", () => {
     expect(sockets.last.hello).toMatchObject({ cursor: null, epoch: null });
   });
 
+  it("saves an event's position only after its listeners ran, and survives a failing one", () => {
+    const store = new MemoryCheckpointStore();
+    const c = client({ store });
+    const seenDuring: (number | undefined)[] = [];
+    const errors = vi.spyOn(console, "error").mockImplementation(() => undefined);
+    c.on("*", () => { throw new Error("a broken listener"); });
+    c.on("*", (e) => seenDuring.push(store.load()?.cursor ?? e.position - 100));
+    c.connect();
+    sockets.last.open();
+    sockets.last.frame(welcome(4), event(5), event(6));
+    expect(seenDuring).toEqual([4, 5]);
+    expect(store.load()).toEqual({ epoch: EPOCH, cursor: 6 });
+    expect(errors).toHaveBeenCalledTimes(2);
+    errors.mockRestore();
+  });
+
   it("answers pings with pongs and records the heartbeat", () => {
     const c = client({ now: () => 1_700_000_000_000 });
     c.connect();

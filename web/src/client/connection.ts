@@ -316,8 +316,9 @@ export class SignalboxClient {
     const cursor = this.snapshot.cursor;
     if (!Number.isSafeInteger(event.position)) return;
     if (cursor !== null && event.position <= cursor) return; // already delivered: never twice
-    this.advance(event.position);
+    this.advance(event.position, false);
     this.emit(event);
+    this.save(); // after the listeners: a reload before they ran gets the event again
   }
 
   private emit(event: SignalboxEvent): void {
@@ -332,10 +333,10 @@ export class SignalboxClient {
     }
   }
 
-  private advance(position: number): void {
+  private advance(position: number, save = true): void {
     const cursor = Math.max(this.snapshot.cursor ?? 0, position);
     this.update({ cursor, head: maxOf(this.snapshot.head, cursor) });
-    this.save();
+    if (save) this.save();
   }
 
   private save(): void {

@@ -120,16 +120,27 @@ export class SignalTable {
 
   private trim(): void {
     if (this.rows.size <= this.capacity) return;
-    const dropped = this.list().slice(this.capacity);
-    for (const row of dropped) this.rows.delete(row.signal_id);
+    if (this.rows.size > this.capacity + 1) {
+      const dropped = this.list().slice(this.capacity);
+      for (const row of dropped) this.rows.delete(row.signal_id);
+    } else {
+      let oldest: SignalRow | undefined; // one over: no need to sort them all
+      for (const row of this.rows.values()) if (!oldest || row.position < oldest.position) oldest = row;
+      if (oldest) this.rows.delete(oldest.signal_id);
+    }
     this.sorted = null;
-    const rows = this.list();
-    this.floor = rows.length ? rows[rows.length - 1]!.position : null;
+    let floor = Infinity;
+    for (const row of this.rows.values()) floor = Math.min(floor, row.position);
+    this.floor = Number.isFinite(floor) ? floor : null;
     this.more = true;
   }
 
+  /** Grows with every change: a cheap snapshot for React's useSyncExternalStore. */
+  version = 0;
+
   private changed(): void {
     this.sorted = null;
+    this.version++;
     for (const listener of this.listeners) listener();
   }
 }

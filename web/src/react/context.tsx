@@ -162,7 +162,9 @@ export interface SignalsState {
 /** Signals with their current status, updated in place as events arrive. */
 export function useSignals(): SignalsState {
   const { api, table, pageError } = useServices();
-  const rows = useSyncExternalStore(table.subscribe, () => table.list());
+  const version = useSyncExternalStore(table.subscribe, () => table.version);
+  // Sorted once per render that needs it, not once per event of a long replay.
+  const rows = useMemo(() => table.list(), [table, version]);
   const [loading, setLoading] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const loadOlder = useCallback(async () => {
