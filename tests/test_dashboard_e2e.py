@@ -190,6 +190,19 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
             timeout=WAIT_MS)
         await shot(page, "2-live-with-detail")
 
+        # Filters apply to the rows held.
+        await page.fill("input[aria-label=Ticker]", "msft")
+        await page.wait_for_function(
+            f"() => document.querySelectorAll('{ROWS}').length === 1", timeout=WAIT_MS)
+        assert await row_ids(page) == [first[2]]
+        await page.fill("input[aria-label=Ticker]", "")
+        await page.select_option("select[aria-label=Status]", "processed")
+        await page.wait_for_function(
+            f"() => document.querySelectorAll('{ROWS}').length === 1", timeout=WAIT_MS)
+        assert await row_ids(page) == [first[0]]
+        await page.select_option("select[aria-label=Status]", "")
+        await wait_rows(page, 3)
+
         # Another process keeps sending, through the other instance, while this one dies.
         sender = Sender(other)
         await until(lambda: len(sender.ids) >= 5, 30)
@@ -232,6 +245,25 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
         async with httpx.AsyncClient(base_url=shown.base_url, timeout=30) as client:
             head = (await client.get("/readyz")).json()["head"]
         assert stored["cursor"] == head
+
+        # Another log behind the same address (a new database): the page stops and says so,
+        # and starts again from the new log's head only when asked.
+        other.stop()
+        shown.stop()
+        port = shown.port
+        shown = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'new.db'}", args=fast)
+        shown.port = port  # the same address, so the page's URL still reaches it
+        shown.start()
+        await wait_state(page, "error")  # the read token is unknown there: 4401
+        await page.click("text=Change token")  # one that every test server knows
+        await page.fill("#token", ADMIN_TOKEN)
+        await page.click("button[type=submit]")
+        await wait_state(page, "error")  # the stored checkpoint belongs to the old log
+        assert "epoch" in await page.inner_text("[data-testid=connection-error]")
+        await shot(page, "6-epoch-changed")
+        await page.click("text=Start again")
+        await wait_state(page, "live")
+        await page.wait_for_selector("text=No signals yet", timeout=WAIT_MS)
         assert problems == []
     finally:
         await page.close()
