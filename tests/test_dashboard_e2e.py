@@ -1,6 +1,9 @@
-"""The dashboard in headless Chromium against real servers: signals posted over HTTP appear,
-status reports change rows in place, and a server killed and restarted while another process
-keeps sending leaves the table with every signal exactly once.
+"""The dashboard in headless Chromium against real servers: a bad token stops it with its
+reason; signals posted over HTTP appear; status reports change rows in place; filters apply; a
+server killed and restarted while another process keeps sending (through a second instance on
+the same database) leaves the table with every signal exactly once, and so does a reload; a
+new log behind the same address stops the page until it is told to start again. No Content
+Security Policy violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
