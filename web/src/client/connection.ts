@@ -9,77 +9,11 @@
  */
 
 import { Backoff, type BackoffOptions } from "./backoff";
-import { type CheckpointStore, MemoryCheckpointStore, WebCheckpointStore } from "./storage";
+import { browserNetwork, defaultStore, defaultUrl, type NetworkMonitor, type WebSocketFactory,
+  type WebSocketLike } from "./browser";
+import type { ClientError, ClientErrorKind, ConnectionSnapshot } from "./state";
+import type { CheckpointStore } from "./storage";
 import type { EventFilter, EventType, SignalboxEvent } from "./types";
-
-export type ConnectionState =
-  | "idle"
-  | "connecting"
-  | "open"
-  | "replaying"
-  | "live"
-  | "reconnecting"
-  | "offline"
-  | "error"
-  | "closed";
-
-export type ClientErrorKind =
-  | "unauthorized"
-  | "forbidden"
-  | "epoch_changed"
-  | "cursor_ahead"
-  | "malformed"
-  | "protocol";
-
-/** Why the client stopped for good (state `error`). */
-export interface ClientError {
-  kind: ClientErrorKind;
-  /** The close code (4401, 4403, 4409, 4400), or 0 for an answer the client could not use. */
-  code: number;
-  message: string;
-  /** With `epoch_changed`: the server's epoch. */
-  epoch?: string;
-}
-
-export interface ConnectionSnapshot {
-  state: ConnectionState;
-  /** The last position delivered (or covered by a `live` frame): where a reconnect resumes. */
-  cursor: number | null;
-  epoch: string | null;
-  /** The newest position the server has mentioned (welcome, ping, events). */
-  head: number | null;
-  /** head − cursor: how many positions the client is behind (filtered ones included). */
-  lag: number | null;
-  /** When the last server ping arrived (ms since 1970). */
-  lastHeartbeat: number | null;
-  /** The server's heartbeat interval in seconds. */
-  heartbeat: number | null;
-  /** Failed attempts since the last welcome. */
-  attempt: number;
-  /** With `reconnecting`: when the next attempt starts (ms since 1970). */
-  retryAt: number | null;
-  error: ClientError | null;
-  /** Welcomes received so far: 1 + the number of reconnects. */
-  connections: number;
-}
-
-/** The part of the browser's WebSocket that the client uses (tests pass a fake). */
-export interface WebSocketLike {
-  send(data: string): void;
-  close(code?: number, reason?: string): void;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
-}
-
-export type WebSocketFactory = (url: string) => WebSocketLike;
-
-/** Tells whether the browser has a network, and when that changes. */
-export interface NetworkMonitor {
-  online(): boolean;
-  watch(onChange: (online: boolean) => void): () => void;
-}
 
 export type StartFrom = "live" | "beginning" | number;
 
@@ -453,44 +387,4 @@ function startCursor(start: StartFrom): number | null {
   if (start === "live") return null;
   if (start === "beginning") return 0;
   return start;
-}
-
-function defaultUrl(): string {
-  const location = globalThis.location;
-  if (!location) throw new TypeError("no page location: pass `url` (ws://host:port/ws)");
-  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-}
-
-function defaultStore(key: string): CheckpointStore {
-  try {
-    if (globalThis.sessionStorage) return new WebCheckpointStore(globalThis.sessionStorage, key);
-  } catch {
-    // storage blocked: fall back to memory
-  }
-  return new MemoryCheckpointStore();
-}
-
-function browserNetwork(): NetworkMonitor | null {
-  const target = globalThis.window;
-  if (!target || typeof navigator === "undefined" || !("onLine" in navigator)) return null;
-  return {
-    online: () => navigator.onLine,
-    watch(onChange) {
-      const up = () => onChange(true);
-      const down = () => onChange(false);
-      // A tab shown again (a laptop opened) dials at once instead of waiting out a backoff
-      // that the browser may have stretched while the tab was hidden.
-      const shown = () => {
-        if (document.visibilityState === "visible" && navigator.onLine) onChange(true);
-      };
-      target.addEventListener("online", up);
-      target.addEventListener("offline", down);
-      document.addEventListener("visibilitychange", shown);
-      return () => {
-        target.removeEventListener("online", up);
-        target.removeEventListener("offline", down);
-        document.removeEventListener("visibilitychange", shown);
-      };
-    },
-  };
 }

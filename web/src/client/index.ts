@@ -3,17 +3,12 @@
 export { Backoff, type BackoffOptions } from "./backoff";
 export {
   SignalboxClient,
-  type ClientError,
-  type ClientErrorKind,
   type ClientOptions,
-  type ConnectionSnapshot,
-  type ConnectionState,
   type EventListener,
-  type NetworkMonitor,
   type StartFrom,
-  type WebSocketFactory,
-  type WebSocketLike,
 } from "./connection";
+export type { ClientError, ClientErrorKind, ConnectionSnapshot, ConnectionState } from "./state";
+export type { NetworkMonitor, WebSocketFactory, WebSocketLike } from "./browser";
 export { ApiError, SignalboxApi, type EventQuery, type SignalQuery } from "./http";
 export { SignalTable, fold, signalIdOf, type SignalRow } from "./signals";
 export {
