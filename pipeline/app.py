@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from pipeline import http
+from pipeline import dashboard, http
 from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import Conflict, SignalboxError
@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
-                WebSocketRoute("/ws", websocket_endpoint)],
+                WebSocketRoute("/ws", websocket_endpoint), *dashboard.routes],
         lifespan=lifespan,
         exception_handlers={
             SignalboxError: _signalbox_error,

@@ -1,0 +1,13 @@
+/** `2026-01-15T14:45:01.123456Z` → `14:45:01` today, `2026-01-15 14:45:01` otherwise (local time). */
+export function shortTime(iso: string): string {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return iso;
+  const time = date.toLocaleTimeString(undefined, { hour12: false });
+  const today = new Date();
+  if (date.toDateString() === today.toDateString()) return time;
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ${time}`;
+}
+
+function pad(n: number): string {
+  return String(n).padStart(2, "0");
+}

@@ -1,0 +1,212 @@
+/**
+ * Signals with their current status, kept up to date from events: the fold the server's
+ * projection does (docs/protocol.md, "Status rules"), applied in the browser.
+ *
+ * Rows come from two places: pages of `GET /api/signals` and the event stream. Each row
+ * remembers the last position folded into it, so an event already reflected in a row (a
+ * page read after it, or a replay after a reconnect) changes nothing. The table is bounded:
+ * past `capacity` rows the oldest are dropped, and `floor` (the position from which every
+ * signal is in the table) moves up; older rows are fetched again on demand.
+ */
+
+import type { SignalboxEvent, SignalStatus, SignalSummary } from "./types";
+
+export interface SignalRow extends SignalSummary {}
+
+const REPORTED = new Set<SignalStatus>(["dispatched", "processing", "processed", "failed", "expired"]);
+
+export class SignalTable {
+  private readonly rows = new Map<string, SignalRow>();
+  private pending = new Map<string, SignalboxEvent[]>();
+  private sorted: SignalRow[] | null = [];
+  private readonly listeners = new Set<() => void>();
+  /** Every signal first recorded at or after this position is in the table (null: none yet). */
+  floor: number | null = null;
+  /** Whether older signals may exist below `floor` on the server. */
+  more = true;
+  private loaded = false;
+
+  constructor(public capacity = 1000) {}
+
+  /** The rows, newest first; the same array until something changes. */
+  list(): SignalRow[] {
+    if (this.sorted === null) {
+      this.sorted = [...this.rows.values()].sort((a, b) => b.position - a.position);
+    }
+    return this.sorted;
+  }
+
+  get(signalId: string): SignalRow | undefined {
+    return this.rows.get(signalId);
+  }
+
+  get size(): number {
+    return this.rows.size;
+  }
+
+  subscribe = (listener: () => void): (() => void) => {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  };
+
+  /** Folds one event of the stream into its signal's row. */
+  apply(event: SignalboxEvent): void {
+    if (!event.type.startsWith("signal.")) return;
+    const id = signalIdOf(event);
+    if (id === null) return;
+    const row = this.rows.get(id);
+    if (row === undefined) {
+      if (event.type === "signal.received") {
+        this.put(newRow(event as SignalboxEvent<"signal.received">));
+        this.trim();
+      } else if (!this.loaded) {
+        // Its signal may be on the first page, still on its way: fold it in when it comes.
+        const list = this.pending.get(id) ?? [];
+        list.push(event);
+        this.pending.set(id, list);
+        return;
+      } else {
+        return; // a signal older than the table holds: nothing on screen changes
+      }
+    } else if (event.position > row.last_position) {
+      this.put(fold(row, event));
+    } else {
+      return;
+    }
+    this.changed();
+  }
+
+  /**
+   * Merges a page of `GET /api/signals` (newest first). `first` marks the page read when the
+   * stream (re)started; later pages are older ones asked for by `before`.
+   */
+  merge(page: SignalSummary[], nextBefore: number | null, first: boolean): void {
+    for (const summary of page) {
+      const known = this.rows.get(summary.signal_id);
+      let row: SignalRow = known && known.last_position >= summary.last_position ? known : { ...summary };
+      for (const event of this.pending.get(summary.signal_id) ?? []) {
+        if (event.position > row.last_position) row = fold(row, event);
+      }
+      this.put(row);
+    }
+    if (first) {
+      this.loaded = true;
+      this.pending = new Map();
+    } else {
+      this.capacity = Math.max(this.capacity, this.rows.size); // asked for: keep them
+    }
+    const oldest = page.length ? page[page.length - 1]!.position : null;
+    if (oldest !== null) this.floor = this.floor === null ? oldest : Math.min(this.floor, oldest);
+    this.more = nextBefore !== null;
+    if (!this.more) this.floor = 0; // everything down to the first signal is here
+    this.trim();
+    this.changed();
+  }
+
+  /** Forgets everything (a new token, or a log with another epoch). */
+  clear(): void {
+    this.rows.clear();
+    this.pending = new Map();
+    this.floor = null;
+    this.more = true;
+    this.loaded = false;
+    this.changed();
+  }
+
+  private put(row: SignalRow): void {
+    this.rows.set(row.signal_id, row);
+    this.sorted = null;
+  }
+
+  private trim(): void {
+    if (this.rows.size <= this.capacity) return;
+    if (this.rows.size > this.capacity + 1) {
+      const dropped = this.list().slice(this.capacity);
+      for (const row of dropped) this.rows.delete(row.signal_id);
+    } else {
+      let oldest: SignalRow | undefined; // one over: no need to sort them all
+      for (const row of this.rows.values()) if (!oldest || row.position < oldest.position) oldest = row;
+      if (oldest) this.rows.delete(oldest.signal_id);
+    }
+    this.sorted = null;
+    let floor = Infinity;
+    for (const row of this.rows.values()) floor = Math.min(floor, row.position);
+    this.floor = Number.isFinite(floor) ? floor : null;
+    this.more = true;
+  }
+
+  /** Grows with every change: a cheap snapshot for React's useSyncExternalStore. */
+  version = 0;
+
+  private changed(): void {
+    this.sorted = null;
+    this.version++;
+    for (const listener of this.listeners) listener();
+  }
+}
+
+export function signalIdOf(event: SignalboxEvent): string | null {
+  const fromData = (event.data as { signal_id?: unknown }).signal_id;
+  if (typeof fromData === "string") return fromData;
+  const fromMeta = event.meta.signal_id;
+  return typeof fromMeta === "string" ? fromMeta : null;
+}
+
+function newRow(event: SignalboxEvent<"signal.received">): SignalRow {
+  return {
+    signal_id: event.data.signal_id,
+    status: "received",
+    source: event.data.source ?? "api",
+    ticker: typeof event.meta.ticker === "string" ? event.meta.ticker : null,
+    strategy: typeof event.meta.strategy === "string" ? event.meta.strategy : null,
+    action: null,
+    received_at: event.time,
+    updated_at: event.time,
+    position: event.position,
+    last_position: event.position,
+    claimed_by: null,
+    attempts: 0,
+    last_error: null,
+    steps: {},
+  };
+}
+
+/** The row after `event`: the same rules as the server's projection. */
+export function fold(row: SignalRow, event: SignalboxEvent): SignalRow {
+  const next: SignalRow = { ...row, updated_at: event.time, last_position: event.position };
+  if (event.type === "signal.accepted") {
+    const signal = (event as SignalboxEvent<"signal.accepted">).data.signal;
+    next.status = "accepted";
+    next.action = signal.action ?? null;
+    next.ticker = signal.ticker ?? null;
+    next.strategy = signal.strategy ?? null;
+  } else if (event.type === "signal.rejected") {
+    next.status = "rejected";
+  } else {
+    const status = event.type.slice("signal.".length) as SignalStatus;
+    if (REPORTED.has(status)) {
+      const data = (event as SignalboxEvent<"signal.processing">).data;
+      next.status = status;
+      next.steps = { ...row.steps, [status]: event.time };
+      if (status === "processing") {
+        next.attempts = row.attempts + 1;
+        next.claimed_by = typeof data.consumer === "string" ? data.consumer : null;
+      } else if (status === "failed") {
+        next.last_error = errorText(data.detail);
+      }
+    }
+  }
+  return next;
+}
+
+function errorText(detail: unknown): string | null {
+  if (detail === null || detail === undefined) return null;
+  if (typeof detail === "object" && !Array.isArray(detail)) {
+    const d = detail as Record<string, unknown>;
+    for (const key of ["error", "message", "reason"]) {
+      if (d[key] !== null && d[key] !== undefined) return String(d[key]);
+    }
+    return null;
+  }
+  return String(detail);
+}

@@ -1,0 +1,49 @@
+import { describe, expect, it } from "vitest";
+import { chartData, pricePoint } from "../src/app/points";
+import type { SignalboxEvent } from "../src/client";
+import { matcher } from "../src/react/context";
+
+function accepted(position: number, signal: Record<string, unknown>, time = "2026-01-15T14:45:00.000000Z"): SignalboxEvent {
+  return {
+    position, id: `e${position}`, stream: "signal-x", type: "signal.accepted", time, hash: "",
+    data: { signal_id: "x", signal: { ticker: "AAPL", action: "buy", ...signal } },
+    meta: { signal_id: "x", ticker: "AAPL", strategy: "trend" },
+  } as SignalboxEvent;
+}
+
+describe("price points", () => {
+  it("take the price, else the limit, else the stop price, at the signal's own time", () => {
+    expect(pricePoint(accepted(1, { price: "101.5", signal_time: "2026-01-15T14:00:00Z" })))
+      .toEqual({ position: 1, time: Date.UTC(2026, 0, 15, 14) / 1000, price: 101.5, action: "buy" });
+    expect(pricePoint(accepted(2, { limit_price: "99" }))?.price).toBe(99);
+    expect(pricePoint(accepted(3, { stop_price: "98", action: "sell" }))?.action).toBe("sell");
+    expect(pricePoint(accepted(4, { quantity: "1" }))).toBeNull();
+  });
+
+  it("make one line point per second and a marker per signal, up for buys, down for sells", () => {
+    const points = [
+      { position: 3, time: 20, price: 12, action: "sell" },
+      { position: 1, time: 10, price: 10, action: "buy" },
+      { position: 2, time: 10, price: 11, action: "exit_long" },
+      { position: 4, time: 30, price: 13, action: "close" },
+    ];
+    const { line, markers } = chartData(points);
+    expect(line).toEqual([{ time: 10, value: 11 }, { time: 20, value: 12 }, { time: 30, value: 13 }]);
+    expect(markers.map((m) => [m.time, m.shape])).toEqual([
+      [10, "arrowUp"], [10, "arrowDown"], [20, "arrowDown"], [30, "circle"],
+    ]);
+  });
+});
+
+describe("event matcher", () => {
+  it("matches type globs and the meta's ticker and strategy, all lists together", () => {
+    const event = accepted(1, { price: "1" });
+    expect(matcher({})(event)).toBe(true);
+    expect(matcher({ types: ["signal.*"] })(event)).toBe(true);
+    expect(matcher({ types: ["signal.rejected", "signal.acc?pted"] })(event)).toBe(true);
+    expect(matcher({ types: ["signal.processed"] })(event)).toBe(false);
+    expect(matcher({ tickers: ["AAPL"], strategies: ["trend"] })(event)).toBe(true);
+    expect(matcher({ tickers: ["AAPL"], strategies: ["other"] })(event)).toBe(false);
+    expect(matcher({ streams: ["signal-y"] })(event)).toBe(false);
+  });
+});

@@ -1,0 +1,94 @@
+import { describe, expect, it } from "vitest";
+import { SignalTable, type SignalboxEvent, type SignalSummary } from "../src/client";
+import { event } from "./fakes";
+
+function ev(position: number, type: string, signalId: string): SignalboxEvent {
+  const frame = event(position, type, signalId) as unknown as SignalboxEvent & { op?: string };
+  if (type === "signal.accepted") {
+    (frame as { data: unknown }).data = {
+      signal_id: signalId, signal: { ticker: "MSFT", action: "buy", strategy: "trend" },
+    };
+  }
+  if (type === "signal.failed") {
+    (frame as { data: unknown }).data = {
+      signal_id: signalId, status: "failed", detail: { error: "broker down" }, consumer: "bot",
+    };
+  }
+  delete frame.op;
+  return frame;
+}
+
+function summary(signalId: string, position: number, lastPosition: number,
+                 status: SignalSummary["status"] = "accepted"): SignalSummary {
+  return {
+    signal_id: signalId, status, source: "api", ticker: "MSFT", strategy: null, action: "buy",
+    received_at: "2026-01-01T00:00:00.000000Z", updated_at: "2026-01-01T00:00:00.000000Z",
+    position, last_position: lastPosition, claimed_by: null, attempts: 0, last_error: null,
+    steps: {},
+  };
+}
+
+describe("SignalTable", () => {
+  it("folds a signal's events into one row, as the server's projection does", () => {
+    const table = new SignalTable();
+    table.merge([], null, true);
+    table.apply(ev(1, "signal.received", "a"));
+    table.apply(ev(2, "signal.accepted", "a"));
+    table.apply(ev(3, "signal.processing", "a"));
+    table.apply(ev(4, "signal.failed", "a"));
+    const row = table.get("a")!;
+    expect(table.size).toBe(1);
+    expect(row).toMatchObject({
+      status: "failed", ticker: "MSFT", action: "buy", strategy: "trend", attempts: 1,
+      claimed_by: "bot", last_error: "broker down", position: 1, last_position: 4,
+    });
+    expect(Object.keys(row.steps)).toEqual(["processing", "failed"]);
+  });
+
+  it("ignores an event already reflected in a row", () => {
+    const table = new SignalTable();
+    table.merge([summary("a", 1, 5, "processed")], null, true);
+    table.apply(ev(3, "signal.processing", "a"));
+    expect(table.get("a")!.status).toBe("processed");
+  });
+
+  it("folds in the events that came before the first page", () => {
+    const table = new SignalTable();
+    table.apply(ev(9, "signal.processing", "a")); // its row is on the first page, still coming
+    table.merge([summary("a", 1, 2)], null, true);
+    expect(table.get("a")).toMatchObject({ status: "processing", last_position: 9 });
+    table.apply(ev(11, "signal.processed", "z")); // older than the table holds: ignored
+    expect(table.get("z")).toBeUndefined();
+  });
+
+  it("lists newest first and stays within its capacity", () => {
+    const table = new SignalTable(3);
+    table.merge([], null, true);
+    for (let p = 1; p <= 5; p++) table.apply(ev(p, "signal.received", `s${p}`));
+    expect(table.list().map((r) => r.signal_id)).toEqual(["s5", "s4", "s3"]);
+    expect(table.floor).toBe(3);
+    expect(table.more).toBe(true);
+  });
+
+  it("keeps the older rows it was asked for", () => {
+    const table = new SignalTable(2);
+    table.merge([summary("d", 4, 4), summary("c", 3, 3)], 3, true);
+    expect(table.floor).toBe(3);
+    table.merge([summary("b", 2, 2), summary("a", 1, 1)], null, false);
+    expect(table.list().map((r) => r.signal_id)).toEqual(["d", "c", "b", "a"]);
+    expect(table.more).toBe(false);
+    expect(table.floor).toBe(0);
+  });
+
+  it("tells its subscribers about changes", () => {
+    const table = new SignalTable();
+    let calls = 0;
+    table.subscribe(() => calls++);
+    table.merge([], null, true);
+    table.apply(ev(1, "signal.received", "a"));
+    const before = table.list();
+    table.apply(ev(1, "signal.received", "a"));
+    expect(table.list()).toBe(before);
+    expect(calls).toBe(2);
+  });
+});
