@@ -1,4 +1,4 @@
-"""The ``signalbox`` command: serve, migrate, token create/list/revoke."""
+"""The ``signalbox`` command: serve, migrate, token create/list/revoke, send, tail, audit."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
-from replay.audit import add_commands as add_audit_commands
-from replay.audit import run_verify
+from replay.audit_cli import add_commands as add_audit_commands
+from replay.audit_cli import rewrite_argv
+from replay.audit_cli import run as run_audit_command
 from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
 
@@ -94,7 +95,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(rewrite_argv(words))
     if args.command in ("send", "tail"):
         return run_client_command(args)
     try:
@@ -109,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "audit":
-            return asyncio.run(run_verify(args, settings.database_url))
+            return asyncio.run(run_audit_command(args, settings.database_url,
+                                                 settings.claim_lease))
         if args.command == "migrate":
             upgrade(settings.database_url)
             print(f"schema at revision {migrate.head_revision()}")

@@ -315,7 +315,7 @@ class EventLog:
         stmt: Executable = _READ
         if filter is not None and not filter.is_empty:
             stmt = (select(*EVENT_COLUMNS).where(events.c.position > bindparam("after"),
-                                                 *_filter_clauses(filter))
+                                                 *filter_clauses(filter))
                     .order_by(events.c.position).limit(bindparam("limit")))
         try:
             async with self.engines.reader.connect() as conn:
@@ -371,7 +371,8 @@ def _like(pattern: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
+def filter_clauses(filter: EventFilter) -> list[ColumnElement[bool]]:
+    """The filter in SQL, but for a consumer-group partition (matched in memory only)."""
     clauses: list[ColumnElement[bool]] = []
     if filter.types:
         exact = filter.exact_types()
