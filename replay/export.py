@@ -9,12 +9,12 @@ in a CSV cell.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import httpx
+import orjson
 from sqlalchemy import select
 
 from pipeline.log import EventFilter
@@ -169,19 +169,15 @@ def error_text(response: httpx.Response) -> str:
 # -- writers -------------------------------------------------------------------------------
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 def event_line(row: Row) -> str:
     """One event as a JSON object; ``data`` and ``meta`` inserted as stored."""
-    head = ",".join(f'"{name}":{_json(value)}' for name, value in zip(EVENT_COLUMNS[:8], row,
-                                                                       strict=False))
-    return f'{{{head},"data":{row[8]},"meta":{row[9]}}}'
+    fields = dict(zip(EVENT_COLUMNS[:8], row, strict=False))
+    fields["data"], fields["meta"] = orjson.Fragment(row[8]), orjson.Fragment(row[9])
+    return orjson.dumps(fields).decode()
 
 
 def signal_line(row: Row) -> str:
-    return _json(dict(zip(SIGNAL_COLUMNS, row, strict=True)))
+    return orjson.dumps(dict(zip(SIGNAL_COLUMNS, row, strict=True))).decode()
 
 
 async def write(pages: AsyncIterator[list[Row]], out: TextIO, fmt: str,
