@@ -6,7 +6,7 @@ maxima are aggregated in SQL; each percentile is read in SQL as the value at its
 durations sorted by the database (the *nearest-rank* definition: p95 of n durations is the
 ``ceil(0.95 n)``-th smallest), so the figures are exact and only a handful of rows ever reach
 Python. Rejection reasons are counted from the ``signal.rejected`` events read in pages; there
-are only as many counters as there are error codes.
+are only as many counters as there are error codes. All queries read one snapshot.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ class ReportQuery:
 async def build_report(engine: AsyncEngine, query: ReportQuery) -> dict[str, Any]:
     """The report as the JSON object that the route answers and ``--json`` prints."""
     async with engine.connect() as conn:
+        # Every query of the report reads one snapshot of the log, whatever commits meanwhile.
+        if conn.dialect.name == "postgresql":
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+        else:
+            await conn.exec_driver_sql("BEGIN")  # a WAL read transaction: one snapshot
         in_window = _in_window(query.window)
         statuses = await _statuses(conn, in_window)
         return {
