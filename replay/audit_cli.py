@@ -206,6 +206,6 @@ async def run_export(args: argparse.Namespace, url: str) -> int:
             out.close()
         else:
             out.flush()
-    what = "signals" if args.signals else "events"
-    print(f"exported {count:,} {what}", file=sys.stderr)
+    what = "signal" if args.signals else "event"
+    print(f"exported {count:,} {what}{'s' * (count != 1)}", file=sys.stderr)
     return 0

@@ -73,12 +73,16 @@ def human(seconds: float) -> str:
     elif value < 60:
         text = f"{value:.2f} s"
     elif value < 3600:
-        text = f"{int(value // 60)} min {int(value % 60)} s"
+        text = _two(int(value // 60), "min", int(value % 60), "s")
     elif value < 86400:
-        text = f"{int(value // 3600)} h {int(value % 3600 // 60)} min"
+        text = _two(int(value // 3600), "h", int(value % 3600 // 60), "min")
     else:
-        text = f"{int(value // 86400)} d {int(value % 86400 // 3600)} h"
+        text = _two(int(value // 86400), "d", int(value % 86400 // 3600), "h")
     return sign + text
+
+
+def _two(whole: int, unit: str, part: int, part_unit: str) -> str:
+    return f"{whole} {unit}" + (f" {part} {part_unit}" if part else "")
 
 
 def render(timeline: dict[str, Any]) -> str:
