@@ -54,16 +54,11 @@ class Window:
 
     @classmethod
     def parse(cls, since: str | None, until: str | None, now: datetime,
-              default_since: timedelta | None = None) -> Window:
-        """Both ends as given; ``until`` defaults to now, ``since`` to ``default_since`` before
-        ``until`` (or to the beginning of time when there is no default)."""
+              default_span: timedelta) -> Window:
+        """Both ends as given; ``until`` defaults to now, ``since`` to ``default_span`` before
+        ``until``."""
         end = parse_moment(until, "until", now) if until else now
-        if since:
-            start = parse_moment(since, "since", now)
-        elif default_since is not None:
-            start = end - default_since
-        else:
-            start = datetime(1970, 1, 1, tzinfo=UTC)
+        start = parse_moment(since, "since", now) if since else end - default_span
         if start >= end:
             raise BadRequest(f"since ({start.isoformat()}) must be before until "
                              f"({end.isoformat()})")
