@@ -246,3 +246,21 @@ def test_times_and_spans_take_iso_dates_and_relative_forms() -> None:
         2026, 11, 20, 8, tzinfo=UTC)
     assert parse_span("15m", "stuck_after") == timedelta(minutes=15)
     assert parse_span("300", "stuck_after") == timedelta(seconds=300)
+
+
+async def test_relative_windows_are_taken_back_from_now(client: httpx.AsyncClient) -> None:
+    for ticker in ("AAA", "BBB"):
+        posted = await client.post("/api/signals", headers=headers(),
+                                   json={"ticker": ticker, "action": "buy", "quantity": "1"})
+        assert posted.status_code == 202
+    recent = await client.get("/api/audit/report", params={"since": "1h"}, headers=headers())
+    assert recent.status_code == 200
+    assert recent.json()["signals"] == 2 and recent.json()["statuses"]["accepted"] == 2
+    default = (await client.get("/api/audit/report", headers=headers())).json()
+    assert default["signals"] == 2  # the last 24 hours
+    before = await client.get("/api/audit/report", params={"since": "2d", "until": "1d"},
+                              headers=headers())
+    assert before.status_code == 200 and before.json()["signals"] == 0
+    stuck = (await client.get("/api/audit/report", params={"stuck_after": "0"},
+                              headers=headers())).json()["stuck"]
+    assert stuck["total"] == 2 and stuck["after_seconds"] == 0
