@@ -1,5 +1,5 @@
-"""The ``signalbox`` command: serve, migrate, token create/list/revoke (and the client side:
-send, tail, audit, replay)."""
+"""The ``signalbox`` command: serve, migrate, rebuild, token create/list/revoke (and the
+client side: send, tail, audit, replay)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
 from pipeline.processing.rebuild import RebuildReport, rebuild
-from replay.audit import add_commands as add_audit_commands
-from replay.audit import run_verify
+from replay.audit_cli import add_commands as add_audit_commands
+from replay.audit_cli import rewrite_argv
+from replay.audit_cli import run as run_audit_command
 from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
 from replay.history import add_commands as add_history_commands
@@ -108,7 +109,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(rewrite_argv(words))
     if args.command in ("send", "tail"):
         return run_client_command(args)
     try:
@@ -123,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "audit":
-            return asyncio.run(run_verify(args, settings.database_url))
+            return asyncio.run(run_audit_command(args, settings.database_url,
+                                                 settings.claim_lease))
         if args.command == "rebuild":
             return asyncio.run(rebuild_command(args, settings))
         if args.command == "replay":

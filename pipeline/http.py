@@ -23,6 +23,7 @@ from pipeline.log.schema import signals
 from pipeline.processing.consumers import list_positions
 from pipeline.processing.projection import STEP_COLUMN, EventType, Status, stream_of
 from pipeline.processing.reparse import record_renormalized
+from pipeline.processing.report import build_report, report_query
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.signals import parse_api_signal, parse_tradingview
 
@@ -303,6 +304,15 @@ async def post_renormalize(request: Request) -> Response:
     return JSONResponse(outcome.to_body(appended), status_code=201 if appended else 200)
 
 
+async def get_audit_report(request: Request) -> Response:
+    svc = services(request)
+    await authenticate(request, bearer_token(request.headers), Scope.READ)
+    params = request.query_params
+    query = report_query(params.get("since"), params.get("until"), params.get("stuck_after"),
+                         svc.claim_lease, utc_now())
+    return JSONResponse(await build_report(svc.log.engines.reader, query))
+
+
 async def get_consumers(request: Request) -> Response:
     svc = services(request)
     await authenticate(request, bearer_token(request.headers), Scope.READ)
@@ -332,6 +342,7 @@ routes = [
     Route("/api/signals/{signal_id}/status", post_status, methods=["POST"]),
     Route("/api/signals/{signal_id}/renormalize", post_renormalize, methods=["POST"]),
     Route("/api/consumers", get_consumers, methods=["GET"]),
+    Route("/api/audit/report", get_audit_report, methods=["GET"]),
     Route("/api/events", get_events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

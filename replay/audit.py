@@ -36,8 +36,8 @@ from typing import Any
 from pipeline.log.model import GENESIS_HASH, Event
 from replay.sources import DatabaseSource, ServerSource, Source
 
-__all__ = ["DatabaseSource", "Finding", "Head", "Report", "ServerSource", "add_commands",
-           "run_verify", "verify"]
+__all__ = ["DatabaseSource", "Finding", "Head", "Report", "ServerSource", "run_verify",
+           "verify"]
 
 
 @dataclass(frozen=True)
@@ -176,23 +176,6 @@ async def _next_event(source: Source, position: int) -> Event | None:
     async for page in source.after(position):
         return page[0]
     return None
-
-
-def add_commands(commands: Any) -> None:
-    """Register ``audit verify`` on the ``signalbox`` command's subparsers."""
-    audit = commands.add_parser("audit", help="check the log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    check = audit_commands.add_parser(
-        "verify", help="walk the hash chain and the positions; name the first tampered one")
-    where = check.add_mutually_exclusive_group()
-    where.add_argument("--database-url", help="read the database directly (default: the "
-                                              "server's SIGNALBOX_DATABASE_URL)")
-    where.add_argument("--url", help="read a server's HTTP API instead (token from "
-                                     "SIGNALBOX_TOKEN, scope read)")
-    check.add_argument("--from", dest="start", type=Path,
-                       help="a verified head saved by an earlier run: check it, go on from it")
-    check.add_argument("--save", type=Path, help="save the verified head to this file")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 async def run_verify(args: Any, database_url: str) -> int:

@@ -1,0 +1,197 @@
+"""``signalbox audit export``: the events (or the signals projection) as JSON lines or CSV.
+
+Read in pages from a database (SELECTs only) or a server's HTTP API, and written out page by
+page: the memory used does not grow with the log. ``data`` and ``meta`` are written in their
+canonical JSON encoding (the one the hash covers), as JSON in a JSON line and as a JSON string
+in a CSV cell.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import httpx
+import orjson
+from sqlalchemy import select
+
+from pipeline.log import EventFilter
+from pipeline.log.backends import create_engines
+from pipeline.log.model import canonical_json
+from pipeline.log.schema import events, signals
+from pipeline.log.store import filter_clauses
+from pipeline.processing.projection import STEP_COLUMN
+
+PAGE = 2000
+SERVER_EVENTS_PAGE = 1000
+SERVER_SIGNALS_PAGE = 500
+
+EVENT_COLUMNS = ("position", "id", "stream", "type", "time", "hash", "ticker", "strategy",
+                 "data", "meta")
+SIGNAL_COLUMNS = ("signal_id", "status", "source", "ticker", "strategy", "action",
+                  "received_at", "updated_at", "first_position", "last_position", "claimed_by",
+                  "attempts", "last_error", *STEP_COLUMN.values())
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows: times as stored (fixed-width UTC text, so text order is time order)."""
+
+    since: str | None = None
+    until: str | None = None
+    types: tuple[str, ...] = ()
+    streams: tuple[str, ...] = ()
+
+    def takes(self, time: str) -> bool:
+        return ((self.since is None or time >= self.since)
+                and (self.until is None or time < self.until))
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+async def database_events(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
+    """Rows in EVENT_COLUMNS order, ``data`` and ``meta`` as stored (canonical JSON)."""
+    where = filter_clauses(EventFilter.build(types=selection.types, streams=selection.streams))
+    if selection.since is not None:
+        where.append(events.c.time >= selection.since)
+    if selection.until is not None:
+        where.append(events.c.time < selection.until)
+    columns = [events.c[name] for name in EVENT_COLUMNS]
+    async for page in _pages(url, columns, events.c.position, where):
+        yield page
+
+
+async def database_signals(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
+    """Rows in SIGNAL_COLUMNS order, oldest first."""
+    where = []
+    if selection.since is not None:
+        where.append(signals.c.received_at >= selection.since)
+    if selection.until is not None:
+        where.append(signals.c.received_at < selection.until)
+    columns = [signals.c[name] for name in SIGNAL_COLUMNS]
+    async for page in _pages(url, columns, signals.c.first_position, where):
+        yield page
+
+
+async def _pages(url: str, columns: Sequence[Any], key: Any,
+                 where: list[Any]) -> AsyncIterator[list[Row]]:
+    """Keyset pages in ``key`` order: each page a fresh query after the last key seen."""
+    engines = create_engines(url, reader_pool=1)
+    key_index = list(columns).index(key)
+    after = 0
+    try:
+        while True:
+            async with engines.reader.connect() as conn:
+                rows = (await conn.execute(select(*columns).where(key > after, *where)
+                                           .order_by(key).limit(PAGE))).all()
+            if not rows:
+                return
+            yield [tuple(row) for row in rows]
+            after = rows[-1][key_index]
+    finally:
+        await engines.dispose()
+
+
+async def server_events(http: httpx.AsyncClient,
+                        selection: Selection) -> AsyncIterator[list[Row]]:
+    """``GET /api/events`` page by page; the time window is applied here, the rest by the
+    server."""
+    after = 0
+    while True:
+        params: dict[str, Any] = {"after": after, "limit": SERVER_EVENTS_PAGE}
+        if selection.types:
+            params["type"] = ",".join(selection.types)
+        if selection.streams:
+            params["stream"] = ",".join(selection.streams)
+        page = await _get(http, "/api/events", params)
+        found = page["events"]
+        yield [_event_row(e) for e in found if selection.takes(e["time"])]
+        if len(found) < SERVER_EVENTS_PAGE:
+            return
+        after = page["next"]
+
+
+def _event_row(event: dict[str, Any]) -> Row:
+    meta = event["meta"]
+    text = [meta.get(k) if isinstance(meta.get(k), str) else None
+            for k in ("ticker", "strategy")]
+    return (event["position"], event["id"], event["stream"], event["type"], event["time"],
+            event["hash"], *text, canonical_json(event["data"]), canonical_json(meta))
+
+
+async def server_signals(http: httpx.AsyncClient,
+                         selection: Selection) -> AsyncIterator[list[Row]]:
+    """``GET /api/signals`` page by page: newest first, the API's order."""
+    before = 0
+    while True:
+        params: dict[str, Any] = {"limit": SERVER_SIGNALS_PAGE}
+        if before:
+            params["before"] = before
+        page = await _get(http, "/api/signals", params)
+        yield [_signal_row(s) for s in page["signals"] if selection.takes(s["received_at"])]
+        if page["next_before"] is None:
+            return
+        before = page["next_before"]
+
+
+def _signal_row(summary: dict[str, Any]) -> Row:
+    steps = summary.get("steps") or {}
+    values = {**summary, "first_position": summary["position"],
+              **{f"{status}_at": time for status, time in steps.items()}}
+    return tuple(values.get(name) for name in SIGNAL_COLUMNS)
+
+
+class ServerError(Exception):
+    """The server answered with an error: the message is its code and message."""
+
+
+async def _get(http: httpx.AsyncClient, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    response = await http.get(path, params=params)
+    if response.status_code != 200:
+        raise ServerError(error_text(response))
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return f"{body['error']}: {body['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code} from {response.request.url}"
+
+
+# -- writers -------------------------------------------------------------------------------
+
+
+def event_line(row: Row) -> str:
+    """One event as a JSON object; ``data`` and ``meta`` inserted as stored."""
+    fields = dict(zip(EVENT_COLUMNS[:8], row, strict=False))
+    fields["data"], fields["meta"] = orjson.Fragment(row[8]), orjson.Fragment(row[9])
+    return orjson.dumps(fields).decode()
+
+
+def signal_line(row: Row) -> str:
+    return orjson.dumps(dict(zip(SIGNAL_COLUMNS, row, strict=True))).decode()
+
+
+async def write(pages: AsyncIterator[list[Row]], out: TextIO, fmt: str,
+                columns: Sequence[str]) -> int:
+    """Write every row of every page; the number of rows written."""
+    count = 0
+    line = event_line if columns is EVENT_COLUMNS else signal_line
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(columns)
+    async for page in pages:
+        if writer is not None:
+            writer.writerows(["" if v is None else v for v in row] for row in page)
+        else:
+            out.writelines(line(row) + "\n" for row in page)
+        count += len(page)
+    return count

@@ -1,0 +1,104 @@
+"""Bounded memory: ``audit verify`` and ``audit export`` over a log of 1,000,000 events, each in
+a process whose peak resident memory is read from the kernel when it exits."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline.log import GENESIS_HASH
+from pipeline.log.model import chain_hash, format_time
+from pipeline.migrate import upgrade
+from tests.support import repo_root
+
+EVENTS = 1_000_000
+PEAK_LIMIT = 150 * 1024 * 1024
+"""Far below the size of the log (~300 MB) or of its export: a reader that kept either would
+not fit."""
+
+
+def event_rows(count: int) -> Iterator[tuple[object, ...]]:
+    """Signal-shaped events (received, then accepted), chained as the log chains them."""
+    previous = GENESIS_HASH
+    start = datetime(2026, 11, 20, tzinfo=UTC)
+    for position in range(1, count + 1):
+        signal_id = str(uuid.UUID(int=(position + 1) // 2))
+        stream = f"signal-{signal_id}"
+        kind = "signal.received" if position % 2 else "signal.accepted"
+        data = (f'{{"n":{position},"note":"ünïcode, \\"quoted\\"","signal_id":"{signal_id}",'
+                f'"ticker":"BTCUSDT"}}')
+        meta = f'{{"signal_id":"{signal_id}","ticker":"BTCUSDT"}}'
+        event_id = str(uuid.UUID(int=position, version=4))
+        time = format_time(start + timedelta(microseconds=position * 100))
+        previous = chain_hash(previous, position, event_id, stream, kind, data, meta, time)
+        yield position, event_id, stream, kind, data, meta, time, previous, "BTCUSDT", None
+
+
+@pytest.fixture(scope="module")
+def million(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated SQLite log of EVENTS events, written in one transaction (built once)."""
+    path = tmp_path_factory.mktemp("million") / "log.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    upgrade(url)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO events (position, id, stream, type, data, meta, time, "
+                         "hash, ticker, strategy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         event_rows(EVENTS))
+        last = conn.execute("SELECT hash FROM events WHERE position = ?", (EVENTS,)).fetchone()
+        conn.execute("UPDATE log_head SET position = ?, hash = ?", (EVENTS, last[0]))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+    yield url
+    path.unlink()
+
+
+def run_measured(out: Path, *args: str) -> tuple[int, int]:
+    """Run ``signalbox ARGS`` with stdout to ``out``: its exit code and peak RSS in bytes."""
+    with out.open("wb") as stdout, (out.parent / (out.name + ".err")).open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=stdout,
+                                   stderr=stderr, cwd=repo_root(),
+                                   env={"PATH": "/usr/bin:/bin"})
+        # wait4 reports the resources of this one child (ru_maxrss in KiB on Linux); the
+        # suite's timeout bounds the wait.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_maxrss * 1024
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+
+
+def test_verify_walks_a_million_events_in_bounded_memory(million: str, tmp_path: Path) -> None:
+    out = tmp_path / "verify.txt"
+    code, peak = run_measured(out, "audit", "verify", "--database-url", million)
+    assert code == 0, (out.parent / "verify.txt.err").read_text()
+    assert f"verified {EVENTS:,} events" in out.read_text()
+    assert peak < PEAK_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(("fmt", "header"), [("jsonl", 0), ("csv", 1)])
+def test_export_writes_a_million_events_in_bounded_memory(million: str, tmp_path: Path,
+                                                         fmt: str, header: int) -> None:
+    out = tmp_path / f"events.{fmt}"
+    code, peak = run_measured(tmp_path / "stdout.txt", "audit", "export", "--format", fmt,
+                              "--database-url", million, "--output", str(out))
+    assert code == 0, (tmp_path / "stdout.txt.err").read_text()
+    # The data holds no newline, so each event is one line in both formats.
+    assert count_lines(out) == EVENTS + header
+    assert peak < PEAK_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
