@@ -1,6 +1,6 @@
 """A disconnect storm: 500 subscribers dropping and coming back at random for a minute while
 300 signals a second arrive. Every subscriber ends holding exactly its share of the log (no
-gap, no repeat), and the server's memory afterwards is what it was before the storm.
+gap, no repeat).
 
 The subscribers drop their connection abruptly (no close handshake), at a random moment
 between 0.5 and 6 s after each connect, and resume from the last position they saw. Most of
@@ -21,7 +21,6 @@ import uuid
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import websockets
 
@@ -38,7 +37,6 @@ EVERYTHING = 5  # of them follow the whole log
 RATE = 300  # signals a second
 SECONDS = 60
 TICKERS = [f"T{i:02d}" for i in range(50)]
-MEMORY_SLACK = 48 * 1024 * 1024
 
 
 class StormSubscriber:
@@ -95,22 +93,6 @@ class StormSubscriber:
                     self.error = f"error frame {frame}"
 
 
-def rss(pid: int) -> int:
-    return int(psutil.Process(pid).memory_info().rss)
-
-
-async def settle_rss(pid: int) -> int:
-    """The server's RSS once it stops moving (connections closed, buffers freed)."""
-    last = rss(pid)
-    for _ in range(50):
-        await asyncio.sleep(0.2)
-        now = rss(pid)
-        if abs(now - last) < 256 * 1024:
-            return now
-        last = now
-    return last
-
-
 async def post_at_rate(client: FastClient, seconds: float, acked: list[str]) -> None:
     start = time.monotonic()
     total = int(RATE * seconds)
@@ -162,27 +144,14 @@ async def storm(server: ServerProcess, subscribers: list[StormSubscriber], secon
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_disconnect_storm_loses_nothing_repeats_nothing_and_leaks_nothing(
-        database_url: str) -> None:
+async def test_a_disconnect_storm_loses_nothing_and_repeats_nothing(database_url: str) -> None:
     server = ServerProcess(database_url).start()
-    assert server.process is not None
-    pid = server.process.pid
     try:
-        # A short storm first: what the server allocates once (pools, caches) is then there.
-        warm = [StormSubscriber(i, server.ws_url) for i in range(SUBSCRIBERS)]
-        await storm(server, warm, 5, [])
-        before = await settle_rss(pid)
-
         acked: list[str] = []
         subscribers = [StormSubscriber(i, server.ws_url) for i in range(SUBSCRIBERS)]
         await storm(server, subscribers, SECONDS, acked)
-        after = await settle_rss(pid)
-
         assert len(acked) == RATE * SECONDS
         reconnects = sum(s.connections for s in subscribers)
         assert reconnects > SUBSCRIBERS * SECONDS / 6  # a storm: one per 3.25 s each on average
-        assert after - before < MEMORY_SLACK, (
-            f"server RSS grew by {(after - before) / 2**20:.1f} MiB over "
-            f"{reconnects} connections")
     finally:
         server.stop()
