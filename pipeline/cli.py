@@ -25,6 +25,7 @@ from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
 from pipeline.processing.rebuild import RebuildReport, rebuild
+from pipeline.slowclients import HeaderLimits, protocol_with
 from replay.audit import add_commands as add_audit_commands
 from replay.audit import run_verify
 from replay.commands import add_commands as add_client_commands
@@ -177,6 +178,11 @@ def serve(settings: Settings) -> int:
         ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
         server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
+        http=protocol_with(HeaderLimits(settings.header_limit, settings.header_count,
+                                        settings.header_timeout)),
+        h11_max_incomplete_event_size=settings.header_limit,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.limit_concurrency,
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     configure_logging(settings.log_level)

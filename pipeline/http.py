@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.auth import Scope, SourcePolicy, Token, TokenStore, bearer_token
-from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized
+from pipeline.guard import Guard
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor, Outcome, Submission
 from pipeline.log import Event, EventFilter, EventLog, format_time, utc_now
@@ -64,11 +66,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    seconds: float = request.app.state.settings.body_timeout
+    try:
+        async with asyncio.timeout(seconds):  # a client that sends slowly holds no worker
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {seconds:g} s: send it at "
+                             "once") from None
     return b"".join(chunks)
 
 
@@ -83,6 +91,9 @@ def decode_body(body: bytes) -> tuple[str, bool]:
 async def authenticate(request: Request, secret: str | None, scope: Scope) -> Token:
     token = await services(request).tokens.authenticate(secret)
     token.require(scope)
+    if scope is Scope.INGEST:
+        guard: Guard = request.app.state.guard
+        guard.admit(token)  # before anything is recorded
     return token
 
 
