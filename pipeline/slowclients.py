@@ -37,6 +37,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     _awaiting_headers = True
     _header_bytes = 0  # received while a request's headers are incomplete
     _header_lines = 0
+    _header_size = 0  # of the line and headers parsed so far
     _too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -76,15 +77,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._awaiting_headers = True
-        self._header_lines = 0
+        self._header_lines = self._header_size = 0
         self._arm()
         super().on_message_begin()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_lines += 1
-        if self._header_lines > self.limits.count:
+    def _count(self, size: int, lines: int) -> None:
+        self._header_size += size
+        self._header_lines += lines
+        if self._header_size > self.limits.size or self._header_lines > self.limits.count:
             self._too_large = True
             raise HeadersTooLarge  # the parser stops; uvicorn answers through send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4, 1)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
