@@ -205,3 +205,11 @@ class RedactTokens(logging.Filter):
                 for a in record.args
             )
         return True
+
+
+class QuietFrames(logging.Filter):
+    """Drops the WebSocket layer's debug lines that show frames and handshake headers: a
+    hello frame carries a token, and so may an upgrade's Authorization header."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(("< ", "> ")))

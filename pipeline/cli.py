@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import migrate
-from pipeline.app import RedactTokens, create_app
+from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
@@ -185,6 +185,7 @@ def serve(settings: Settings) -> int:
         limit_concurrency=settings.limit_concurrency,
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    logging.getLogger("uvicorn.error").addFilter(QuietFrames())
     configure_logging(settings.log_level)
     tune_garbage_collector()
     server = _Server(config, app.state.connections.stopping)

@@ -135,7 +135,8 @@ async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
             )
         token = await authenticate(request, secret, Scope.INGEST)
     outcome = await svc.ingestor.submit(Submission(
-        source="webhook", raw=redact(body, secret), parsed=parsed, token_name=token.name,
+        source="webhook", raw=redact(redact(body, secret), parsed.secret), parsed=parsed,
+        token_name=token.name,
         remote_addr=client, content_type=request.headers.get("content-type"),
         idempotency_key=parsed.idempotency_key,
         facts=request_facts(request, body, valid_utf8),
