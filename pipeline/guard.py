@@ -9,6 +9,7 @@ applies it to HTTP requests and WebSocket upgrades before the routes see them. T
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import math
 import time
@@ -48,6 +49,7 @@ class FailureCounter:
         """Seconds until ``address`` may try again, or None when it is not refused."""
         if not self.limit or address is None:
             return None
+        address = _holder(address)
         entry = self._windows.get(address)
         if entry is None:
             return None
@@ -60,6 +62,7 @@ class FailureCounter:
     def failed(self, address: str | None) -> None:
         if not self.limit or address is None:
             return
+        address = _holder(address)
         now = time.monotonic()
         entry = self._windows.get(address)
         if entry is None or now - entry[0] >= self.window:
@@ -70,6 +73,18 @@ class FailureCounter:
         else:
             self._windows[address] = (entry[0], entry[1] + 1)
 
+
+def _holder(address: str) -> str:
+    """What one client controls: an IPv4 address, or an IPv6 /64 (a host gets a whole one)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
 
 class TokenBuckets:
     """A token bucket per token name: ``rate`` signals a second on average, ``burst`` at once.

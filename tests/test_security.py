@@ -134,6 +134,9 @@ def test_failure_counter_tracks_a_bounded_number_of_addresses() -> None:
     assert len(counter) == 100
     assert counter.retry_after("10.0.3.231") is not None  # the last one is still refused
     assert counter.retry_after("10.0.0.0") is None  # the first ones were forgotten
+    counter.failed("2001:db8:1:2::1")  # an IPv6 host holds its whole /64
+    assert counter.retry_after("2001:db8:1:2:ffff::9") is not None
+    assert counter.retry_after("2001:db8:1:3::1") is None
     buckets = TokenBuckets(rate=1, burst=1, capacity=10)
     for n in range(100):
         buckets.take(f"token-{n}")
