@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from pydantic import ValidationError
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
+from pipeline.config import Settings
 from pipeline.guard import FailureCounter, TokenBuckets
 from pipeline.headers import SecurityHeaders
 from tests.support import (
@@ -322,3 +324,12 @@ async def test_the_header_counts_only_from_a_trusted_proxy(database_url: str) ->
             assert response.status_code == 403  # 127.0.0.1 is not the proxy
     finally:
         server.stop()
+
+
+def test_origin_and_certificate_settings_are_checked() -> None:
+    settings = Settings(ws_origins="https://App.example/, http://localhost:3000")
+    assert settings.ws_origins == ["https://app.example", "http://localhost:3000"]
+    with pytest.raises(ValidationError, match="not an origin"):
+        Settings(cors_origins="app.example")
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(client_cert_header="X-Client-Verify")
