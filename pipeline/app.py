@@ -22,7 +22,7 @@ from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy,
 from pipeline.config import Settings
 from pipeline.errors import Conflict, SignalboxError, TooManyRequests
 from pipeline.guard import Guard, GuardMiddleware
-from pipeline.headers import Cors, SecurityHeaders
+from pipeline.headers import ERROR_HEADERS, Cors, SecurityHeaders
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
@@ -188,8 +188,9 @@ async def _database_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    # Answered outside the middleware (by Starlette's outermost layer): add the headers here.
     return JSONResponse({"error": "internal_error", "message": "an internal error occurred"},
-                        status_code=500)
+                        status_code=500, headers=ERROR_HEADERS)
 
 
 _TOKEN_PATH = re.compile(r"(/webhooks/tradingview/)[^/?\s]+")

@@ -18,6 +18,7 @@ SECURITY_HEADERS = {
 # For the API's JSON and text; a page (the dashboard) sets its own and keeps it.
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 HSTS = "max-age=31536000"
+ERROR_HEADERS = {**SECURITY_HEADERS, "Content-Security-Policy": DEFAULT_CSP}
 
 CORS_PATHS = ("/api/",)
 CORS_METHODS = "GET, POST"
