@@ -136,3 +136,24 @@ async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_recorded(
     finally:
         writer.close()
     assert (await http.get("/readyz")).json()["head"] == 0
+
+
+async def test_limit_concurrency_answers_503_beyond_it(database_url: str) -> None:
+    server = ServerProcess(database_url, args=["--limit-concurrency", "3"]).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+            try:
+                async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as fresh:
+                    assert (await fresh.get("/healthz")).status_code == 503
+            finally:
+                for _, writer in held:
+                    writer.close()
+            deadline = time.monotonic() + 10
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as fresh:
+                while (await fresh.get("/healthz")).status_code != 200:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+    finally:
+        server.stop()
