@@ -252,7 +252,7 @@ async def test_a_token_that_expires_while_connected_is_closed(database_url: str)
     server = ServerProcess(database_url, args=["--heartbeat", "0.5"]).start()
     try:
         soon = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
-        token = await asyncio.to_thread(create_token, database_url, "brief", "read",
+        token = await asyncio.to_thread(create_token, database_url, "short-lived", "read",
                                         expires=soon)
         conn = await websockets.connect(server.ws_url)
         await conn.send(json.dumps({"op": "hello", "token": token, "cursor": None}))
