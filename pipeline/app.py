@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -19,7 +20,9 @@ from starlette.websockets import WebSocket
 from pipeline import dashboard, http
 from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
 from pipeline.config import Settings
-from pipeline.errors import Conflict, SignalboxError
+from pipeline.errors import Conflict, SignalboxError, TooManyRequests
+from pipeline.guard import Guard, GuardMiddleware
+from pipeline.headers import ERROR_HEADERS, Cors, SecurityHeaders
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
@@ -40,6 +43,7 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     connections = Connections()
+    guard = Guard(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -55,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                    if event_log.engines.kind == "postgresql" else None)
         try:
             await bootstrap_tokens(tokens, settings)
+            connections.tokens = tokens
             await hub.start()
             if wakeups is not None:
                 await wakeups.start()
@@ -97,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
                 WebSocketRoute("/ws", websocket_endpoint), *dashboard.routes],
         lifespan=lifespan,
+        middleware=security_middleware(settings, guard),
         exception_handlers={
             SignalboxError: _signalbox_error,
             HTTPException: _http_error,
@@ -106,8 +112,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.connections = connections
+    app.state.guard = guard
     app.state.metrics = Metrics()
     return app
+
+
+def security_middleware(settings: Settings, guard: Guard) -> list[Middleware]:
+    """Outermost first: headers on every answer, CORS when configured, then the guard."""
+    middleware = [Middleware(SecurityHeaders, behind_tls=settings.behind_tls)]
+    if settings.cors_origins:
+        middleware.append(Middleware(Cors, origins=settings.cors_origins))
+    middleware.append(Middleware(GuardMiddleware, guard=guard))
+    return middleware
 
 
 def handler_runner(settings: Settings, event_log: EventLog, hub: Hub) -> HandlerRunner:
@@ -146,6 +162,8 @@ async def bootstrap_tokens(tokens: TokenStore, settings: Settings) -> None:
 async def _signalbox_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SignalboxError)
     headers = {"Retry-After": "1"} if exc.status == 503 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
 
@@ -170,8 +188,9 @@ async def _database_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    # Answered outside the middleware (by Starlette's outermost layer): add the headers here.
     return JSONResponse({"error": "internal_error", "message": "an internal error occurred"},
-                        status_code=500)
+                        status_code=500, headers=ERROR_HEADERS)
 
 
 _TOKEN_PATH = re.compile(r"(/webhooks/tradingview/)[^/?\s]+")
@@ -187,3 +206,11 @@ class RedactTokens(logging.Filter):
                 for a in record.args
             )
         return True
+
+
+class QuietFrames(logging.Filter):
+    """Drops the WebSocket layer's debug lines that show frames and handshake headers: a
+    hello frame carries a token, and so may an upgrade's Authorization header."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(("< ", "> ")))

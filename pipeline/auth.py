@@ -139,6 +139,28 @@ class TokenStore:
             return None
         return Token(row.name, frozenset(Scope(s) for s in row.scopes.split(",") if s))
 
+    async def still_valid(self, digests: Iterable[str]) -> set[str]:
+        """Which of these token hashes still belong to an active, unexpired token: asked of the
+        database (one query per 500 tokens), not of the cache, whose entries it refreshes."""
+        wanted = sorted(set(digests))
+        valid: set[str] = set()
+        now = time.monotonic()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(
+                    select(tokens).where(tokens.c.token_hash.in_(chunk))
+                )).all()
+            now_text = format_time(utc_now())
+            for row in rows:
+                if row.revoked_at is None and (row.expires_at is None
+                                               or row.expires_at > now_text):
+                    valid.add(row.token_hash)
+            for digest in chunk:
+                if digest not in valid:
+                    self._cache[digest] = (now, None)
+        return valid
+
     async def create(self, name: str, scopes: Iterable[str], *,
                      expires_at: datetime | None = None, secret: str | None = None) -> str:
         """Store a new token and return its secret (the only time it is ever shown)."""
@@ -269,6 +291,11 @@ class SourcePolicy:
                 "SIGNALBOX_ALLOWED_SOURCES (or configure SIGNALBOX_TRUSTED_PROXIES if a proxy "
                 "forwards for it)"
             )
+
+    def trusts(self, peer: str | None) -> bool:
+        """Whether ``peer`` (a TCP peer address) is one of the trusted proxies."""
+        address = _parse_address(peer)
+        return address is not None and self._is_trusted(address)
 
     def _is_trusted(self, address: Address) -> bool:
         return any(address in network for network in self.trusted)

@@ -19,13 +19,14 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import migrate
-from pipeline.app import RedactTokens, create_app
+from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
 from pipeline.processing.rebuild import RebuildReport, rebuild
+from pipeline.slowclients import HeaderLimits, protocol_with
 from replay.audit_cli import add_commands as add_audit_commands
 from replay.audit_cli import rewrite_argv
 from replay.audit_cli import run as run_audit_command
@@ -186,8 +187,14 @@ def serve(settings: Settings) -> int:
         ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
         server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
+        http=protocol_with(HeaderLimits(settings.header_limit, settings.header_count,
+                                        settings.header_timeout)),
+        h11_max_incomplete_event_size=settings.header_limit,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.limit_concurrency,
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    logging.getLogger("uvicorn.error").addFilter(QuietFrames())
     configure_logging(settings.log_level)
     tune_garbage_collector()
     server = _Server(config, app.state.connections.stopping)

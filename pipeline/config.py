@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./signalbox.db"
@@ -14,6 +14,7 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./signalbox.db"
 TRADINGVIEW_SENDERS = ("52.89.214.238", "34.212.75.30", "54.218.53.128", "52.32.178.7")
 
 Networks = Annotated[list[str], NoDecode]
+Origins = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -70,17 +71,51 @@ class Settings(BaseSettings):
         "HMAC key of the forward handler's X-Signalbox-Signature"))
     forward_timeout: float = Field(5.0, gt=0, description=(
         "seconds the forward handler waits for an answer"))
+    auth_failures: int = Field(10, ge=0, description=(
+        "failed authentications from one address within the window before it gets 429 "
+        "(0: no limit)"))
+    auth_failure_window: float = Field(60.0, gt=0, description=(
+        "seconds over which failed authentications are counted, and an address refused"))
+    ingest_rate: float = Field(0.0, ge=0, description=(
+        "signals per second one token may post, on average (0: no limit)"))
+    ingest_burst: int = Field(20, ge=1, description=(
+        "signals one token may post at once before ingest_rate applies"))
+    ws_origins: Origins = Field([], description=(
+        "comma-separated browser Origins allowed to open /ws besides the server's own "
+        "(empty: any)"))
+    cors_origins: Origins = Field([], description=(
+        "comma-separated browser Origins allowed to call the API (empty: no CORS)"))
+    behind_tls: bool = Field(False, description=(
+        "tell browsers the server is reached over HTTPS only (Strict-Transport-Security)"))
+    header_limit: int = Field(16 * 1024, ge=1024, le=1 << 20, description=(
+        "largest request line and header block in bytes (431 above)"))
+    header_count: int = Field(100, ge=10, le=1000, description=(
+        "most header lines in one request (431 above)"))
+    header_timeout: float = Field(10.0, gt=0, description=(
+        "seconds a client has to send the line and headers of a request"))
+    body_timeout: float = Field(10.0, gt=0, description=(
+        "seconds a client has to send the body of a request (408 after)"))
+    keep_alive_timeout: int = Field(5, ge=1, description=(
+        "seconds an idle keep-alive connection stays open"))
+    limit_concurrency: int | None = Field(None, ge=1, description=(
+        "most connections and requests at once; more get 503 (default: no limit)"))
+    client_cert_header: str | None = Field(None, description=(
+        "header in which the TLS terminator reports the client certificate check"))
+    client_cert_value: str | None = Field(None, description=(
+        "the value client_cert_header must have for a webhook to be taken"))
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(False, description=(
         "log a line per HTTP request (webhook tokens redacted); costs a tenth of throughput"))
 
-    @field_validator("admin_token", "webhook_secret", "forward_secret", mode="before")
+    @field_validator("admin_token", "webhook_secret", "forward_secret", "client_cert_header",
+                     "client_cert_value", "limit_concurrency", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `SIGNALBOX_ADMIN_TOKEN=` means "no token", not a token whose secret is "".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("allowed_sources", "trusted_proxies", mode="before")
+    @field_validator("allowed_sources", "trusted_proxies", "ws_origins", "cors_origins",
+                     mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -103,3 +138,27 @@ class Settings(BaseSettings):
                 ) from None
             expanded.append(item)
         return expanded
+
+    @field_validator("ws_origins", "cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for item in value:
+            origin = normal_origin(item)
+            scheme, _, host = origin.partition("://")
+            if scheme not in ("http", "https") or not host or "/" in host:
+                raise ValueError(f"{item!r} is not an origin such as https://example.com:8443")
+            origins.append(origin)
+        return origins
+
+    @model_validator(mode="after")
+    def _client_cert_pair(self) -> Settings:
+        if (self.client_cert_header is None) != (self.client_cert_value is None):
+            raise ValueError("client_cert_header and client_cert_value go together: set both "
+                             "or neither")
+        return self
+
+
+def normal_origin(value: str) -> str:
+    """An Origin as browsers send it: scheme://host[:port], lower case, no trailing slash."""
+    return value.strip().rstrip("/").lower()

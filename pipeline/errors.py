@@ -7,12 +7,15 @@ The hierarchy::
     │   └── InvalidCursor               invalid_cursor   400
     ├── Unauthorized                    unauthorized     401
     ├── Forbidden                       forbidden        403
-    │   └── SourceNotAllowed            source_not_allowed 403
+    │   ├── SourceNotAllowed            source_not_allowed 403
+    │   └── ClientCertificateRequired   client_certificate_required 403
     ├── NotFound                        not_found        404
     ├── Conflict                        conflict         409
     │   ├── IllegalTransition           illegal_transition 409
     │   └── EpochMismatch               epoch_mismatch   409
+    ├── RequestTimeout                  request_timeout  408
     ├── PayloadTooLarge                 payload_too_large 413
+    ├── TooManyRequests                 too_many_requests 429
     ├── LogUnavailable                  log_unavailable  503
     └── SchemaMismatch                  schema_mismatch  503
 
@@ -60,6 +63,10 @@ class SourceNotAllowed(Forbidden):
     code = "source_not_allowed"
 
 
+class ClientCertificateRequired(Forbidden):
+    code = "client_certificate_required"
+
+
 class NotFound(SignalboxError):
     code = "not_found"
     status = 404
@@ -81,6 +88,22 @@ class EpochMismatch(Conflict):
 class PayloadTooLarge(SignalboxError):
     code = "payload_too_large"
     status = 413
+
+
+class RequestTimeout(SignalboxError):
+    code = "request_timeout"
+    status = 408
+
+
+class TooManyRequests(SignalboxError):
+    """Refused for now; ``retry_after`` is how many seconds to wait before trying again."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LogUnavailable(SignalboxError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.auth import Scope, SourcePolicy, Token, TokenStore, bearer_token
-from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized
+from pipeline.guard import Guard
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor, Outcome, Submission
 from pipeline.log import Event, EventFilter, EventLog, format_time, utc_now
@@ -65,11 +67,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    seconds: float = request.app.state.settings.body_timeout
+    try:
+        async with asyncio.timeout(seconds):  # a client that sends slowly holds no worker
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {seconds:g} s: send it at "
+                             "once") from None
     return b"".join(chunks)
 
 
@@ -84,6 +92,9 @@ def decode_body(body: bytes) -> tuple[str, bool]:
 async def authenticate(request: Request, secret: str | None, scope: Scope) -> Token:
     token = await services(request).tokens.authenticate(secret)
     token.require(scope)
+    if scope is Scope.INGEST:
+        guard: Guard = request.app.state.guard
+        guard.admit(token)  # before anything is recorded
     return token
 
 
@@ -125,7 +136,8 @@ async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
             )
         token = await authenticate(request, secret, Scope.INGEST)
     outcome = await svc.ingestor.submit(Submission(
-        source="webhook", raw=redact(body, secret), parsed=parsed, token_name=token.name,
+        source="webhook", raw=redact(redact(body, secret), parsed.secret), parsed=parsed,
+        token_name=token.name,
         remote_addr=client, content_type=request.headers.get("content-type"),
         idempotency_key=parsed.idempotency_key,
         facts=request_facts(request, body, valid_utf8),

@@ -24,8 +24,9 @@ from typing import Any, TypeGuard
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from pipeline.auth import Scope, Token, TokenStore, bearer_token
-from pipeline.errors import BadRequest, SignalboxError
+from pipeline.auth import Scope, Token, TokenStore, bearer_token, hash_secret
+from pipeline.errors import BadRequest, SignalboxError, TooManyRequests
+from pipeline.guard import Guard
 from pipeline.hub import Hub, Page
 from pipeline.log import EventFilter, EventLog
 from pipeline.log.model import strict_loads
@@ -51,6 +52,7 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403
     TIMEOUT = 4408
     CONFLICT = 4409
+    TOO_MANY_REQUESTS = 4429
 
 
 class Closing(Exception):
@@ -92,7 +94,9 @@ class Connections:
         self.stopping = asyncio.Event()
         self.open = 0
         self.sessions: set[Session] = set()
+        self.tokens: TokenStore | None = None  # set when serving: tokens are checked again
         self._chores: set[asyncio.Task[None]] = set()
+        self._rechecking = False
 
     async def watch(self, interval: float) -> None:
         while True:
@@ -106,6 +110,28 @@ class Connections:
             now = time.monotonic()
             for session in list(self.sessions):
                 session.beat(now, interval)
+            if self.tokens is not None and not self._rechecking:
+                self._rechecking = True
+                self.spawn(self._recheck_tokens(self.tokens))
+
+    async def _recheck_tokens(self, tokens: TokenStore) -> None:
+        """Close the sessions whose token was revoked or has expired since their hello: one
+        database lookup per heartbeat for all the distinct tokens in use."""
+        try:
+            sessions = [s for s in self.sessions if s.token_digest is not None]
+            if not sessions:
+                return
+            valid = await tokens.still_valid(s.token_digest for s in sessions
+                                             if s.token_digest is not None)
+            for session in sessions:
+                if session.token_digest not in valid:
+                    session.end(Closing(CloseCode.UNAUTHORIZED,
+                                        "the token was revoked or has expired: reconnect with "
+                                        "a valid one"))
+        except Exception:  # the database is away: check again at the next heartbeat
+            log.warning("could not check the tokens of open connections", exc_info=True)
+        finally:
+            self._rechecking = False
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a short chore (a ping, a close) without waiting for it."""
@@ -214,6 +240,7 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._ending = False
         self.token: Token | None = None
+        self.token_digest: str | None = None
         self.consumer: str | None = None
 
     async def run(self) -> None:
@@ -282,13 +309,18 @@ class Session:
 
     async def _authorize(self, hello: Hello) -> int:
         secret = hello.token or bearer_token(self.ws.headers)
+        guard: Guard = self.ws.app.state.guard
         try:
-            token = await self.tokens.authenticate(secret)
+            token = await guard.authenticate(self.tokens, secret, guard.address(self.ws.scope))
             token.require(Scope.READ)
         except SignalboxError as exc:
-            codes = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.FORBIDDEN}
-            raise Closing(codes.get(exc.status, CloseCode.OVERLOADED), exc.message) from None
+            codes = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.FORBIDDEN,
+                     429: CloseCode.TOO_MANY_REQUESTS}
+            extra = {"retry_after": exc.retry_after} if isinstance(exc, TooManyRequests) else {}
+            raise Closing(codes.get(exc.status, CloseCode.OVERLOADED), exc.message,
+                          **extra) from None
         self.token = token
+        self.token_digest = hash_secret(secret) if secret else None
         self.consumer = hello.consumer
         if hello.epoch is not None and hello.epoch != self.log.epoch:
             raise Closing(CloseCode.CONFLICT,
