@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from pipeline.auth import Scope, Token, TokenStore, bearer_token
 from pipeline.errors import BadRequest, SignalboxError
 from pipeline.hub import Hub, Page
+from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
 from pipeline.log import EventFilter, EventLog
 from pipeline.log.model import strict_loads
 from pipeline.processing.consumers import acknowledge, stored_position
@@ -215,6 +216,9 @@ class Session:
         self._ending = False
         self.token: Token | None = None
         self.consumer: str | None = None
+        self.cursor = 0  # how far the stream has delivered (for /metrics)
+        self.live = False
+        self.close_code: int | None = None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -223,6 +227,7 @@ class Session:
             await self._ending_with(self._serve())
         finally:
             self.connections.open -= 1
+            WEBSOCKET_CLOSES.inc(str(self.close_code or 1006))
 
     async def _serve(self) -> None:
         hello = await self._receive_hello()
@@ -247,8 +252,8 @@ class Session:
             await work
         except Closing as closing:
             await self._close(closing.code, closing.message, **closing.extra)
-        except WebSocketDisconnect:
-            pass
+        except WebSocketDisconnect as disconnect:
+            self.close_code = self.close_code or disconnect.code
         except Exception:
             log.exception("websocket session failed")
             await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
@@ -311,6 +316,7 @@ class Session:
 
     async def _stream(self, cursor: int, hello: Hello) -> None:
         replaying = True
+        self.cursor = cursor
         ahead: asyncio.Task[Page] | None = None  # the next page, read while this one is sent
         try:
             while True:
@@ -319,16 +325,18 @@ class Session:
                     page = await self.hub.page(cursor, hello.filter, self.page_size)
                 else:
                     page, ahead = await ahead, None
-                cursor = max(cursor, page.covered)
+                cursor = self.cursor = max(cursor, page.covered)
                 if page.events and cursor < self.hub.head:
                     ahead = asyncio.create_task(
                         self.hub.page(cursor, hello.filter, self.page_size))
                 if page.events:
+                    if page.from_log:
+                        PAGED_EVENTS.inc(amount=len(page.events))
                     await self._send_events([e.frame for e in page.events], hello.batch)
                 if cursor < self.hub.head:
                     continue
                 if replaying:
-                    replaying = False
+                    replaying, self.live = False, True
                     await self._send_text(f'{{"op":"live","position":{cursor}}}')
                 await changed.wait()
         finally:
@@ -419,6 +427,7 @@ class Session:
             await self.ws.send_text(text)
 
     async def _close(self, code: CloseCode, message: str, **extra: Any) -> None:
+        self.close_code = self.close_code or int(code)
         frame = json.dumps({"op": "error", "code": int(code), "message": message, **extra})
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_text(frame), 5)
