@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -19,6 +20,7 @@ from starlette.websockets import WebSocket
 from pipeline import http
 from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
 from pipeline.config import Settings
+from pipeline.context import RequestIdMiddleware
 from pipeline.errors import Conflict, SignalboxError
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
                 WebSocketRoute("/ws", websocket_endpoint)],
         lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={
             SignalboxError: _signalbox_error,
             HTTPException: _http_error,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     forward_timeout: float = Field(5.0, gt=0, description=(
         "seconds the forward handler waits for an answer"))
     log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "text, or json: one JSON object per line with time, level, logger, message, "
+        "request_id and fields"))
     access_log: bool = Field(False, description=(
         "log a line per HTTP request (webhook tokens redacted); costs a tenth of throughput"))
 
