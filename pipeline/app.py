@@ -29,6 +29,7 @@ from pipeline.log.backends import DATABASE_ERRORS
 from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
+from pipeline.openapi import openapi_endpoint
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
 from pipeline.tasks import cancel_all
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
+                Route("/openapi.json", openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/ws", websocket_endpoint)],
         lifespan=lifespan,
         middleware=[Middleware(RequestIdMiddleware)],

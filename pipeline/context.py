@@ -34,11 +34,17 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+NUL_IN_URL = (b'{"error":"bad_request","message":"the URL holds a NUL character '
+              b'(%00), which no name, id or filter value can contain: remove it"}')
+
+
 class RequestIdMiddleware:
     """Gives each HTTP request its id (see the module's docstring); WebSockets pass through.
 
     The id stays set for the rest of the request's task (it is not reset on the way out), so
-    that the error handlers outside this middleware still log it."""
+    that the error handlers outside this middleware still log it. A URL with a NUL character
+    is refused here, on every route: no id, name or filter value holds one, and PostgreSQL
+    cannot even compare text with it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -56,4 +62,10 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            await send_with_id({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(NUL_IN_URL)).encode())]})
+            await send_with_id({"type": "http.response.body", "body": NUL_IN_URL})
+            return
         await self.app(scope, receive, send_with_id)

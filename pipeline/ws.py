@@ -130,8 +130,10 @@ def parse_hello(text: str) -> Hello:
     if epoch is not None and not isinstance(epoch, str):
         raise Closing(CloseCode.MALFORMED, "epoch must be a string or null")
     consumer = frame.get("consumer")
-    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100):
-        raise Closing(CloseCode.MALFORMED, "consumer must be a name of 1-100 characters or null")
+    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100
+                                 or not consumer.isprintable()):
+        raise Closing(CloseCode.MALFORMED,
+                      "consumer must be a name of 1-100 printable characters or null")
     batch = frame.get("batch", False)
     if not isinstance(batch, bool):
         raise Closing(CloseCode.MALFORMED, "batch must be true or false")
@@ -153,6 +155,7 @@ def parse_group(value: object) -> tuple[str, int, int]:
         raise Closing(CloseCode.MALFORMED, usage)
     name, member, size = value.get("name"), value.get("member"), value.get("size")
     if (not isinstance(name, str) or not 0 < len(name) <= 90 or "/" in name
+            or not name.isprintable()
             or not _is_int(member) or not _is_int(size) or not 0 <= member < size <= 1024):
         raise Closing(CloseCode.MALFORMED, usage)
     return name, member, size
@@ -175,11 +178,13 @@ def parse_filter(value: object) -> EventFilter:
     for key in FILTER_KEYS:
         items = value.get(key) or []
         if not isinstance(items, list) or len(items) > MAX_FILTER_VALUES or not all(
-            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH for i in items
+            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH and "\x00" not in i
+            for i in items
         ):
             raise Closing(CloseCode.MALFORMED,
                           f"filter.{key} must be a list of at most {MAX_FILTER_VALUES} "
-                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters")
+                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters "
+                          "(no NUL)")
         lists[key] = tuple(items)
     bad = [t for t in lists["types"] if not TYPE_PATTERN.match(t)]
     if bad:
