@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             websocket, event_log=svc.log, hub=svc.hub, token_store=svc.tokens,
             connections=connections,
             settings=StreamSettings(settings.heartbeat, settings.hello_timeout,
-                                    settings.ws_max_message),
+                                    settings.ws_max_message, settings.ws_frame_rate),
             page_size=settings.page_size,
         )
         await session.run()

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
         "events per page when a subscriber is paged from the log"))
     ws_max_message: int = Field(64 * 1024, ge=1024, description=(
         "largest WebSocket message a client may send, in bytes"))
+    ws_frame_rate: float = Field(2000.0, ge=1, description=(
+        "WebSocket frames a client may send per second (and at once); over it: close 1008"))
     poll_interval: float = Field(1.0, gt=0, description=(
         "seconds between looks for events appended by other processes"))
     token_cache: float = Field(2.0, ge=0, description=(

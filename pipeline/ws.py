@@ -25,6 +25,7 @@ from typing import Any, TypeGuard
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.auth import Scope, Token, TokenStore, bearer_token
+from pipeline.budget import FrameBudget
 from pipeline.errors import BadRequest, SignalboxError
 from pipeline.hub import Hub, Page
 from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
@@ -45,6 +46,7 @@ MAX_BATCH_BYTES = 1 << 20
 
 class CloseCode(IntEnum):
     GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
     INTERNAL_ERROR = 1011
     OVERLOADED = 1013
     MALFORMED = 4400
@@ -79,6 +81,7 @@ class StreamSettings:
     heartbeat: float
     hello_timeout: float
     max_message: int
+    frame_rate: float = 2000.0  # frames a client may send per second, and at once
 
 
 class Connections:
@@ -217,6 +220,7 @@ class Session:
         self.settings = settings
         self.page_size = page_size
         self.last_heard = time.monotonic()
+        self.budget = FrameBudget(settings.frame_rate, self.last_heard)
         self._send_lock = asyncio.Lock()
         self._ending = False
         self.token: Token | None = None
@@ -368,6 +372,10 @@ class Session:
         while True:
             frame = _decode(await self._receive_text())
             self.last_heard = time.monotonic()
+            if not self.budget.take(self.last_heard):
+                raise Closing(CloseCode.POLICY_VIOLATION,
+                              f"more than {self.settings.frame_rate:g} frames a second: "
+                              "send pongs, acks and reports only as the protocol needs them")
             op = frame["op"]
             if op == "pong":
                 continue
