@@ -51,7 +51,7 @@ async def test_the_description_names_every_route_and_its_errors(
 
 
 async def test_schemathesis_finds_no_5xx_and_every_answer_conforms(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
+        server: ServerProcess, client: httpx.AsyncClient, tmp_path: Path) -> None:
     # Some history, so that lists and timelines have rows to check against the schema.
     accepted = await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
     await client.post("/api/signals", json={"ticker": "X"}, headers=headers(INGEST_TOKEN))
@@ -64,7 +64,7 @@ async def test_schemathesis_finds_no_5xx_and_every_answer_conforms(
                "--mode", "all", "--max-examples", "25", "--seed", "20261126",
                "--workers", "1", "--request-timeout", "20", "--max-failures", "5"]
     result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
-                                     timeout=240)
+                                     timeout=240, cwd=tmp_path)  # its cache goes there
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-6000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", report)
