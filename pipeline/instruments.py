@@ -100,7 +100,7 @@ PAGED_EVENTS = Count(
 WEBSOCKET_CLOSES = Count(
     "signalbox_websocket_closes",
     "WebSocket connections ended, by close code (the server's, or the client's when it closed "
-    "first; 1006 when the connection dropped without one)", ["code"])
+    "first; 1005 or 1006 when it dropped without one)", ["code"])
 AUTH_FAILURES = Count(
     "signalbox_auth_failures",
     "requests and connections refused, by reason (missing_token, bad_token: unknown, revoked "

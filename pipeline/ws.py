@@ -225,7 +225,7 @@ class Session:
         self._ending = False
         self.token: Token | None = None
         self.consumer: str | None = None
-        self.cursor = 0  # how far the stream has delivered (for /metrics)
+        self.cursor = 0  # how far the stream has delivered (for /metrics: paging or not)
         self.live = False
         self.close_code: int | None = None
 
@@ -261,8 +261,8 @@ class Session:
             await work
         except Closing as closing:
             await self._close(closing.code, closing.message, **closing.extra)
-        except WebSocketDisconnect as disconnect:
-            self.close_code = self.close_code or disconnect.code
+        except WebSocketDisconnect:
+            pass
         except Exception:
             log.exception("websocket session failed")
             await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
@@ -334,7 +334,7 @@ class Session:
                     page = await self.hub.page(cursor, hello.filter, self.page_size)
                 else:
                     page, ahead = await ahead, None
-                cursor = self.cursor = max(cursor, page.covered)
+                cursor = max(cursor, page.covered)
                 if page.events and cursor < self.hub.head:
                     ahead = asyncio.create_task(
                         self.hub.page(cursor, hello.filter, self.page_size))
@@ -342,6 +342,7 @@ class Session:
                     if page.from_log:
                         PAGED_EVENTS.inc(amount=len(page.events))
                     await self._send_events([e.frame for e in page.events], hello.batch)
+                self.cursor = cursor  # delivered: a reader stalled in a send keeps its place
                 if cursor < self.hub.head:
                     continue
                 if replaying:
@@ -425,6 +426,8 @@ class Session:
     async def _receive_text(self) -> str:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
+            # The client's close code, as received (a send that failed says nothing of it).
+            self.close_code = self.close_code or int(message.get("code", 1005))
             raise WebSocketDisconnect(message.get("code", 1000))
         text = message.get("text")
         if text is None:

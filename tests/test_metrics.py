@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import websockets
@@ -55,8 +56,11 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     api, webhook = "/api/signals", f"/webhooks/tradingview/{INGEST_TOKEN}"
     ingest = headers(INGEST_TOKEN)
     statuses = []
-    for _ in range(110):  # 220 events: more than twice the window, so a reader from 0 pages
-        statuses.append((await client.post(api, json=BTC, headers=ingest)).status_code)
+    # 220 events: more than twice the window, so a reader from 0 pages; and big ones (over
+    # 10 MB in all), so that a reader who does not read stalls the server's sends.
+    big = {**BTC, "comment": "x" * 60_000}
+    for _ in range(110):
+        statuses.append((await client.post(api, json=big, headers=ingest)).status_code)
     statuses.append((await client.post(api, json={"ticker": "X"}, headers=ingest)).status_code)
     for _ in range(2):
         statuses.append((await client.post(api, json=BTC, headers={
@@ -80,6 +84,11 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     while (frame := await next_frame(reader))["op"] != "live":
         received += frame["op"] == "event"
     assert received == head
+    assert scrape_one(server, "signalbox_events_paged_from_log_total") == head
+    # One that does not read: stuck behind the window, its connection paged from the log.
+    stalled = await websockets.connect(server.ws_url, sock=small_window_socket(server.port),
+                                       max_size=None, max_queue=1, compression=None)
+    await stalled.send(json.dumps({"op": "hello", "token": ADMIN_TOKEN, "cursor": 0}))
     # One connection that never says hello, one closed for garbage, one that closes itself.
     silent = await websockets.connect(server.ws_url)
     garbage = await ws_connect(server, cursor=None)
@@ -94,7 +103,7 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     def closes_counted() -> bool:
         return scrape_one(server, "signalbox_websocket_closes_total", code="1000") == 1
 
-    wait_until(closes_counted)
+    wait_until(closes_counted, timeout=30)
     samples, types = await scrape(client)
 
     assert value(samples, "signalbox_signals_received_total", source="api",
@@ -121,13 +130,14 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     assert value(samples, "signalbox_commit_seconds_count") == commits
     assert value(samples, "signalbox_commit_seconds_bucket", le="10.0") <= commits
 
-    assert value(samples, "signalbox_events_paged_from_log_total") == head
+    assert value(samples, "signalbox_events_paged_from_log_total") >= head
     assert value(samples, "signalbox_websocket_closes_total", code="4400") == 1
     assert value(samples, "signalbox_websocket_closes_total", code="1000") == 1
     assert value(samples, "signalbox_subscribers_by_state", state="live") == 1  # the reader
     assert value(samples, "signalbox_subscribers_by_state", state="opening") == 1  # silent
-    assert value(samples, "signalbox_subscribers_by_state", state="paging") == 0
-    assert value(samples, "signalbox_subscribers") == 2
+    assert value(samples, "signalbox_subscribers_by_state", state="paging") == 1  # stalled
+    assert value(samples, "signalbox_subscribers_by_state", state="replaying") == 0
+    assert value(samples, "signalbox_subscribers") == 3
     assert value(samples, "signalbox_log_head") == head
     assert value(samples, "signalbox_signals", status="accepted") == 112
     assert value(samples, "signalbox_signals_stuck") == 0
@@ -135,6 +145,17 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     assert INGEST_TOKEN not in text and ADMIN_TOKEN not in text
     await reader.close()
     await silent.close()
+    stalled.transport.abort()
+
+
+def small_window_socket(port: int) -> socket.socket:
+    """A connected socket with a small fixed receive buffer (no autotuning to megabytes): a
+    client that stops reading stops the server's sends after a few kilobytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
 
 
 def scrape_one(server: ServerProcess, name: str, **labels: str) -> float:
