@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 from pipeline import dashboard, http
 from pipeline.auth import ADMIN_ENV_NAME, WEBHOOK_ENV_NAME, Scope, SourcePolicy, TokenStore
 from pipeline.config import Settings
+from pipeline.context import RequestIdMiddleware
 from pipeline.errors import Conflict, SignalboxError, TooManyRequests
 from pipeline.guard import Guard, GuardMiddleware
 from pipeline.headers import ERROR_HEADERS, Cors, SecurityHeaders
@@ -30,6 +31,7 @@ from pipeline.log.backends import DATABASE_ERRORS
 from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
+from pipeline.openapi import openapi_endpoint
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
 from pipeline.tasks import cancel_all
@@ -93,16 +95,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             websocket, event_log=svc.log, hub=svc.hub, token_store=svc.tokens,
             connections=connections,
             settings=StreamSettings(settings.heartbeat, settings.hello_timeout,
-                                    settings.ws_max_message),
+                                    settings.ws_max_message, settings.ws_frame_rate),
             page_size=settings.page_size,
         )
         await session.run()
 
     app = Starlette(
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
+                Route("/openapi.json", openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/ws", websocket_endpoint), *dashboard.routes],
         lifespan=lifespan,
-        middleware=security_middleware(settings, guard),
+        middleware=[Middleware(RequestIdMiddleware), *security_middleware(settings, guard)],
         exception_handlers={
             SignalboxError: _signalbox_error,
             HTTPException: _http_error,

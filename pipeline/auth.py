@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pipeline.errors import BadRequest, Conflict, Forbidden, SourceNotAllowed, Unauthorized
+from pipeline.instruments import AUTH_FAILURES
 from pipeline.log.model import format_time, utc_now
 from pipeline.log.schema import tokens
 
@@ -47,6 +48,7 @@ class Token:
 
     def require(self, scope: Scope) -> None:
         if not self.allows(scope):
+            AUTH_FAILURES.inc("missing_scope")
             raise Forbidden(
                 f"token {self.name!r} lacks the {scope.value!r} scope: "
                 f"create one with `signalbox token create NAME --scope {scope.value}`"
@@ -96,6 +98,7 @@ class TokenStore:
     async def authenticate(self, secret: str | None) -> Token:
         """The token for ``secret``, or :class:`Unauthorized`. Never logs or stores ``secret``."""
         if not secret:
+            AUTH_FAILURES.inc("missing_token")
             raise Unauthorized("no token: send `Authorization: Bearer TOKEN`")
         digest = hash_secret(secret)
         now = time.monotonic()
@@ -105,6 +108,7 @@ class TokenStore:
         else:
             token = await self._lookup_once(digest, now)
         if token is None:
+            AUTH_FAILURES.inc("bad_token")
             raise Unauthorized("unknown, revoked or expired token: check it, or create a new one")
         return token
 
@@ -286,6 +290,7 @@ class SourcePolicy:
             return
         address = _parse_address(client)
         if address is None or not any(address in network for network in self.allowed):
+            AUTH_FAILURES.inc("source_not_allowed")
             raise SourceNotAllowed(
                 f"source address {client} is not in the allowlist: add it to "
                 "SIGNALBOX_ALLOWED_SOURCES (or configure SIGNALBOX_TRUSTED_PROXIES if a proxy "

@@ -25,6 +25,7 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
+from pipeline.logs import configure_logging
 from pipeline.processing.rebuild import RebuildReport, rebuild
 from pipeline.slowclients import HeaderLimits, protocol_with
 from replay.audit_cli import add_commands as add_audit_commands
@@ -195,21 +196,11 @@ def serve(settings: Settings) -> int:
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(QuietFrames())
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     tune_garbage_collector()
     server = _Server(config, app.state.connections.stopping)
     server.run()
     return 0 if server.started else 1
-
-
-def configure_logging(level: str) -> None:
-    """Signalbox's own messages, beside uvicorn's and in the same shape."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
-    ours = logging.getLogger("signalbox")
-    ours.handlers[:] = [handler]
-    ours.setLevel(level.upper())
-    ours.propagate = False
 
 
 def upgrade(url: str) -> None:

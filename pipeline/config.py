@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         "events per page when a subscriber is paged from the log"))
     ws_max_message: int = Field(64 * 1024, ge=1024, description=(
         "largest WebSocket message a client may send, in bytes"))
+    ws_frame_rate: float = Field(2000.0, ge=1, description=(
+        "WebSocket frames a client may send per second (and at once); over it: close 1008"))
     poll_interval: float = Field(1.0, gt=0, description=(
         "seconds between looks for events appended by other processes"))
     token_cache: float = Field(2.0, ge=0, description=(
@@ -104,6 +106,9 @@ class Settings(BaseSettings):
     client_cert_value: str | None = Field(None, description=(
         "the value client_cert_header must have for a webhook to be taken"))
     log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "text, or json: one JSON object per line with time, level, logger, message, "
+        "request_id and fields"))
     access_log: bool = Field(False, description=(
         "log a line per HTTP request (webhook tokens redacted); costs a tenth of throughput"))
 

@@ -19,6 +19,7 @@ from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeou
 from pipeline.guard import Guard
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor, Outcome, Submission
+from pipeline.instruments import AUTH_FAILURES
 from pipeline.log import Event, EventFilter, EventLog, format_time, utc_now
 from pipeline.log.model import strict_loads
 from pipeline.log.schema import signals
@@ -130,6 +131,7 @@ async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
     secret = path_token if path_token is not None else parsed.secret
     if path_token is None:
         if secret is None:
+            AUTH_FAILURES.inc("missing_token")
             raise Unauthorized(
                 "no credential: put the token in the URL (/webhooks/tradingview/TOKEN) or a "
                 '"passphrase" field in the JSON alert message'

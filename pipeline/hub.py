@@ -29,10 +29,12 @@ log = logging.getLogger("signalbox.hub")
 
 @dataclass(frozen=True)
 class Page:
-    """Matching events after a cursor, and how far the scan got (``covered`` ≥ last event)."""
+    """Matching events after a cursor, and how far the scan got (``covered`` ≥ last event);
+    ``from_log``: read from the database because the cursor was behind the window."""
 
     events: Sequence[Event]
     covered: int
+    from_log: bool = False
 
 
 class Hub:
@@ -139,7 +141,11 @@ class Hub:
         covered = events[-1].position if len(events) >= limit else head
         if filter.partition is not None:  # the one part of a filter that SQL cannot apply
             events = [e for e in events if filter.matches(e)]
-        return Page(events, covered)
+        return Page(events, covered, from_log=True)
+
+    def behind_window(self, after: int) -> bool:
+        """Whether a reader at ``after`` would be paged from the log rather than memory."""
+        return after < self.head and not (self._events and after + 1 >= self._first)
 
     def _from_window(self, after: int, filter: EventFilter, limit: int) -> Page:
         start = after + 1 - self._first

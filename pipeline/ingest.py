@@ -16,7 +16,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from pipeline.errors import BadRequest
+from pipeline.errors import BadRequest, LogUnavailable
+from pipeline.instruments import SIGNALS
 from pipeline.log import EventLog, NewEvent, Transaction, format_time
 from pipeline.log.model import safe_text
 from pipeline.log.schema import signals
@@ -93,7 +94,13 @@ class Ingestor:
                 return await self._record_duplicate(tx, submission, original)
             return self._record_new(tx, submission, key)
 
-        return await self.log.transact(unit)
+        try:
+            outcome = await self.log.transact(unit)
+        except LogUnavailable:
+            SIGNALS.inc(submission.source, "unavailable")
+            raise
+        SIGNALS.inc(submission.source, "duplicate" if outcome.duplicate else outcome.status)
+        return outcome
 
     async def _find_original(self, tx: Transaction, key: str | None,
                              digest: str | None) -> Outcome | None:

@@ -1,7 +1,9 @@
 """``GET /metrics``: Prometheus text, read from the log and the projection at scrape time.
 
 Gauges are computed when scraped rather than counted as things happen, so every instance
-reports the same truth about the shared log and a restart loses nothing.
+reports the same truth about the shared log and a restart loses nothing. What can only be
+counted as it happens (signals by outcome, latencies, closes, auth failures) is kept by
+:mod:`pipeline.instruments` and exposed here beside them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pipeline.hub import Hub
+from pipeline.instruments import Instruments
 from pipeline.log import format_time, utc_now
 from pipeline.log.schema import signals
 from pipeline.processing.consumers import list_positions
 from pipeline.processing.projection import Status
+from pipeline.ws import Connections
+
+SUBSCRIBER_STATES = ("opening", "replaying", "paging", "live")
 
 
 class Metrics:
@@ -35,6 +42,24 @@ class Metrics:
                                  "instance", registry=self.registry)
         self.window = Gauge("signalbox_hub_window_events", "events held in memory for "
                             "subscribers by this instance", registry=self.registry)
+        self.states = Gauge(
+            "signalbox_subscribers_by_state", "open WebSocket connections of this instance by "
+            "state: opening (before welcome), replaying (catching up from memory), paging "
+            "(behind the in-memory window: read from the log), live", ["state"],
+            registry=self.registry)
+        self.registry.register(Instruments())
+
+
+def subscriber_states(connections: Connections, hub: Hub) -> dict[str, int]:
+    states = dict.fromkeys(SUBSCRIBER_STATES, 0)
+    sessions = list(connections.sessions)
+    states["opening"] = max(0, connections.open - len(sessions))
+    for session in sessions:
+        if hub.behind_window(session.cursor):
+            states["paging"] += 1
+        else:
+            states["live" if session.live else "replaying"] += 1
+    return states
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -56,4 +81,6 @@ async def metrics_endpoint(request: Request) -> Response:
         metrics.lag.labels(consumer.name).set(max(0, head - consumer.position))
     metrics.subscribers.set(request.app.state.connections.open)
     metrics.window.set(svc.hub.memory_events)
+    for state, count in subscriber_states(request.app.state.connections, svc.hub).items():
+        metrics.states.labels(state).set(count)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,9 +25,11 @@ from typing import Any, TypeGuard
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.auth import Scope, Token, TokenStore, bearer_token, hash_secret
+from pipeline.budget import FrameBudget
 from pipeline.errors import BadRequest, SignalboxError, TooManyRequests
 from pipeline.guard import Guard
 from pipeline.hub import Hub, Page
+from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
 from pipeline.log import EventFilter, EventLog
 from pipeline.log.model import strict_loads
 from pipeline.processing.consumers import acknowledge, stored_position
@@ -45,6 +47,7 @@ MAX_BATCH_BYTES = 1 << 20
 
 class CloseCode(IntEnum):
     GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
     INTERNAL_ERROR = 1011
     OVERLOADED = 1013
     MALFORMED = 4400
@@ -80,6 +83,7 @@ class StreamSettings:
     heartbeat: float
     hello_timeout: float
     max_message: int
+    frame_rate: float = 2000.0  # frames a client may send per second, and at once
 
 
 class Connections:
@@ -155,8 +159,10 @@ def parse_hello(text: str) -> Hello:
     if epoch is not None and not isinstance(epoch, str):
         raise Closing(CloseCode.MALFORMED, "epoch must be a string or null")
     consumer = frame.get("consumer")
-    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100):
-        raise Closing(CloseCode.MALFORMED, "consumer must be a name of 1-100 characters or null")
+    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100
+                                 or not consumer.isprintable()):
+        raise Closing(CloseCode.MALFORMED,
+                      "consumer must be a name of 1-100 printable characters or null")
     batch = frame.get("batch", False)
     if not isinstance(batch, bool):
         raise Closing(CloseCode.MALFORMED, "batch must be true or false")
@@ -178,6 +184,7 @@ def parse_group(value: object) -> tuple[str, int, int]:
         raise Closing(CloseCode.MALFORMED, usage)
     name, member, size = value.get("name"), value.get("member"), value.get("size")
     if (not isinstance(name, str) or not 0 < len(name) <= 90 or "/" in name
+            or not name.isprintable()
             or not _is_int(member) or not _is_int(size) or not 0 <= member < size <= 1024):
         raise Closing(CloseCode.MALFORMED, usage)
     return name, member, size
@@ -200,11 +207,13 @@ def parse_filter(value: object) -> EventFilter:
     for key in FILTER_KEYS:
         items = value.get(key) or []
         if not isinstance(items, list) or len(items) > MAX_FILTER_VALUES or not all(
-            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH for i in items
+            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH and "\x00" not in i
+            for i in items
         ):
             raise Closing(CloseCode.MALFORMED,
                           f"filter.{key} must be a list of at most {MAX_FILTER_VALUES} "
-                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters")
+                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters "
+                          "(no NUL)")
         lists[key] = tuple(items)
     bad = [t for t in lists["types"] if not TYPE_PATTERN.match(t)]
     if bad:
@@ -237,11 +246,15 @@ class Session:
         self.settings = settings
         self.page_size = page_size
         self.last_heard = time.monotonic()
+        self.budget = FrameBudget(settings.frame_rate, self.last_heard)
         self._send_lock = asyncio.Lock()
         self._ending = False
         self.token: Token | None = None
         self.token_digest: str | None = None
         self.consumer: str | None = None
+        self.cursor = 0  # how far the stream has delivered (for /metrics: paging or not)
+        self.live = False
+        self.close_code: int | None = None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -250,6 +263,7 @@ class Session:
             await self._ending_with(self._serve())
         finally:
             self.connections.open -= 1
+            WEBSOCKET_CLOSES.inc(str(self.close_code or 1006))
 
     async def _serve(self) -> None:
         hello = await self._receive_hello()
@@ -343,6 +357,7 @@ class Session:
 
     async def _stream(self, cursor: int, hello: Hello) -> None:
         replaying = True
+        self.cursor = cursor
         ahead: asyncio.Task[Page] | None = None  # the next page, read while this one is sent
         try:
             while True:
@@ -356,11 +371,14 @@ class Session:
                     ahead = asyncio.create_task(
                         self.hub.page(cursor, hello.filter, self.page_size))
                 if page.events:
+                    if page.from_log:
+                        PAGED_EVENTS.inc(amount=len(page.events))
                     await self._send_events([e.frame for e in page.events], hello.batch)
+                self.cursor = cursor  # delivered: a reader stalled in a send keeps its place
                 if cursor < self.hub.head:
                     continue
                 if replaying:
-                    replaying = False
+                    replaying, self.live = False, True
                     await self._send_text(f'{{"op":"live","position":{cursor}}}')
                 await changed.wait()
         finally:
@@ -387,6 +405,10 @@ class Session:
         while True:
             frame = _decode(await self._receive_text())
             self.last_heard = time.monotonic()
+            if not self.budget.take(self.last_heard):
+                raise Closing(CloseCode.POLICY_VIOLATION,
+                              f"more than {self.settings.frame_rate:g} frames a second: "
+                              "send pongs, acks and reports only as the protocol needs them")
             op = frame["op"]
             if op == "pong":
                 continue
@@ -436,6 +458,8 @@ class Session:
     async def _receive_text(self) -> str:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
+            # The client's close code, as received (a send that failed says nothing of it).
+            self.close_code = self.close_code or int(message.get("code", 1005))
             raise WebSocketDisconnect(message.get("code", 1000))
         text = message.get("text")
         if text is None:
@@ -451,6 +475,7 @@ class Session:
             await self.ws.send_text(text)
 
     async def _close(self, code: CloseCode, message: str, **extra: Any) -> None:
+        self.close_code = self.close_code or int(code)
         frame = json.dumps({"op": "error", "code": int(code), "message": message, **extra})
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_text(frame), 5)

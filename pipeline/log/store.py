@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Executable, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pipeline.context import REQUEST_ID
 from pipeline.errors import LogUnavailable, SignalboxError
+from pipeline.instruments import APPEND_SECONDS, BATCH_UNITS, COMMIT_SECONDS
 from pipeline.log.backends import (
     DATABASE_ERRORS,
     Engines,
@@ -75,18 +78,21 @@ class Transaction:
         self.now: datetime = utc_now()
         self._time = format_time(self.now)
         self.local: dict[str, Any] = {}
+        self.request_id: str | None = None  # of the HTTP request whose unit is running
         self._events: list[Event] = []
         self._writes: list[tuple[Executable, dict[str, Any]]] = []
 
     def append(self, new: NewEvent) -> Event:
         position = self.position + 1
+        meta = new.meta if self.request_id is None else {**new.meta,
+                                                           "request_id": self.request_id}
         data_json = canonical_json(dict(new.data))
-        meta_json = canonical_json(dict(new.meta))
+        meta_json = canonical_json(dict(meta))
         event_id = str(uuid.uuid4())
         digest = chain_hash(self.last_hash, position, event_id, new.stream, new.type,
                             data_json, meta_json, self._time)
         event = Event.decoded(position, event_id, new.stream, new.type, data_json, meta_json,
-                              self._time, digest, new.data, new.meta)
+                              self._time, digest, new.data, meta)
         self._events.append(event)
         self.position = position
         self.last_hash = digest
@@ -185,6 +191,8 @@ class _Pending(Generic[T]):
     unit: Unit[T]
     future: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop()
                                       .create_future())
+    # Taken where the unit is queued: the writer task runs it in a context of its own.
+    request_id: str | None = field(default_factory=REQUEST_ID.get)
 
 
 class EventLog:
@@ -252,12 +260,15 @@ class EventLog:
         if self._closing:
             raise LogUnavailable("the server is shutting down: retry against another instance")
         pending: _Pending[T] = _Pending(unit)
+        queued = time.perf_counter()
         self._queue.put_nowait(pending)
         try:
             async with asyncio.timeout(self.commit_timeout):
                 # Cancelling the wait cancels only the answer: the writer still commits or
                 # drops the unit as a whole, and skips a future that is already done.
-                return await pending.future
+                result = await pending.future
+            APPEND_SECONDS.observe(time.perf_counter() - queued)
+            return result
         except TimeoutError:
             raise LogUnavailable(
                 f"the log did not commit within {self.commit_timeout:g} s: retry later"
@@ -285,6 +296,7 @@ class EventLog:
 
     async def _commit(self, batch: list[_Pending[Any]]) -> None:
         results: list[tuple[_Pending[Any], Any, BaseException | None]] = []
+        started = time.perf_counter()
         try:
             position, digest = await self._session.begin()
             tx = Transaction(self._session, position, digest)
@@ -304,6 +316,8 @@ class EventLog:
                 _settle(pending, None, error)
             return
         self.failure = None
+        COMMIT_SECONDS.observe(time.perf_counter() - started)
+        BATCH_UNITS.observe(len(batch))
         for pending, value, unit_error in results:
             _settle(pending, value, unit_error)
         if tx.events:
@@ -369,6 +383,7 @@ def _reason(exc: BaseException) -> str:
 async def _run_unit(tx: Transaction, pending: _Pending[Any]) -> tuple[_Pending[Any], Any,
                                                                       BaseException | None]:
     mark = tx._mark()
+    tx.request_id = pending.request_id
     try:
         return pending, await pending.unit(tx), None
     except SignalboxError as exc:

@@ -46,9 +46,10 @@ class StatusReport:
         if not isinstance(detail, dict):
             raise BadRequest("detail must be a JSON object")
         consumer = body.get("consumer")
-        if consumer is not None and (not isinstance(consumer, str)
+        if consumer is not None and (not isinstance(consumer, str) or not consumer.isprintable()
                                      or not 0 < len(consumer) <= MAX_CONSUMER_LENGTH):
-            raise BadRequest(f"consumer must be a name of 1-{MAX_CONSUMER_LENGTH} characters")
+            raise BadRequest(f"consumer must be a name of 1-{MAX_CONSUMER_LENGTH} printable "
+                             "characters")
         return cls(signal_id, status, detail, consumer)
 
 
