@@ -3,10 +3,11 @@ a process whose peak resident memory is read from the kernel when it exits."""
 
 from __future__ import annotations
 
-import os
+import re
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -67,16 +68,29 @@ def million(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def run_measured(out: Path, *args: str) -> tuple[int, int]:
-    """Run ``signalbox ARGS`` with stdout to ``out``: its exit code and peak RSS in bytes."""
+    """Run ``signalbox ARGS`` with stdout to ``out``: its exit code and peak RSS in bytes.
+
+    The peak is the child's own ``VmHWM`` (the high-water mark of its address space), read
+    while it runs: it only grows, so the last reading is the peak up to then. (``ru_maxrss``
+    from ``wait4`` would not do: a child started with vfork carries the parent's peak, and the
+    parent here is the whole test session.)
+    """
     with out.open("wb") as stdout, (out.parent / (out.name + ".err")).open("wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=stdout,
                                    stderr=stderr, cwd=repo_root(),
                                    env={"PATH": "/usr/bin:/bin"})
-        # wait4 reports the resources of this one child (ru_maxrss in KiB on Linux); the
-        # suite's timeout bounds the wait.
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss * 1024
+        peak = 0
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                found = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M)
+            except OSError:  # it ended between poll() and the read
+                continue
+            if found:
+                peak = max(peak, int(found.group(1)) * 1024)
+            time.sleep(0.02)
+    assert peak > 0, "the child ended before its memory could be read"
+    return process.returncode, peak
 
 
 def count_lines(path: Path) -> int:
