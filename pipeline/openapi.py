@@ -25,7 +25,10 @@ ERROR_TEXT = {
          "(source_not_allowed)",
     404: "no such signal",
     409: "the transition is not allowed from the signal's current status",
+    408: "the body did not arrive within SIGNALBOX_BODY_TIMEOUT",
     413: "the body is over the limit (SIGNALBOX_BODY_LIMIT)",
+    429: "too many failed authentications from this address, or the token is over its "
+         "ingestion rate: wait Retry-After seconds",
     503: "the log is unavailable or could not confirm a commit: nothing was recorded; retry",
 }
 
@@ -136,6 +139,14 @@ SCHEMAS: dict[str, Schema] = {
         "received_position": POSITION, "kind": {"type": "string"},
         "recorded": {"type": "object"}, "now": {"type": "object"},
         "fields": {"type": "array", "items": {"type": "object"}}}),
+    "AuditReport": obj(
+        ["since", "until", "generated_at", "signals", "statuses", "rejections", "duplicates",
+         "timings", "stuck"], {
+            "since": {"type": "string"}, "until": {"type": "string"},
+            "generated_at": {"type": "string"}, "signals": {"type": "integer", "minimum": 0},
+            "statuses": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "rejections": {"type": "object"}, "duplicates": {"type": "object"},
+            "timings": {"type": "object"}, "stuck": {"type": "object"}}),
     "Consumers": obj(["consumers", "head"], {
         "consumers": {"type": "array", "items": obj(["name", "position", "lag", "updated_at"], {
             "name": {"type": "string"}, "position": POSITION, "lag": POSITION,
@@ -211,6 +222,18 @@ PATHS: dict[str, Schema] = {
         "responses": {"201": answer("the change was recorded", ref("Renormalized")),
                       "200": answer("no change, or recorded before", ref("Renormalized")),
                       **errors(401, 403, 404, 503)}}},
+    "/api/audit/report": {"get": {
+        "summary": "outcomes, reasons, duplicates, timings and stuck signals of the signals "
+                   "received in a window (scope read)", "operationId": "auditReport",
+        "security": BEARER,
+        "parameters": [
+            query("since", {"type": "string"}, "ISO 8601, or a span before now: 24h, 7d"),
+            query("until", {"type": "string"}, "ISO 8601, or a span before now (default: now)"),
+            query("stuck_after", {"type": "string"}, "a span such as 15m (default: the claim "
+                                                     "lease)"),
+        ],
+        "responses": {"200": answer("the report", ref("AuditReport")),
+                      **errors(400, 401, 403, 503)}}},
     "/api/consumers": {"get": {
         "summary": "durable consumers and their lag (scope read)",
         "operationId": "listConsumers", "security": BEARER,
@@ -248,9 +271,14 @@ PATHS: dict[str, Schema] = {
         "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}}},
 }
 
-for _item in PATHS.values():
-    for _operation in _item.values():
+for _path, _item in PATHS.items():
+    for _method, _operation in _item.items():
         _operation["responses"].setdefault("400", errors(400)["400"])
+        if _path.startswith(("/api/", "/webhooks/")):
+            # An address refused after failed authentications; a token over its ingestion rate.
+            _operation["responses"].setdefault("429", errors(429)["429"])
+            if _method == "post":
+                _operation["responses"].setdefault("408", errors(408)["408"])
 
 DESCRIPTION = {
     "openapi": "3.1.0",
