@@ -25,8 +25,10 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 @pytest.fixture
-def server(database_url: str) -> Iterator[ServerProcess]:
-    process = ServerProcess(database_url).start()
+def server(request: pytest.FixtureRequest, database_url: str) -> Iterator[ServerProcess]:
+    """A server on ``database_url``; ``@pytest.mark.server_args(...)`` adds flags."""
+    marker = request.node.get_closest_marker("server_args")
+    process = ServerProcess(database_url, args=list(marker.args) if marker else []).start()
     try:
         yield process
     finally:

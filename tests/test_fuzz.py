@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -56,16 +56,9 @@ STATUS_BODIES = st.one_of(
 )
 
 
-@pytest.fixture
-def server(database_url: str) -> Iterator[ServerProcess]:
-    """A server that does not refuse an address after failed authentications: the examples
-    send bad tokens on purpose, and each must be judged on its own (431: a request line or
-    headers over the limit, which long hostile ids and queries reach)."""
-    process = ServerProcess(database_url, args=["--auth-failures", "0"]).start()
-    try:
-        yield process
-    finally:
-        process.stop()
+# The examples send bad tokens on purpose, and each must be judged on its own: the server
+# does not refuse the address after failed authentications (tested in test_security.py).
+pytestmark = pytest.mark.server_args("--auth-failures", "0")
 
 
 # Every server-side example is a round trip: generate, but do not spend minutes shrinking a

@@ -26,6 +26,11 @@ from tests.support import (
     ws_connect,
 )
 
+# The examples send bad tokens on purpose, and each must be judged on its own: the server
+# does not refuse the address after failed authentications (tested in test_security.py).
+pytestmark = pytest.mark.server_args("--auth-failures", "0")
+
+
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 
 

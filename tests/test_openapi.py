@@ -6,7 +6,6 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,15 +19,9 @@ from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 SCHEMATHESIS = Path(sys.executable).with_name("st")
-@pytest.fixture
-def server(database_url: str) -> Iterator[ServerProcess]:
-    """A server that does not refuse an address after failed authentications (schemathesis
-    sends bad tokens on purpose; the 429 is documented all the same)."""
-    process = ServerProcess(database_url, args=["--auth-failures", "0"]).start()
-    try:
-        yield process
-    finally:
-        process.stop()
+# The examples send bad tokens on purpose, and each must be judged on its own: the server
+# does not refuse the address after failed authentications (tested in test_security.py).
+pytestmark = pytest.mark.server_args("--auth-failures", "0")
 
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
