@@ -23,8 +23,12 @@ from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, rep
 DOCS = repo_root() / "docs" / "tradingview"
 TEMPLATE = re.compile(r"^const string SIGNALBOX_JSON = '(.*)'$", re.M)
 FILLED = re.compile(r'str\.replace_all\(json, "(%[A-Z_]+%)"')
-NOW = datetime.now(UTC).replace(microsecond=0)
-STAMP = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamp() -> str:
+    """TradingView's {{timenow}}: the moment the alert fires (now, not when the suite began:
+    the templates set max_lag 60)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +47,18 @@ async def tv(tv_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def pine_values(action: str) -> dict[str, str]:
+def pine_values(action: str, fired: str) -> dict[str, str]:
     """What the templates' signalboxJson() puts in, for a bar of NASDAQ:AAPL on the hour chart."""
     return {
         "%TICKER%": "AAPL", "%EXCHANGE%": "NASDAQ", "%ACTION%": action, "%QUANTITY%": "1.5",
         "%PRICE%": "187.23", "%INTERVAL%": "60", "%STRATEGY%": "sma-cross",
-        "%ORDER_ID%": "Long", "%TIME%": STAMP, "%BAR_TIME%": "2026-01-15T14:00:00Z",
+        "%ORDER_ID%": "Long", "%TIME%": fired, "%BAR_TIME%": "2026-01-15T14:00:00Z",
         "%MAX_LAG%": "60", "%COMMENT%": "RSI left oversold",
         "%ID%": f"sma-cross-Long-{action}-AAPL-{uuid.uuid4().hex}",
     }
 
 
-def fill_pine(name: str, action: str) -> str:
+def fill_pine(name: str, action: str, fired: str) -> str:
     source = (DOCS / name).read_text()
     found = TEMPLATE.search(source)
     assert found, f"{name}: no SIGNALBOX_JSON constant"
@@ -62,7 +66,7 @@ def fill_pine(name: str, action: str) -> str:
     used = set(re.findall(r"%[A-Z_]+%", template))
     assert used == set(FILLED.findall(source)), f"{name}: a %NAME% is never filled in"
     message = template
-    for token, value in pine_values(action).items():
+    for token, value in pine_values(action, fired).items():
         message = message.replace(token, value)
     return message
 
@@ -77,7 +81,7 @@ def fill_placeholders(message: str) -> str:
     values = {
         "ticker": "AAPL", "exchange": "NASDAQ", "strategy.order.action": "sell",
         "strategy.order.contracts": "2", "strategy.order.price": "187.5", "interval": "15",
-        "strategy.order.id": "Long", "timenow": STAMP, "close": "187.5",
+        "strategy.order.id": "Long", "timenow": stamp(), "close": "187.5",
         "time": "2026-01-15T14:45:00Z",
     }
     filled = re.sub(r"\{\{([a-z_.]+)\}\}", lambda m: values[m.group(1)], message)
@@ -104,7 +108,8 @@ async def normalized(tv: httpx.AsyncClient, signal_id: str) -> dict[str, Any]:
 ])
 async def test_pine_templates_send_signals_accepted_as_is(
         tv: httpx.AsyncClient, name: str, action: str) -> None:
-    message = fill_pine(name, action)
+    fired = stamp()
+    message = fill_pine(name, action, fired)
     answer = await post_webhook(tv, message)
     assert answer.status_code == 202, answer.text
     assert answer.json()["status"] == "accepted"
@@ -116,7 +121,7 @@ async def test_pine_templates_send_signals_accepted_as_is(
     assert signal["price"] == "187.23"
     assert signal["interval"] == "60"
     assert signal["max_lag"] == 60
-    assert signal["signal_time"].startswith(STAMP.removesuffix("Z"))
+    assert signal["signal_time"].startswith(fired.removesuffix("Z"))
     assert signal["extras"] == {}, "every field of the template is a Signalbox field"
     # A resend of the same alert is recorded once.
     again = await post_webhook(tv, message)
@@ -137,7 +142,7 @@ async def test_readme_placeholder_messages_are_accepted(tv: httpx.AsyncClient) -
 
 
 async def test_passphrase_in_the_message_instead_of_the_url(tv: httpx.AsyncClient) -> None:
-    body = json.loads(fill_pine("signalbox-indicator.pine", "buy"))
+    body = json.loads(fill_pine("signalbox-indicator.pine", "buy", stamp()))
     body["passphrase"] = INGEST_TOKEN
     answer = await tv.post("/webhooks/tradingview", content=json.dumps(body).encode())
     assert answer.status_code == 202, answer.text
