@@ -39,3 +39,21 @@ def server(request: pytest.FixtureRequest, database_url: str) -> Iterator[Server
 async def client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http_client:
         yield http_client
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server on a fresh SQLite database for all the tests of a module: what they post
+    stays there for the tests after them."""
+    folder = tmp_path_factory.mktemp("module")
+    process = ServerProcess(f"sqlite+aiosqlite:///{folder / 'signalbox.db'}").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def module_client(module_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=module_server.base_url, timeout=30) as http_client:
+        yield http_client

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,29 +17,13 @@ from tests.support import ServerProcess, repo_root
 STATIC = repo_root() / "pipeline" / "static"
 
 
-@pytest.fixture(scope="module")
-def dashboard_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("dashboard")
-    process = ServerProcess(f"sqlite+aiosqlite:///{folder / 'signalbox.db'}").start()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-async def web(dashboard_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=dashboard_server.base_url, timeout=30) as client:
-        yield client
-
-
 def asset_paths(html: str) -> list[str]:
     return re.findall(r'(?:src|href)="(/assets/[^"]+)"', html)
 
 
-async def test_index_is_revalidated_and_locked_down(web: httpx.AsyncClient,
-                                                    dashboard_server: ServerProcess) -> None:
-    response = await web.get("/")
+async def test_index_is_revalidated_and_locked_down(module_client: httpx.AsyncClient,
+                                                    module_server: ServerProcess) -> None:
+    response = await module_client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert response.headers["cache-control"] == "no-cache"
@@ -50,7 +33,7 @@ async def test_index_is_revalidated_and_locked_down(web: httpx.AsyncClient,
     assert directives["script-src"] == "'self'"
     assert directives["default-src"] == "'self'"
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
-    host = f"127.0.0.1:{dashboard_server.port}"
+    host = f"127.0.0.1:{module_server.port}"
     assert directives["connect-src"] == f"'self' ws://{host} wss://{host}"
     assert directives["frame-ancestors"] == "'none'"
     assert response.headers["x-content-type-options"] == "nosniff"
@@ -60,12 +43,12 @@ async def test_index_is_revalidated_and_locked_down(web: httpx.AsyncClient,
     assert all('src="/assets/' in attrs and not body.strip() for attrs, body in scripts)
 
 
-async def test_hashed_assets_are_immutable(web: httpx.AsyncClient) -> None:
-    index = await web.get("/")
+async def test_hashed_assets_are_immutable(module_client: httpx.AsyncClient) -> None:
+    index = await module_client.get("/")
     paths = asset_paths(index.text)
     assert any(p.endswith(".js") for p in paths) and any(p.endswith(".css") for p in paths)
     for path in paths:
-        response = await web.get(path)
+        response = await module_client.get(path)
         assert response.status_code == 200, path
         assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
         assert "content-security-policy" in response.headers
@@ -75,13 +58,13 @@ async def test_hashed_assets_are_immutable(web: httpx.AsyncClient) -> None:
         assert re.search(r"-[A-Za-z0-9_-]{8}\.(js|css)$", path), "asset names carry a hash"
 
 
-async def test_conditional_and_head_requests(web: httpx.AsyncClient) -> None:
-    first = await web.get("/")
+async def test_conditional_and_head_requests(module_client: httpx.AsyncClient) -> None:
+    first = await module_client.get("/")
     etag = first.headers["etag"]
-    again = await web.get("/", headers={"If-None-Match": etag})
+    again = await module_client.get("/", headers={"If-None-Match": etag})
     assert again.status_code == 304
     assert again.content == b""
-    head = await web.head("/")
+    head = await module_client.head("/")
     assert head.status_code == 200
     assert head.content == b""
     assert int(head.headers["content-length"]) == len(first.content)
@@ -89,20 +72,20 @@ async def test_conditional_and_head_requests(web: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("path", ["/assets/missing-abcdefgh.js", "/assets/%2e%2e/index.html",
                                   "/assets/..%2f..%2fapp.py", "/index.html", "/nothing"])
-async def test_unknown_files_are_json_404s(web: httpx.AsyncClient, path: str) -> None:
-    response = await web.get(path)
+async def test_unknown_files_are_json_404s(module_client: httpx.AsyncClient, path: str) -> None:
+    response = await module_client.get(path)
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 
 
-async def test_api_routes_still_win(web: httpx.AsyncClient) -> None:
-    assert (await web.get("/healthz")).json() == {"status": "ok"}
-    unauthorized = await web.get("/api/signals")
+async def test_api_routes_still_win(module_client: httpx.AsyncClient) -> None:
+    assert (await module_client.get("/healthz")).json() == {"status": "ok"}
+    unauthorized = await module_client.get("/api/signals")
     assert unauthorized.status_code == 401
     assert unauthorized.json()["error"] == "unauthorized"
-    assert (await web.get("/api/nothing")).json()["error"] == "not_found"
-    assert "signalbox_log_head" in (await web.get("/metrics")).text
-    not_allowed = await web.post("/")
+    assert (await module_client.get("/api/nothing")).json()["error"] == "not_found"
+    assert "signalbox_log_head" in (await module_client.get("/metrics")).text
+    not_allowed = await module_client.post("/")
     assert not_allowed.status_code == 405
     assert not_allowed.json()["error"] == "method_not_allowed"
 

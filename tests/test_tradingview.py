@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, repo_root
+from tests.support import ADMIN_TOKEN, INGEST_TOKEN, headers, repo_root
 
 DOCS = repo_root() / "docs" / "tradingview"
 TEMPLATE = re.compile(r"^const string SIGNALBOX_JSON = '(.*)'$", re.M)
@@ -29,22 +28,6 @@ def stamp() -> str:
     """TradingView's {{timenow}}: the moment the alert fires (now, not when the suite began:
     the templates set max_lag 60)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@pytest.fixture(scope="module")
-def tv_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("tradingview")
-    process = ServerProcess(f"sqlite+aiosqlite:///{folder / 'signalbox.db'}").start()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-async def tv(tv_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=tv_server.base_url, timeout=30) as client:
-        yield client
 
 
 def pine_values(action: str, fired: str) -> dict[str, str]:
@@ -89,14 +72,15 @@ def fill_placeholders(message: str) -> str:
     return filled.replace('"id": "', f'"id": "{uuid.uuid4().hex}-', 1)
 
 
-async def post_webhook(tv: httpx.AsyncClient, message: str) -> httpx.Response:
+async def post_webhook(client: httpx.AsyncClient, message: str) -> httpx.Response:
     # TradingView labels its bodies text/plain whatever they hold.
-    return await tv.post(f"/webhooks/tradingview/{INGEST_TOKEN}", content=message.encode(),
-                         headers={"Content-Type": "text/plain; charset=utf-8"})
+    return await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                             content=message.encode(),
+                             headers={"Content-Type": "text/plain; charset=utf-8"})
 
 
-async def normalized(tv: httpx.AsyncClient, signal_id: str) -> dict[str, Any]:
-    answer = await tv.get(f"/api/signals/{signal_id}", headers=headers(ADMIN_TOKEN))
+async def normalized(client: httpx.AsyncClient, signal_id: str) -> dict[str, Any]:
+    answer = await client.get(f"/api/signals/{signal_id}", headers=headers(ADMIN_TOKEN))
     assert answer.status_code == 200
     value: dict[str, Any] = answer.json()["signal"]["normalized"]
     return value
@@ -107,13 +91,13 @@ async def normalized(tv: httpx.AsyncClient, signal_id: str) -> dict[str, Any]:
     ("signalbox-indicator.pine", "buy"), ("signalbox-indicator.pine", "sell"),
 ])
 async def test_pine_templates_send_signals_accepted_as_is(
-        tv: httpx.AsyncClient, name: str, action: str) -> None:
+        module_client: httpx.AsyncClient, name: str, action: str) -> None:
     fired = stamp()
     message = fill_pine(name, action, fired)
-    answer = await post_webhook(tv, message)
+    answer = await post_webhook(module_client, message)
     assert answer.status_code == 202, answer.text
     assert answer.json()["status"] == "accepted"
-    signal = await normalized(tv, answer.json()["signal_id"])
+    signal = await normalized(module_client, answer.json()["signal_id"])
     assert signal["ticker"] == "AAPL"
     assert signal["exchange"] == "NASDAQ"
     assert signal["action"] == action
@@ -124,32 +108,34 @@ async def test_pine_templates_send_signals_accepted_as_is(
     assert signal["signal_time"].startswith(fired.removesuffix("Z"))
     assert signal["extras"] == {}, "every field of the template is a Signalbox field"
     # A resend of the same alert is recorded once.
-    again = await post_webhook(tv, message)
+    again = await post_webhook(module_client, message)
     assert again.status_code == 200
     assert again.json()["duplicate"] is True
     assert again.json()["signal_id"] == answer.json()["signal_id"]
 
 
-async def test_readme_placeholder_messages_are_accepted(tv: httpx.AsyncClient) -> None:
+async def test_readme_placeholder_messages_are_accepted(module_client: httpx.AsyncClient) -> None:
     messages = readme_messages()
     assert len(messages) == 2
     for message in messages:
-        answer = await post_webhook(tv, fill_placeholders(message))
+        answer = await post_webhook(module_client, fill_placeholders(message))
         assert answer.status_code == 202, answer.text
-        signal = await normalized(tv, answer.json()["signal_id"])
+        signal = await normalized(module_client, answer.json()["signal_id"])
         assert signal["ticker"] == "AAPL"
         assert signal["price"] == "187.5"
 
 
-async def test_passphrase_in_the_message_instead_of_the_url(tv: httpx.AsyncClient) -> None:
+async def test_passphrase_in_the_message_instead_of_the_url(
+        module_client: httpx.AsyncClient) -> None:
     body = json.loads(fill_pine("signalbox-indicator.pine", "buy", stamp()))
     body["passphrase"] = INGEST_TOKEN
-    answer = await tv.post("/webhooks/tradingview", content=json.dumps(body).encode())
+    answer = await module_client.post("/webhooks/tradingview", content=json.dumps(body).encode())
     assert answer.status_code == 202, answer.text
 
 
-async def test_a_placeholder_left_unfilled_is_rejected_by_name(tv: httpx.AsyncClient) -> None:
+async def test_a_placeholder_left_unfilled_is_rejected_by_name(
+        module_client: httpx.AsyncClient) -> None:
     message = readme_messages()[0].replace('"id": "', f'"id": "{uuid.uuid4().hex}-', 1)
-    answer = await post_webhook(tv, message)
+    answer = await post_webhook(module_client, message)
     assert answer.status_code == 422
     assert "unreplaced_placeholder" in {e["code"] for e in answer.json()["errors"]}
