@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +50,22 @@ def command(*args: str) -> list[str]:
 def replay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command(*args), check=False, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})})
+
+
+def stop_paced(flags: Sequence[str], ready: Callable[[], bool], *,
+               stop: signal.Signals = signal.SIGINT, timeout: float = 30) -> tuple[int, str]:
+    """A replay paced in real time (``--speed 1``), sent ``stop`` once ``ready()``: its exit
+    code and what it wrote on stderr."""
+    process = subprocess.Popen(command(*flags, "--speed", "1"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(ready, timeout=timeout)
+        process.send_signal(stop)
+        code = process.wait(30)
+    finally:
+        process.kill()
+    assert process.stderr is not None
+    return code, process.stderr.read()
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -295,15 +311,8 @@ def test_an_interrupted_replay_resumes_with_every_event_once(
     out, checkpoint = tmp_path / "out.jsonl", tmp_path / "cp.json"
     flags = ["--database-url", database_url, "--output", str(out), "--checkpoint",
              str(checkpoint)]
-    process = subprocess.Popen(command(*flags, "--speed", "1"), stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 10, timeout=30)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 130
-    finally:
-        process.kill()
-    assert process.stderr is not None and process.stderr.read() == ""
+    stopped = stop_paced(flags, lambda: out.exists() and out.read_text().count("\n") >= 10)
+    assert stopped == (130, "")
     partial = lines(out)
     assert 10 <= len(partial) < 60
     assert json.loads(checkpoint.read_text())["position"] == partial[-1]["position"]
@@ -324,15 +333,8 @@ def test_an_interrupted_dry_run_resumes_with_every_signal_once(database_url: str
     report, checkpoint = tmp_path / "report.jsonl", tmp_path / "cp.json"
     flags = ["--database-url", database_url, "--handler", "log", "--report", str(report),
              "--checkpoint", str(checkpoint)]
-    process = subprocess.Popen(command(*flags, "--speed", "1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: report.exists() and report.read_text().count("\n") >= 8,
-                   timeout=30)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 130
-    finally:
-        process.kill()
+    code, _ = stop_paced(flags, lambda: report.exists() and report.read_text().count("\n") >= 8)
+    assert code == 130
     assert len(lines(report)) < 40
     resumed = replay(*flags)
     assert resumed.returncode == 0, resumed.stderr
@@ -352,14 +354,8 @@ def test_lines_written_after_the_last_checkpoint_of_a_killed_run_are_not_repeate
     out, checkpoint = tmp_path / "out.jsonl", tmp_path / "cp.json"
     flags = ["--database-url", database_url, "--output", str(out), "--checkpoint",
              str(checkpoint)]
-    process = subprocess.Popen(command(*flags, "--speed", "1"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: checkpoint.exists() and out.read_text().count("\n") > 2050,
-                   timeout=60)
-    finally:
-        process.kill()
-        process.wait(10)
+    stop_paced(flags, lambda: checkpoint.exists() and out.read_text().count("\n") > 2050,
+               stop=signal.SIGKILL, timeout=60)
     assert json.loads(checkpoint.read_text())["position"] == 2000
     assert replay(*flags).returncode == 0
     assert [e["position"] for e in lines(out)] == list(range(1, 3501))
