@@ -20,13 +20,14 @@ from urllib.parse import quote
 
 import httpx
 
-from pipeline.log import format_time, utc_now
+from pipeline.log import EventFilter, format_time, utc_now
 from pipeline.log.backends import create_engines
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.window import parse_moment
 from replay import export
 from replay.audit import run_verify
 from replay.report_text import render_report
+from replay.sources import Selection
 from replay.timeline import build_timeline, from_database, render
 
 COMMANDS = ("verify", "timeline", "report", "export")
@@ -173,20 +174,20 @@ async def run_report(args: argparse.Namespace, url: str, claim_lease: float) -> 
     return 0
 
 
-def _selection(args: argparse.Namespace) -> export.Selection:
+def _selection(args: argparse.Namespace) -> Selection:
     now = utc_now()
     since = parse_moment(args.since, "--since", now) if args.since else None
     until = parse_moment(args.until, "--until", now) if args.until else None
     if since is not None and until is not None and since >= until:
         raise AuditError("--since must be before --until")
-    return export.Selection(None if since is None else format_time(since),
-                            None if until is None else format_time(until),
-                            tuple(args.types), tuple(args.streams))
+    return Selection(since=None if since is None else format_time(since),
+                     until=None if until is None else format_time(until),
+                     filter=EventFilter.build(types=args.types, streams=args.streams))
 
 
 async def run_export(args: argparse.Namespace, url: str) -> int:
     selection = _selection(args)
-    if args.signals and (selection.types or selection.streams):
+    if args.signals and not selection.filter.is_empty:
         raise AuditError("--type and --stream select events: leave them out with --signals")
     columns = export.SIGNAL_COLUMNS if args.signals else export.EVENT_COLUMNS
     out: TextIO = (args.output.open("w", encoding="utf-8", newline="") if args.output

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import csv
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import httpx
 import orjson
-from sqlalchemy import select
 
-from pipeline.log import EventFilter
 from pipeline.log.backends import create_engines
 from pipeline.log.model import canonical_json
 from pipeline.log.schema import events, signals
-from pipeline.log.store import filter_clauses
 from pipeline.processing.projection import STEP_COLUMN
+from replay.sources import Selection, keyset_pages
 
-PAGE = 2000
 SERVER_EVENTS_PAGE = 1000
 SERVER_SIGNALS_PAGE = 500
 
@@ -37,62 +33,31 @@ SIGNAL_COLUMNS = ("signal_id", "status", "source", "ticker", "strategy", "action
 Row = tuple[Any, ...]
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Which rows: times as stored (fixed-width UTC text, so text order is time order)."""
-
-    since: str | None = None
-    until: str | None = None
-    types: tuple[str, ...] = ()
-    streams: tuple[str, ...] = ()
-
-    def takes(self, time: str) -> bool:
-        return ((self.since is None or time >= self.since)
-                and (self.until is None or time < self.until))
-
-
 # -- sources -------------------------------------------------------------------------------
+# A Selection's time range applies to the events' time, or to the signals' received_at.
 
 
 async def database_events(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
     """Rows in EVENT_COLUMNS order, ``data`` and ``meta`` as stored (canonical JSON)."""
-    where = filter_clauses(EventFilter.build(types=selection.types, streams=selection.streams))
-    if selection.since is not None:
-        where.append(events.c.time >= selection.since)
-    if selection.until is not None:
-        where.append(events.c.time < selection.until)
     columns = [events.c[name] for name in EVENT_COLUMNS]
-    async for page in _pages(url, columns, events.c.position, where):
+    async for page in _pages(url, columns, events.c.position, selection.clauses()):
         yield page
 
 
 async def database_signals(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
     """Rows in SIGNAL_COLUMNS order, oldest first."""
-    where = []
-    if selection.since is not None:
-        where.append(signals.c.received_at >= selection.since)
-    if selection.until is not None:
-        where.append(signals.c.received_at < selection.until)
     columns = [signals.c[name] for name in SIGNAL_COLUMNS]
+    where = selection.window(signals.c.received_at)
     async for page in _pages(url, columns, signals.c.first_position, where):
         yield page
 
 
 async def _pages(url: str, columns: Sequence[Any], key: Any,
                  where: list[Any]) -> AsyncIterator[list[Row]]:
-    """Keyset pages in ``key`` order: each page a fresh query after the last key seen."""
     engines = create_engines(url, reader_pool=1)
-    key_index = list(columns).index(key)
-    after = 0
     try:
-        while True:
-            async with engines.reader.connect() as conn:
-                rows = (await conn.execute(select(*columns).where(key > after, *where)
-                                           .order_by(key).limit(PAGE))).all()
-            if not rows:
-                return
+        async for rows in keyset_pages(engines.reader, columns, key, where):
             yield [tuple(row) for row in rows]
-            after = rows[-1][key_index]
     finally:
         await engines.dispose()
 
@@ -104,13 +69,13 @@ async def server_events(http: httpx.AsyncClient,
     after = 0
     while True:
         params: dict[str, Any] = {"after": after, "limit": SERVER_EVENTS_PAGE}
-        if selection.types:
-            params["type"] = ",".join(selection.types)
-        if selection.streams:
-            params["stream"] = ",".join(selection.streams)
+        if selection.filter.types:
+            params["type"] = ",".join(selection.filter.types)
+        if selection.filter.streams:
+            params["stream"] = ",".join(selection.filter.streams)
         page = await _get(http, "/api/events", params)
         found = page["events"]
-        yield [_event_row(e) for e in found if selection.takes(e["time"])]
+        yield [_event_row(e) for e in found if selection.within(e["time"])]
         if len(found) < SERVER_EVENTS_PAGE:
             return
         after = page["next"]
@@ -133,7 +98,7 @@ async def server_signals(http: httpx.AsyncClient,
         if before:
             params["before"] = before
         page = await _get(http, "/api/signals", params)
-        yield [_signal_row(s) for s in page["signals"] if selection.takes(s["received_at"])]
+        yield [_signal_row(s) for s in page["signals"] if selection.within(s["received_at"])]
         if page["next_before"] is None:
             return
         before = page["next_before"]

@@ -9,26 +9,25 @@ checked again on every event read, so both sources select exactly the same event
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, Row, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pipeline.errors import SignalboxError
 from pipeline.log.backends import create_engines
 from pipeline.log.model import Event, EventFilter, canonical_json
 from pipeline.log.schema import events, log_head
-from pipeline.log.store import filter_clauses
+from pipeline.log.store import EVENT_COLUMNS, filter_clauses
 from replay._http import USER_AGENT, Backoff
 
 PAGE = 2000
 SERVER_PAGE = 1000  # the most the API gives at once
 STATUS_TYPES = ("signal.dispatched", "signal.processing", "signal.processed", "signal.failed",
                 "signal.expired")
-EVENT_COLUMNS = (events.c.position, events.c.id, events.c.stream, events.c.type,
-                 events.c.data, events.c.meta, events.c.time, events.c.hash)
 
 
 class SourceError(SignalboxError):
@@ -51,19 +50,28 @@ class Selection:
     def matches(self, event: Event) -> bool:
         return (event.position >= self.first
                 and (self.last is None or event.position <= self.last)
-                and (self.since is None or event.time >= self.since)
-                and (self.until is None or event.time < self.until)
+                and self.within(event.time)
                 and self.filter.matches(event))
 
+    def within(self, time: str) -> bool:
+        """Whether ``time`` (in the log's format) is in ``since..until``."""
+        return ((self.since is None or time >= self.since)
+                and (self.until is None or time < self.until))
+
     def clauses(self) -> list[ColumnElement[bool]]:
-        # The log's times are fixed-width UTC text: text order is time order.
         found = filter_clauses(self.filter)
         if self.last is not None:
             found.append(events.c.position <= self.last)
+        return found + self.window(events.c.time)
+
+    def window(self, column: Any) -> list[ColumnElement[bool]]:
+        """``since..until`` as SQL conditions on a time column of the log's tables."""
+        # The log's times are fixed-width UTC text: text order is time order.
+        found: list[ColumnElement[bool]] = []
         if self.since is not None:
-            found.append(events.c.time >= self.since)
+            found.append(column >= self.since)
         if self.until is not None:
-            found.append(events.c.time < self.until)
+            found.append(column < self.until)
         return found
 
 
@@ -86,6 +94,23 @@ class Source(Protocol):
         as ``{signal_id: position of its signal.accepted}``; signals without one are left out."""
 
     async def close(self) -> None: ...
+
+
+async def keyset_pages(engine: AsyncEngine, columns: Sequence[Any], key: Any,
+                       where: Sequence[ColumnElement[bool]],
+                       after: Any = 0) -> AsyncIterator[Sequence[Row[Any]]]:
+    """The rows of ``columns`` (``key`` among them) that meet ``where``, in ``key`` order after
+    ``after``, a page at a time: each page a query of its own after the last key seen, whose
+    connection goes back to the pool before the page is handed on (the caller may need it)."""
+    key_index = list(columns).index(key)
+    while True:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(*columns).where(key > after, *where)
+                                       .order_by(key).limit(PAGE))).all()
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][key_index]
 
 
 def _last_status(found: dict[str, Event], page: Iterable[Event]) -> None:
@@ -115,20 +140,12 @@ class DatabaseSource:
 
     async def after(self, position: int,
                     selection: Selection = EVERYTHING) -> AsyncIterator[list[Event]]:
-        position = max(position, selection.first - 1)
-        clauses = selection.clauses()
-        while True:
-            async with self.engines.reader.connect() as conn:
-                rows = (await conn.execute(
-                    select(*EVENT_COLUMNS).where(events.c.position > position, *clauses)
-                    .order_by(events.c.position).limit(PAGE))).all()
-            if not rows:
-                return
-            page = [Event(*row) for row in rows]
-            selected = [e for e in page if selection.matches(e)]
+        async for rows in keyset_pages(self.engines.reader, EVENT_COLUMNS, events.c.position,
+                                       selection.clauses(),
+                                       after=max(position, selection.first - 1)):
+            selected = [e for e in (Event(*row) for row in rows) if selection.matches(e)]
             if selected:
                 yield selected
-            position = page[-1].position
 
     async def statuses(self, signals: Mapping[str, int]) -> dict[str, Event]:
         found: dict[str, Event] = {}
