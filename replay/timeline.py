@@ -15,6 +15,7 @@ from sqlalchemy import select
 from pipeline.log import Event
 from pipeline.log.backends import create_engines
 from pipeline.log.schema import events, signals
+from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import EventType, stream_of
 
 MAX_EVENTS = 10_000
@@ -108,8 +109,7 @@ async def from_database(url: str, signal_id: str) -> tuple[str | None, list[dict
     try:
         async with engines.reader.connect() as conn:
             rows = (await conn.execute(
-                select(events.c.position, events.c.id, events.c.stream, events.c.type,
-                       events.c.data, events.c.meta, events.c.time, events.c.hash)
+                select(*EVENT_COLUMNS)
                 .where(events.c.stream == stream_of(signal_id))
                 .order_by(events.c.position).limit(MAX_EVENTS))).all()
             status = (await conn.execute(select(signals.c.status)

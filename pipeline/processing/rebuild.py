@@ -25,13 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from pipeline.log import Event
 from pipeline.log.backends import migration_engine
 from pipeline.log.schema import events, log_head, signals
+from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import Row, fold
 
 PAGE = 2000
 SHOWN = 100  # differences and problems kept in the report (all are counted)
 COLUMNS = [c.name for c in signals.columns]
-_EVENT_COLUMNS = (events.c.position, events.c.id, events.c.stream, events.c.type,
-                  events.c.data, events.c.meta, events.c.time, events.c.hash)
 
 scratch = Table("signals_rebuild", MetaData(),
                 *(Column(c.name, c.type, primary_key=c.primary_key) for c in signals.columns))
@@ -113,7 +112,7 @@ async def _fold_page(engine: AsyncEngine, report: RebuildReport) -> bool:
 
 async def _fold_page_in(conn: AsyncConnection, report: RebuildReport) -> bool:
     """Fold the next page of events into the scratch table; False at the end of the log."""
-    rows = (await conn.execute(select(*_EVENT_COLUMNS).where(events.c.position > report.head)
+    rows = (await conn.execute(select(*EVENT_COLUMNS).where(events.c.position > report.head)
                                .order_by(events.c.position).limit(PAGE))).all()
     if not rows:
         return False
