@@ -45,7 +45,10 @@ from replay._sinks import DryRun, Emit, LineFile, Post, ReplayError, Sink
 from replay.renormalize import TYPES, Applier, Renormalize
 from replay.sources import DatabaseSource, Selection, ServerSource, Source
 
-HANDLER_SETTINGS = ("handler_attempts", "handler_backoff", "handler_timeout")
+# The server's settings that --handler runs may override: (name, type, what it is).
+HANDLER_SETTINGS = (("handler_attempts", int, "tries before a signal fails"),
+                    ("handler_backoff", float, "first retry delay in seconds"),
+                    ("handler_timeout", float, "seconds one call may take"))
 
 
 def add_commands(commands: Any) -> None:
@@ -94,9 +97,7 @@ def add_commands(commands: Any) -> None:
     modes.add_argument("--max-lag", type=int, metavar="N",
                        help="with --renormalize: the server's max_lag when the signals came "
                             "(default: SIGNALBOX_MAX_LAG)")
-    for name, kind, text in (("handler_attempts", int, "tries before a signal fails"),
-                             ("handler_backoff", float, "first retry delay in seconds"),
-                             ("handler_timeout", float, "seconds one call may take")):
+    for name, kind, text in HANDLER_SETTINGS:
         modes.add_argument("--" + name.replace("_", "-"), type=kind, dest=name, metavar="N",
                            help=f"with --handler: {text} (default: as the server, "
                                 f"SIGNALBOX_{name.upper()})")
@@ -264,8 +265,8 @@ def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] |
     mode = mode_of(args)
     if mode == "handler":
         assert handler is not None
-        settings = Settings(**{n: getattr(args, n) for n in HANDLER_SETTINGS
-                               if getattr(args, n, None) is not None})
+        settings = Settings(**{n: getattr(args, n) for n, _, _ in HANDLER_SETTINGS
+                               if getattr(args, n) is not None})
         secret = settings.forward_secret.get_secret_value() if settings.forward_secret else None
         policy = AttemptPolicy(
             settings.handler_attempts, settings.handler_backoff, timeout=settings.handler_timeout,
