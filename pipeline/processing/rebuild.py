@@ -14,8 +14,7 @@ and a running server goes on without a restart (its appends wait for the swap's 
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,38 +149,37 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 async def _compare(engine: AsyncEngine, report: RebuildReport) -> None:
     """Merge the two tables in signal_id order, a page of each at a time."""
-    live_after = rebuilt_after = ""
-    live: deque[Row] = deque()
-    rebuilt: deque[Row] = deque()
-    live_done = rebuilt_done = False
     async with engine.connect() as conn:
-        while True:
-            if not live and not live_done:
-                live = await _rows(conn, signals, live_after)
-                live_done = not live
-                live_after = live[-1]["signal_id"] if live else live_after
-            if not rebuilt and not rebuilt_done:
-                rebuilt = await _rows(conn, scratch, rebuilt_after)
-                rebuilt_done = not rebuilt
-                rebuilt_after = rebuilt[-1]["signal_id"] if rebuilt else rebuilt_after
-            if not live and not rebuilt:
-                return
-            if rebuilt and (not live or rebuilt[0]["signal_id"] < live[0]["signal_id"]):
-                report.note_difference(Difference("missing", rebuilt.popleft()["signal_id"]))
-            elif live and (not rebuilt or live[0]["signal_id"] < rebuilt[0]["signal_id"]):
-                row = live.popleft()
-                if row["first_position"] > report.head:
+        lives, rebuilts = _rows(conn, signals), _rows(conn, scratch)
+        live, rebuilt = await anext(lives, None), await anext(rebuilts, None)
+        while live is not None or rebuilt is not None:
+            if live is None or (rebuilt is not None
+                                and rebuilt["signal_id"] < live["signal_id"]):
+                assert rebuilt is not None
+                report.note_difference(Difference("missing", rebuilt["signal_id"]))
+                rebuilt = await anext(rebuilts, None)
+            elif rebuilt is None or live["signal_id"] < rebuilt["signal_id"]:
+                if live["first_position"] > report.head:
                     report.moved_on += 1  # received after the fold's last page
                 else:
-                    report.note_difference(Difference("extra", row["signal_id"]))
+                    report.note_difference(Difference("extra", live["signal_id"]))
+                live = await anext(lives, None)
             else:
-                _compare_rows(live.popleft(), rebuilt.popleft(), report)
+                _compare_rows(live, rebuilt, report)
+                live, rebuilt = await anext(lives, None), await anext(rebuilts, None)
 
 
-async def _rows(conn: AsyncConnection, table: Table, after: str) -> deque[Row]:
-    found = await conn.execute(select(table).where(table.c.signal_id > after)
-                               .order_by(table.c.signal_id).limit(PAGE))
-    return deque(dict(r._mapping) for r in found)
+async def _rows(conn: AsyncConnection, table: Table) -> AsyncIterator[Row]:
+    """Every row of ``table`` in signal_id order, read a page at a time."""
+    after = ""
+    while True:
+        found = (await conn.execute(select(table).where(table.c.signal_id > after)
+                                    .order_by(table.c.signal_id).limit(PAGE))).all()
+        if not found:
+            return
+        for row in found:
+            yield dict(row._mapping)
+        after = found[-1].signal_id
 
 
 def _compare_rows(live: Row, rebuilt: Row, report: RebuildReport) -> None:
