@@ -87,6 +87,13 @@ class Change:
                 "recorded": self.recorded.to_data(), "now": self.now.to_data(),
                 "fields": self.fields}
 
+    def to_event_data(self) -> dict[str, Any]:
+        """:meth:`to_data` with ``position`` named ``received_position``: the data of the
+        ``signal.renormalized`` event that records the change."""
+        data = self.to_data()
+        return {"signal_id": data.pop("signal_id"), "received_position": data.pop("position"),
+                **data}
+
 
 def reparse(received: Event, *, default_max_lag: int | None) -> ParsedBody:
     """The recorded body through today's parser for its route, at the time it was received."""
@@ -167,9 +174,8 @@ class Renormalized:
         body: dict[str, Any] = {"signal_id": self.signal_id, "changed": self.change is not None,
                                 "appended": appended, "position": self.position}
         if self.change is not None:
-            body["received_position"] = self.change.position
-            body.update({k: v for k, v in self.change.to_data().items()
-                         if k not in ("signal_id", "position")})
+            body.update({k: v for k, v in self.change.to_event_data().items()
+                         if k != "signal_id"})
         return body
 
 
@@ -189,9 +195,7 @@ async def record_renormalized(log: EventLog, signal_id: str, *,
     change = compare(*found, default_max_lag=default_max_lag)
     if change is None:
         return Renormalized(signal_id, None, None), False
-    data = {"signal_id": signal_id, "received_position": change.position, "kind": change.kind,
-            "recorded": change.recorded.to_data(), "now": change.now.to_data(),
-            "fields": change.fields}
+    data = {**change.to_event_data(), "signal_id": signal_id}  # the stream's own id
 
     async def unit(tx: Transaction) -> tuple[Renormalized, bool]:
         last = await tx.fetch_one(
