@@ -28,11 +28,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 def server(request: pytest.FixtureRequest, database_url: str) -> Iterator[ServerProcess]:
     """A server on ``database_url``; ``@pytest.mark.server_args(...)`` adds flags."""
     marker = request.node.get_closest_marker("server_args")
-    process = ServerProcess(database_url, args=list(marker.args) if marker else []).start()
-    try:
+    with ServerProcess(database_url, args=list(marker.args) if marker else []).start() as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
@@ -46,11 +43,8 @@ def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     """One server on a fresh SQLite database for all the tests of a module: what they post
     stays there for the tests after them."""
     folder = tmp_path_factory.mktemp("module")
-    process = ServerProcess(f"sqlite+aiosqlite:///{folder / 'signalbox.db'}").start()
-    try:
+    with ServerProcess(f"sqlite+aiosqlite:///{folder / 'signalbox.db'}").start() as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture

@@ -124,6 +124,12 @@ class ServerProcess:
         """Start again on the same port (after stop or kill)."""
         return self.start()
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
 
 def headers(token: str = ADMIN_TOKEN, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", **extra}
