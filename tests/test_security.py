@@ -85,7 +85,7 @@ async def test_failed_authentications_get_an_address_429_until_the_window_passes
     # Refused now, with a valid token too, on every authenticated route.
     refused = await http.post("/api/signals", json=BTC, headers=as_from(ATTACKER, ADMIN_TOKEN))
     assert refused.status_code == 429, refused.text
-    assert refused.json()["error"] == "too_many_requests" and refused.json()["message"]
+    assert refused.json()["error"] == "too_many_auth_failures" and refused.json()["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 3
     for method, path in AUTHENTICATED:
         response = await http.request(method, path, json=BTC,
