@@ -32,7 +32,7 @@ Every error is one of these (``code`` is the server's stable code, or the client
 Retried, never raised: 503 and lost connections on HTTP (up to ``retries`` times), 429
 ``too_many_requests`` within those retries when its Retry-After is at most
 ``max_retry_after``, and on the WebSocket every close but 4400/4401/4403/4409 (1001, 1006,
-1011, 1013, 4408, network errors).
+1011, 1013, 4408, 4429, network errors), 4429 after the ``retry_after`` it carries.
 """
 
 from __future__ import annotations

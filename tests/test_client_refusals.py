@@ -1,5 +1,5 @@
 """The client library against a server that says "not now": a token over its ingestion rate
-(429 with Retry-After), an address refused after failed authentications (429).
+(429 with Retry-After), an address refused after failed authentications (429, 4429).
 
 The waits are measured, not assumed: a transport around the real one notes when each attempt
 left and when its answer came back, and the gap before the next attempt of the same signal is
@@ -9,6 +9,7 @@ held against the Retry-After that answer carried.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import pytest
 from replay import (
     Backoff,
     Client,
+    Subscriber,
     SyncClient,
     TooManyRequests,
     Unauthorized,
@@ -258,6 +260,33 @@ async def test_a_worker_waits_out_a_refused_address_and_reports_the_outcome(
     finally:
         worker.stop()
         await asyncio.wait_for(running, 10)
+        server.stop()
+
+
+@SQLITE
+async def test_a_subscriber_refused_with_4429_waits_as_asked_before_it_dials_again(
+        database_url: str) -> None:
+    server = start(database_url, "--auth-failures", "1", "--auth-failure-window", "3")
+    try:
+        async with Client(server.base_url, INGEST_TOKEN) as client:
+            receipt = await client.send_signal(BTC)
+        async with httpx.AsyncClient(base_url=server.base_url) as http:
+            assert (await http.get("/api/events", headers={"Authorization": "Bearer x"})
+                    ).status_code == 401  # this address is refused for 3 s from now
+            subscriber = Subscriber(server.base_url, ADMIN_TOKEN, cursor=0,
+                                    filter={"types": ["signal.accepted"]},
+                                    backoff=Backoff(base=0.01, cap=5))
+            try:
+                event = await asyncio.wait_for(anext(aiter(subscriber)), 20)
+            finally:
+                await subscriber.close()
+            assert event.position == receipt.position and subscriber.connections == 1
+            metrics = (await http.get("/metrics")).text
+        # Dialling on the backoff alone (10 ms, 20 ms, ...) would have been refused some
+        # eight times in those 3 s.
+        found = re.search(r'signalbox_websocket_closes_total\{code="4429"\} (\d+)', metrics)
+        assert found is not None and 1 <= int(found.group(1)) <= 2, metrics
+    finally:
         server.stop()
 
 
