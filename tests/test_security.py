@@ -189,6 +189,7 @@ async def test_security_headers_on_every_answer(database_url: str, behind_tls: b
                 await http.get("/metrics"), await http.get("/api/events"),
                 await http.get("/api/events", headers=headers()),
                 await http.get("/nowhere"), await http.delete("/api/events"),
+                await http.get("/api/events?stream=%00"),  # refused with the request id
                 await http.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN)),
                 await http.post("/webhooks/tradingview/sbx_wrong", content="x"),
                 await http.post("/api/signals", content="x" * 70_000,
