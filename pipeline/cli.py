@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import migrate
+from pipeline.answers import websocket_protocol
 from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
@@ -185,7 +186,7 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
-        ws="websockets-sansio", ws_max_size=1 << 20,
+        ws=websocket_protocol(behind_tls=settings.behind_tls), ws_max_size=1 << 20,
         ws_ping_interval=None, server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
         # The protocols write their own answers (400, 431, 503) as the application would;

@@ -1,5 +1,5 @@
 """Answers the HTTP layer writes by itself, read off raw sockets: a request the parser refuses,
-headers over the limits, a server at its connection limit. Each
+headers over the limits, a server at its connection limit, refused WebSocket upgrades. Each
 must look like the application's own: JSON with a stable code and a message, the security
 headers, a request id, no Server banner, and Retry-After on a 503."""
 
@@ -23,6 +23,7 @@ from tests.test_security import SECURITY
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 HSTS = "max-age=31536000"
+ORIGINS = "https://good.example"
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def upgrade(port: int, *, path: str = "/ws", method: str = "GET", version: str =
 @pytest.fixture
 def behind_tls(database_url: str) -> Iterator[ServerProcess]:
     server = ServerProcess(database_url, args=[
-        "--behind-tls", "--header-count", "30"]).start()
+        "--behind-tls", "--header-count", "30", "--ws-origins", ORIGINS]).start()
     try:
         yield server
     finally:
@@ -113,6 +114,27 @@ async def test_headers_over_the_limits_get_a_json_431(behind_tls: ServerProcess)
         answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
         assert_like_the_app(answer, 431, "headers_too_large", behind_tls=True)
         assert "16384 bytes or 30 lines" in answer.json()["message"]
+
+
+async def test_refused_websocket_upgrades_are_answered_like_the_app(
+        behind_tls: ServerProcess) -> None:
+    port = behind_tls.port
+    cases = [
+        (upgrade(port, version="8"), 400, "bad_websocket_upgrade"),
+        (upgrade(port, key=False), 400, "bad_websocket_upgrade"),
+        (upgrade(port, method="POST"), 405, "method_not_allowed"),
+        (upgrade(port, path="/elsewhere"), 403, "forbidden"),
+        (upgrade(port, extra="Origin: https://evil.example\r\n"), 403, "origin_not_allowed"),
+        # A header line over the WebSocket layer's own limit (8 KiB), within the server's
+        # (16 KiB): answered, where the connection used to be left open without an answer.
+        (upgrade(port, extra="X-Long: " + "a" * 9000 + "\r\n"), 431, "headers_too_large"),
+    ]
+    for request, status, code in cases:
+        answer = await exchange(port, request)
+        assert_like_the_app(answer, status, code, behind_tls=True)
+        if status == 405:
+            assert answer.headers["allow"] == "GET"
+    assert "Sec-WebSocket-Version" in (await exchange(port, cases[0][0])).json()["message"]
 
 
 async def test_beyond_the_concurrency_limit_requests_and_upgrades_get_a_json_503(
