@@ -290,6 +290,40 @@ async def test_a_subscriber_refused_with_4429_waits_as_asked_before_it_dials_aga
         server.stop()
 
 
+@SQLITE
+async def test_a_subscriber_refused_by_a_busy_server_waits_its_retry_after(
+        database_url: str) -> None:
+    server = start(database_url, "--limit-concurrency", "3")
+    try:
+        async with Client(server.base_url, INGEST_TOKEN) as client:
+            receipt = await client.send_signal(BTC)
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        subscriber = Subscriber(server.base_url, ADMIN_TOKEN, cursor=0,
+                                filter={"types": ["signal.accepted"]},
+                                backoff=Backoff(base=0.01, cap=5))
+        reading = asyncio.create_task(anext(aiter(subscriber)))
+        try:
+            # Each refused upgrade (503, Retry-After: 1) is a warning in the server's log:
+            # note when each appears.
+            refused: list[float] = []
+            deadline = time.monotonic() + 15
+            while len(refused) < 2:
+                count = sum("over the concurrency limit" in line for line in server.output)
+                refused += [time.monotonic()] * (count - len(refused))
+                assert time.monotonic() < deadline and not reading.done()
+                await asyncio.sleep(0.01)
+            for _, writer in held:
+                writer.close()
+            event = await asyncio.wait_for(reading, 15)
+        finally:
+            await subscriber.close()
+        assert event.position == receipt.position
+        # On the backoff alone it would have dialled again within 20 ms.
+        assert refused[1] - refused[0] >= 1 - 0.1, refused
+    finally:
+        server.stop()
+
+
 def test_retry_after_is_seconds_or_a_date_counted_from_the_answer() -> None:
     sent = datetime(2025, 1, 15, 14, 45, 0, tzinfo=UTC)
     later = format_datetime(sent + timedelta(seconds=90), usegmt=True)
