@@ -599,10 +599,11 @@ class Client:
     """Typed calls of the HTTP API.
 
     Retries (``retries`` in all, see `retry_delay`): a 503 (the log could not commit, nothing
-    acknowledged) and a lost connection after `Backoff`; a 429 of the ingestion rate after
-    the ``Retry-After`` it carries, unless that is over ``max_retry_after`` seconds. No other
-    answer is retried. `send_signal` always sends an idempotency key, so a retry whose first
-    attempt did land is answered as a repeat instead of making a second signal.
+    acknowledged) and a lost connection after `Backoff`; a 429 (the ingestion rate's, not
+    the failed authentications') after the ``Retry-After`` it carries, unless that is over
+    ``max_retry_after`` seconds. No other answer is retried. `send_signal` always sends an
+    idempotency key, so a retry whose first attempt did land is answered as a repeat instead
+    of making a second signal.
     """
 
     def __init__(self, url: str, token: str, *, retries: int = 5,
