@@ -259,8 +259,10 @@ async def test_a_worker_waits_out_a_refused_address_and_reports_the_outcome(
         assert reported_at - locked_at[0] >= window - 1  # the refusal was waited out
     finally:
         worker.stop()
-        await asyncio.wait_for(running, 10)
-        server.stop()
+        try:
+            await asyncio.wait_for(running, 10)
+        finally:
+            server.stop()
 
 
 @SQLITE
