@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 Route("/openapi.json", openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/ws", websocket_endpoint), *dashboard.routes],
         lifespan=lifespan,
-        middleware=[Middleware(RequestIdMiddleware), *security_middleware(settings, guard)],
+        middleware=middleware(settings, guard),
         exception_handlers={
             SignalboxError: _signalbox_error,
             HTTPException: _http_error,
@@ -120,13 +120,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-def security_middleware(settings: Settings, guard: Guard) -> list[Middleware]:
-    """Outermost first: headers on every answer, CORS when configured, then the guard."""
-    middleware = [Middleware(SecurityHeaders, behind_tls=settings.behind_tls)]
+def middleware(settings: Settings, guard: Guard) -> list[Middleware]:
+    """Outermost first: headers on every answer (the request id's refusal of a NUL in the URL
+    included), the request id, CORS when configured, then the guard."""
+    found = [Middleware(SecurityHeaders, behind_tls=settings.behind_tls),
+             Middleware(RequestIdMiddleware)]
     if settings.cors_origins:
-        middleware.append(Middleware(Cors, origins=settings.cors_origins))
-    middleware.append(Middleware(GuardMiddleware, guard=guard))
-    return middleware
+        found.append(Middleware(Cors, origins=settings.cors_origins))
+    found.append(Middleware(GuardMiddleware, guard=guard))
+    return found
 
 
 def handler_runner(settings: Settings, event_log: EventLog, hub: Hub) -> HandlerRunner:

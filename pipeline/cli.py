@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import migrate
+from pipeline.answers import websocket_protocol
 from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
@@ -27,7 +28,7 @@ from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
 from pipeline.logs import configure_logging
 from pipeline.processing.rebuild import RebuildReport, rebuild
-from pipeline.slowclients import HeaderLimits, protocol_with
+from pipeline.slowclients import Limits, http_protocol
 from replay.audit_cli import add_commands as add_audit_commands
 from replay.audit_cli import rewrite_argv
 from replay.audit_cli import run as run_audit_command
@@ -185,14 +186,16 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
-        ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
-        server_header=False, access_log=settings.access_log,
+        ws=websocket_protocol(behind_tls=settings.behind_tls), ws_max_size=1 << 20,
+        ws_ping_interval=None, server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
-        http=protocol_with(HeaderLimits(settings.header_limit, settings.header_count,
-                                        settings.header_timeout)),
+        # The protocols write their own answers (400, 431, 503) as the application would;
+        # the concurrency limit is theirs, not uvicorn's, which would answer in plain text.
+        http=http_protocol(Limits(settings.header_limit, settings.header_count,
+                                  settings.header_timeout, settings.limit_concurrency),
+                           behind_tls=settings.behind_tls),
         h11_max_incomplete_event_size=settings.header_limit,
         timeout_keep_alive=settings.keep_alive_timeout,
-        limit_concurrency=settings.limit_concurrency,
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(QuietFrames())

@@ -16,6 +16,7 @@ The hierarchy::
     ├── RequestTimeout                  request_timeout  408
     ├── PayloadTooLarge                 payload_too_large 413
     ├── TooManyRequests                 too_many_requests 429
+    │   └── TooManyAuthFailures         too_many_auth_failures 429
     ├── LogUnavailable                  log_unavailable  503
     └── SchemaMismatch                  schema_mismatch  503
 
@@ -96,7 +97,10 @@ class RequestTimeout(SignalboxError):
 
 
 class TooManyRequests(SignalboxError):
-    """Refused for now; ``retry_after`` is how many seconds to wait before trying again."""
+    """Refused for now; ``retry_after`` is how many seconds to wait before trying again.
+
+    Raised as such when a token is over its ingestion rate: the same request is welcome after
+    the wait."""
 
     code = "too_many_requests"
     status = 429
@@ -104,6 +108,14 @@ class TooManyRequests(SignalboxError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyAuthFailures(TooManyRequests):
+    """The client's address failed to authenticate too often: refused, whatever its token,
+    until its window ends. A code of its own, because waiting is not what fixes it: finding
+    whoever at that address uses a wrong token is."""
+
+    code = "too_many_auth_failures"
 
 
 class LogUnavailable(SignalboxError):

@@ -21,7 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.auth import SourcePolicy, Token, TokenStore
 from pipeline.config import Settings, normal_origin
-from pipeline.errors import ClientCertificateRequired, TooManyRequests, Unauthorized
+from pipeline.errors import (
+    ClientCertificateRequired,
+    TooManyAuthFailures,
+    TooManyRequests,
+    Unauthorized,
+)
 
 # Routes that take a token; a refused address gets 429 on these (and on /ws hellos) only.
 AUTHENTICATED_PATHS = ("/api/", "/webhooks/")
@@ -128,7 +133,7 @@ class Guard:
     def refuse_failing(self, address: str | None) -> None:
         wait = self.failures.retry_after(address)
         if wait is not None:
-            raise TooManyRequests(
+            raise TooManyAuthFailures(
                 f"too many failed authentications from {address}: wait {wait} s, then use a "
                 "valid token", wait)
 

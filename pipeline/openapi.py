@@ -27,8 +27,9 @@ ERROR_TEXT = {
     409: "the transition is not allowed from the signal's current status",
     408: "the body did not arrive within SIGNALBOX_BODY_TIMEOUT",
     413: "the body is over the limit (SIGNALBOX_BODY_LIMIT)",
-    429: "too many failed authentications from this address, or the token is over its "
-         "ingestion rate: wait Retry-After seconds",
+    429: "the token is over its ingestion rate (too_many_requests: send again after "
+         "Retry-After seconds), or this address failed to authenticate too often "
+         "(too_many_auth_failures: refused for Retry-After seconds, whatever the token)",
     503: "the log is unavailable or could not confirm a commit: nothing was recorded; retry",
 }
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from enum import Enum, StrEnum
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -78,6 +80,20 @@ class Rejected(SignalboxClientError):
         self.errors = errors
 
 
+class TooManyRequests(SignalboxClientError):
+    """429: refused for now; ``retry_after`` is the wait the server asked for, in seconds
+    (None when it did not say). ``code`` says why: ``too_many_requests``, the token is over its
+    ingestion rate (raised only once the retries are spent, or when the wait asked is over the
+    client's ``max_retry_after``); ``too_many_auth_failures``, this address failed to
+    authenticate too often (raised at once: a wrong token somewhere is the thing to fix).
+    Nothing of the refused request was recorded."""
+
+    def __init__(self, message: str, *, code: str = "too_many_requests", status: int = 429,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
+
+
 class Unavailable(SignalboxClientError):
     """503 (``log_unavailable``) or no connection (``unreachable``), still so after every
     retry. Nothing was acknowledged: sending again with the same idempotency key is safe."""
@@ -105,7 +121,11 @@ _BY_STATUS: dict[int, type[SignalboxClientError]] = {
 
 
 def raise_for_answer(response: httpx.Response) -> NoReturn:
-    """Raise the error that an unsuccessful answer stands for."""
+    raise error_of(response)
+
+
+def error_of(response: httpx.Response) -> SignalboxClientError:
+    """The error that an unsuccessful answer stands for."""
     try:
         body = response.json()
     except ValueError:
@@ -115,14 +135,16 @@ def raise_for_answer(response: httpx.Response) -> NoReturn:
     code = str(body.get("error") or body.get("status") or f"http_{response.status_code}")
     message = str(body.get("message") or f"HTTP {response.status_code}")
     status = response.status_code
+    if status == 429:
+        return TooManyRequests(message, code=code, retry_after=retry_after(response))
     if status == 422:
         errors = body.get("errors")
-        raise Rejected(_rejection_message(errors, message), signal_id=body.get("signal_id"),
-                       position=body.get("position"),
-                       errors=errors if isinstance(errors, list) else [], status=status)
+        return Rejected(_rejection_message(errors, message), signal_id=body.get("signal_id"),
+                        position=body.get("position"),
+                        errors=errors if isinstance(errors, list) else [], status=status)
     kind = _BY_STATUS.get(status) or (BadRequest if 400 <= status < 500 else
                                       SignalboxClientError)
-    raise kind(message, code=code, status=status)
+    return kind(message, code=code, status=status)
 
 
 def _rejection_message(errors: object, fallback: str) -> str:
@@ -483,18 +505,87 @@ def already_reported(timeline: SignalTimeline, status: str,
     return StatusReceipt(timeline.signal.signal_id, status, event.position)
 
 
+# -- retries, decided once for Client and SyncClient ---------------------------------------
+
 RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+AUTH_FAILURES = "too_many_auth_failures"
+MAX_RETRY_AFTER = 30.0
+_DELTA_SECONDS = re.compile(r"[0-9]{1,9}")
 
 
-def give_up(failure: httpx.Response | Exception, attempts: int, url: str) -> Unavailable:
+def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: int,
+                backoff: Backoff, max_retry_after: float, url: str) -> float | None:
+    """What a client does with the outcome of its try number ``attempt`` (0: the first):
+    None, the answer is final (return it); a number, wait that many seconds and send again;
+    or raise the error the outcome stands for.
+
+    Sent again, ``retries`` times at most: after a lost connection or a 503 (nothing was
+    acknowledged), following `Backoff`; after a 429, following its ``Retry-After`` (the backoff
+    when it has none). A 429 is raised at once when it is the address's failed
+    authentications (waiting does not mend a wrong token) or when it asks for a wait over
+    ``max_retry_after`` seconds (the caller would rather know now than wait that long).
+    """
+    wait: float | None = None
+    if isinstance(outcome, httpx.Response):
+        if outcome.status_code == 429:
+            refusal, wait = error_of(outcome), retry_after(outcome)
+            if refusal.code == AUTH_FAILURES:
+                raise refusal
+            if wait is not None and wait > max_retry_after:
+                refusal.message += f" (not waited for: over {max_retry_after:g} s)"
+                raise refusal
+        elif outcome.status_code != 503:
+            return None
+    if attempt >= retries:
+        raise give_up(outcome, attempt + 1, url)
+    return backoff.delay(attempt) if wait is None else wait
+
+
+def may_have_landed(outcome: httpx.Response | Exception) -> bool:
+    """Whether a retried attempt may have been recorded after all: a lost answer or a 503 (a
+    slow commit) may; a 429 refused it before anything was recorded."""
+    return not isinstance(outcome, httpx.Response) or outcome.status_code != 429
+
+
+def give_up(failure: httpx.Response | Exception, attempts: int,
+            url: str) -> SignalboxClientError:
+    """The error to raise once the retries are spent: the last answer's, or `Unavailable`."""
     if isinstance(failure, httpx.Response):
-        try:
-            raise_for_answer(failure)
-        except Unavailable as exc:
-            exc.message = f"{exc.message} (after {attempts} attempts)"
-            return exc
+        error = error_of(failure)
+        error.message = f"{error.message} (after {attempts} attempts)"
+        return error
     return Unavailable(f"could not reach {url} after {attempts} attempts: {failure!r}",
                        code="unreachable")
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The answer's ``Retry-After`` in seconds (None: it has none, or none readable)."""
+    return retry_after_seconds(response.headers.get("retry-after"),
+                               response.headers.get("date"))
+
+
+def retry_after_seconds(value: str | None, sent: str | None = None) -> float | None:
+    """A ``Retry-After`` value in seconds: delta-seconds, or an HTTP-date counted from
+    ``sent``, the answer's own ``Date``, when there is one (so that a clock here that is
+    wrong neither stretches nor cuts the wait), else from this clock."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    when = _http_date(value)
+    if when is None:
+        return None
+    now = (_http_date(sent) if sent else None) or datetime.now(UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _http_date(value: str) -> datetime | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def client_headers(token: str) -> dict[str, str]:
@@ -507,18 +598,22 @@ def client_headers(token: str) -> dict[str, str]:
 class Client:
     """Typed calls of the HTTP API.
 
-    Retries: a 503 (the log could not commit, nothing acknowledged) and a lost connection are
-    retried ``retries`` times with `Backoff`; no other answer is. `send_signal` always sends an
+    Retries (``retries`` in all, see `retry_delay`): a 503 (the log could not commit, nothing
+    acknowledged) and a lost connection after `Backoff`; a 429 (the ingestion rate's, not
+    the failed authentications') after the ``Retry-After`` it carries, unless that is over
+    ``max_retry_after`` seconds. No other answer is retried. `send_signal` always sends an
     idempotency key, so a retry whose first attempt did land is answered as a repeat instead
     of making a second signal.
     """
 
     def __init__(self, url: str, token: str, *, retries: int = 5,
                  backoff: Backoff | None = None, timeout: float = 10.0,
+                 max_retry_after: float = MAX_RETRY_AFTER,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff or Backoff()
+        self.max_retry_after = max_retry_after
         self._http = httpx.AsyncClient(base_url=self.url, headers=client_headers(token),
                                        timeout=timeout, transport=transport)
 
@@ -532,23 +627,23 @@ class Client:
         await self._http.aclose()
 
     async def send(self, call: Call) -> tuple[httpx.Response, bool]:
-        """The answer (anything but a 503) and whether an earlier attempt may have landed."""
-        attempt = 0
+        """The final answer, and whether an earlier attempt may have landed."""
+        attempt, landed = 0, False
         while True:
-            failure: httpx.Response | Exception
+            outcome: httpx.Response | Exception
             try:
-                response = await self._http.request(
+                outcome = await self._http.request(
                     call.method, call.path, params=list(call.params), content=call.body,
                     headers=dict(call.headers))
             except RETRYABLE as exc:
-                failure = exc
-            else:
-                if response.status_code != 503:
-                    return response, attempt > 0
-                failure = response
-            if attempt >= self.retries:
-                raise give_up(failure, attempt + 1, self.url)
-            await asyncio.sleep(self.backoff.delay(attempt))
+                outcome = exc
+            delay = retry_delay(outcome, attempt, retries=self.retries, backoff=self.backoff,
+                                max_retry_after=self.max_retry_after, url=self.url)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return outcome, landed
+            landed = landed or may_have_landed(outcome)
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def _json(self, call: Call) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from replay._http import (
     ProtocolError,
     SignalboxClientError,
     Unauthorized,
+    retry_after_seconds,
 )
 
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -239,6 +240,7 @@ class Subscriber:
         self._error_frame: dict[str, Any] = {}
         self._heartbeat: float | None = None
         self._failures = 0
+        self._retry_after: float | None = None  # the wait the server asked for, if any
         self._state = SubscriberState.CONNECTING
         self._closing = asyncio.Event()
         self._save_lock = asyncio.Lock()
@@ -391,6 +393,9 @@ class Subscriber:
             return
         except websockets.ConnectionClosed as closed:
             self._raise_if_fatal(closed)
+            wait = self._error_frame.get("retry_after")  # 4429: this address is refused
+            if isinstance(wait, int | float) and not isinstance(wait, bool):
+                self._retry_after = float(wait)
             await self._drop()
             return
         if isinstance(message, bytes):
@@ -465,7 +470,7 @@ class Subscriber:
 
     async def _connect(self) -> None:
         if self._failures:  # 1 after a lost link, more after failed attempts
-            await self._pause(self._backoff.delay(self._failures - 1))
+            await self._pause(self._reconnect_delay())
         self._error_frame = {}
         try:
             conn = await websockets.connect(
@@ -473,6 +478,9 @@ class Subscriber:
                 close_timeout=2, max_size=MAX_MESSAGE)
         except websockets.InvalidStatus as exc:
             self._raise_for_upgrade(exc.response.status_code)
+            headers = exc.response.headers
+            self._retry_after = retry_after_seconds(headers.get("Retry-After"),
+                                                    headers.get("Date"))
             self._failures += 1
             return
         except (OSError, TimeoutError, websockets.InvalidHandshake):
@@ -483,6 +491,16 @@ class Subscriber:
             raise Closed
         self._conn = conn
         await self._send(conn, json.dumps(self._hello()))
+
+    def _reconnect_delay(self) -> float:
+        """The backoff's delay, or the wait the server asked for (a 4429 close's
+        ``retry_after``, an upgrade refused with ``Retry-After``) when that is longer, up to
+        the backoff's cap: dialling again sooner would only be refused again."""
+        delay = self._backoff.delay(self._failures - 1)
+        asked, self._retry_after = self._retry_after, None
+        if asked is not None:
+            delay = max(delay, min(asked, self._backoff.cap))
+        return delay
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -5,7 +5,8 @@ The public surface (also exported by ``replay``):
 - `Subscriber`: ``async for event in Subscriber(url, token, …)``: replay from a cursor, then
   live; reconnects forever with full-jitter backoff and resumes without a gap or a repeat;
   saves its checkpoint to a `CursorStore` once the caller has handled an event.
-- `Client` / `SyncClient`: typed HTTP calls, retried on 503 and lost connections only.
+- `Client` / `SyncClient`: typed HTTP calls, retried on 503 and lost connections (with
+  backoff) and on the ingestion rate's 429 (after its Retry-After) only.
 - `Worker`: the bot side: claim each accepted signal, run a handler, report the outcome.
 - `subscribe`: a blocking iterator for scripts without asyncio.
 
@@ -19,14 +20,19 @@ Every error is one of these (``code`` is the server's stable code, or the client
     ├── BadRequest                      bad_request, payload_too_large    400, 413, other 4xx
     ├── Rejected                        rejected (+ signal_id, position,  422
     │                                   errors)
+    ├── TooManyRequests                 too_many_requests,                429, after the
+    │                                   too_many_auth_failures            retries (at once
+    │                                   (+ retry_after)                   for auth failures)
     ├── Unavailable                     log_unavailable, unreachable      503 or no connection,
     │                                                                     after the retries
     ├── EpochChanged                    epoch_changed (+ old_epoch,       4409, another epoch
     │                                   new_epoch)
     └── ProtocolError                   malformed, bad_frame, bad_answer  4400 / unreadable
 
-Retried, never raised: 503 and lost connections on HTTP (up to ``retries`` times), and on the
-WebSocket every close but 4400/4401/4403/4409 (1001, 1006, 1011, 1013, 4408, network errors).
+Retried, never raised: 503 and lost connections on HTTP (up to ``retries`` times), 429
+``too_many_requests`` within those retries when its Retry-After is at most
+``max_retry_after``, and on the WebSocket every close but 4400/4401/4403/4409 (1001, 1006,
+1011, 1013, 4408, 4429, network errors), 4429 after the ``retry_after`` it carries.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Any, TypeVar
 import httpx
 
 from replay._http import (
+    MAX_RETRY_AFTER,
     RETRYABLE,
     Backoff,
     BadRequest,
@@ -66,6 +73,7 @@ from replay._http import (
     SignalSummary,
     SignalTimeline,
     StatusReceipt,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
     already_reported,
@@ -73,13 +81,14 @@ from replay._http import (
     as_list,
     client_headers,
     events_call,
-    give_up,
+    may_have_landed,
     parse_consumers,
     parse_page,
     parse_receipt,
     parse_signals,
     parse_status_receipt,
     parse_timeline,
+    retry_delay,
     signal_call,
     signal_timeline_call,
     signals_call,
@@ -104,8 +113,8 @@ __all__ = [
     "Filter", "Forbidden", "Group", "MemoryCursorStore", "NotFound", "ProcessingStatus",
     "ProtocolError", "Rejected", "SignalPage", "SignalReceipt", "SignalSummary",
     "SignalTimeline", "SignalboxClientError", "StatusReceipt", "Subscriber",
-    "SubscriberState", "Subscription", "SyncClient", "Unauthorized", "Unavailable", "Worker",
-    "subscribe",
+    "SubscriberState", "Subscription", "SyncClient", "TooManyRequests", "Unauthorized",
+    "Unavailable", "Worker", "subscribe",
 ]
 
 log = logging.getLogger("signalbox.replay")
@@ -118,10 +127,12 @@ class SyncClient:
 
     def __init__(self, url: str, token: str, *, retries: int = 5,
                  backoff: Backoff | None = None, timeout: float = 10.0,
+                 max_retry_after: float = MAX_RETRY_AFTER,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff or Backoff()
+        self.max_retry_after = max_retry_after
         self._http = httpx.Client(base_url=self.url, headers=client_headers(token),
                                   timeout=timeout, transport=transport)
 
@@ -135,23 +146,23 @@ class SyncClient:
         self._http.close()
 
     def send(self, call: Call) -> tuple[httpx.Response, bool]:
-        """The answer (anything but a 503) and whether an earlier attempt may have landed."""
-        attempt = 0
+        """The final answer, and whether an earlier attempt may have landed."""
+        attempt, landed = 0, False
         while True:
-            failure: httpx.Response | Exception
+            outcome: httpx.Response | Exception
             try:
-                response = self._http.request(
+                outcome = self._http.request(
                     call.method, call.path, params=list(call.params), content=call.body,
                     headers=dict(call.headers))
             except RETRYABLE as exc:
-                failure = exc
-            else:
-                if response.status_code != 503:
-                    return response, attempt > 0
-                failure = response
-            if attempt >= self.retries:
-                raise give_up(failure, attempt + 1, self.url)
-            time.sleep(self.backoff.delay(attempt))
+                outcome = exc
+            delay = retry_delay(outcome, attempt, retries=self.retries, backoff=self.backoff,
+                                max_retry_after=self.max_retry_after, url=self.url)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return outcome, landed
+            landed = landed or may_have_landed(outcome)
+            time.sleep(delay)
             attempt += 1
 
     def _json(self, call: Call) -> dict[str, Any]:
@@ -400,9 +411,9 @@ class Worker:
 
     async def _until_reported(self, signal_id: str, status: ProcessingStatus,
                               detail: dict[str, Any] | None) -> None:
-        """Report, waiting out an unavailable server for as long as it takes: giving up would
-        leave a claimed signal without its outcome."""
-        attempt = 0
+        """Report, waiting out an unavailable or refusing server for as long as it takes:
+        giving up would leave a claimed signal without its outcome."""
+        attempt, landed = 0, False
         while True:
             try:
                 await self.client.report_status(signal_id, status, detail,
@@ -410,14 +421,20 @@ class Worker:
                 return
             except Conflict:
                 # After an unavailable server, our earlier try may be what landed.
-                if attempt and already_reported(await self.client.signal(signal_id),
-                                                str(status), self.consumer) is not None:
+                if landed and already_reported(await self.client.signal(signal_id),
+                                               str(status), self.consumer) is not None:
                     return
                 raise
-            except Unavailable:
-                log.warning("server unavailable; %s of %s will be retried", status, signal_id)
-                await asyncio.sleep(self.client.backoff.delay(attempt))
-                attempt += 1
+            except Unavailable as exc:
+                landed, wait = True, self.client.backoff.delay(attempt)
+                log.warning("%s; %s of %s will be retried", exc, status, signal_id)
+            except TooManyRequests as exc:  # refused before anything was recorded
+                wait = (exc.retry_after if exc.retry_after is not None
+                        else self.client.backoff.delay(attempt))
+                log.warning("%s; %s of %s will be retried in %.3g s", exc, status, signal_id,
+                            wait)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def _report(self, signal_id: str, status: ProcessingStatus,
                       detail: dict[str, Any]) -> None:

@@ -85,7 +85,7 @@ async def test_failed_authentications_get_an_address_429_until_the_window_passes
     # Refused now, with a valid token too, on every authenticated route.
     refused = await http.post("/api/signals", json=BTC, headers=as_from(ATTACKER, ADMIN_TOKEN))
     assert refused.status_code == 429, refused.text
-    assert refused.json()["error"] == "too_many_requests" and refused.json()["message"]
+    assert refused.json()["error"] == "too_many_auth_failures" and refused.json()["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 3
     for method, path in AUTHENTICATED:
         response = await http.request(method, path, json=BTC,
@@ -189,6 +189,7 @@ async def test_security_headers_on_every_answer(database_url: str, behind_tls: b
                 await http.get("/metrics"), await http.get("/api/events"),
                 await http.get("/api/events", headers=headers()),
                 await http.get("/nowhere"), await http.delete("/api/events"),
+                await http.get("/api/events?stream=%00"),  # refused with the request id
                 await http.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN)),
                 await http.post("/webhooks/tradingview/sbx_wrong", content="x"),
                 await http.post("/api/signals", content="x" * 70_000,
