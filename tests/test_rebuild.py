@@ -16,6 +16,8 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from pipeline.log.backends import migration_engine
+from pipeline.processing.rebuild import RebuildReport, fold_and_compare, swap_in
 from tests.support import INGEST_TOKEN, ServerProcess, headers
 
 
@@ -133,4 +135,29 @@ async def test_rebuild_names_edits_of_the_projection_and_swap_restores_the_fold(
             await report(client, ids[2], "processing")
             assert (await run_rebuild(database_url))[1]["difference_count"] == 0
     finally:
+        server.stop()
+
+
+async def test_the_swap_folds_in_what_was_appended_after_the_fold(database_url: str) -> None:
+    """The gap the swap's lock closes, made certain rather than left to timing: signals are
+    acknowledged after the log was folded and compared, and before the swap."""
+    server = ServerProcess(database_url).start()
+    engine = migration_engine(database_url)
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            before = [await post(client, {"ticker": "OLD", "action": "buy"}) for _ in range(3)]
+            rebuilt = RebuildReport()
+            await fold_and_compare(engine, rebuilt)
+            assert (rebuilt.signals, rebuilt.differences) == (3, [])
+            after = [await post(client, {"ticker": "NEW", "action": "sell"}) for _ in range(4)]
+            await report(client, before[0], "processing")
+            await swap_in(engine, rebuilt)
+            assert rebuilt.swapped and rebuilt.signals == 7
+            rows = dict(await sql(database_url, "SELECT signal_id, status FROM signals"))
+            assert rows == {**dict.fromkeys(before, "accepted"),
+                            **dict.fromkeys(after, "accepted"), before[0]: "processing"}
+            code, check = await run_rebuild(database_url)
+            assert (code, check["difference_count"], check["signals"]) == (0, 0, 7)
+    finally:
+        await engine.dispose()
         server.stop()

@@ -87,21 +87,28 @@ async def rebuild(url: str, *, swap: bool = False,
     report = RebuildReport()
     engine = migration_engine(url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: scratch.drop(sync, checkfirst=True))
-            await conn.run_sync(scratch.create)
-        while await _fold_page(engine, report):
-            if progress is not None:
-                progress(report)
-        await _compare(engine, report)
+        await fold_and_compare(engine, report, progress)
         if swap:
-            await _swap(engine, report)
+            await swap_in(engine, report)
         else:
             async with engine.begin() as conn:
                 await conn.run_sync(scratch.drop)
     finally:
         await engine.dispose()
     return report
+
+
+async def fold_and_compare(engine: AsyncEngine, report: RebuildReport,
+                           progress: Progress | None = None) -> None:
+    """The log folded into a fresh ``signals_rebuild`` (no lock held), then compared with
+    the live table into ``report``."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: scratch.drop(sync, checkfirst=True))
+        await conn.run_sync(scratch.create)
+    while await _fold_page(engine, report):
+        if progress is not None:
+            progress(report)
+    await _compare(engine, report)
 
 
 async def _fold_page(engine: AsyncEngine, report: RebuildReport) -> bool:
@@ -192,7 +199,9 @@ def _compare_rows(live: Row, rebuilt: Row, report: RebuildReport) -> None:
         report.note_difference(Difference("differs", live["signal_id"], columns))
 
 
-async def _swap(engine: AsyncEngine, report: RebuildReport) -> None:
+async def swap_in(engine: AsyncEngine, report: RebuildReport) -> None:
+    """Under the log's write lock: fold what was appended since ``fold_and_compare``, then
+    replace the live rows with the rebuilt ones."""
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Appends lock this row first: none can commit until the swap has.
