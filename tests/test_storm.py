@@ -73,7 +73,10 @@ class StormSubscriber:
             while True:
                 wait = drop_at - loop.time() if self.storming else 60.0
                 try:
-                    message = await asyncio.wait_for(ws.recv(), max(wait, 0))
+                    # Not wait_for: on 3.11 it can swallow the cancellation that ends the
+                    # storm, and the subscriber would go on listening for ever.
+                    async with asyncio.timeout(max(wait, 0)):
+                        message = await ws.recv()
                 except TimeoutError:
                     if not self.storming:
                         continue
