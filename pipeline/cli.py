@@ -28,6 +28,7 @@ from pipeline.log.backends import create_engines, redacted_url
 from pipeline.logs import configure_logging
 from pipeline.processing.rebuild import RebuildReport, rebuild
 from pipeline.slowclients import HeaderLimits, protocol_with
+from pipeline.wsprotocol import ReleasingWebSocketProtocol
 from replay.audit_cli import add_commands as add_audit_commands
 from replay.audit_cli import rewrite_argv
 from replay.audit_cli import run as run_audit_command
@@ -170,7 +171,10 @@ def tune_garbage_collector() -> None:
     Serving allocates fast and keeps a window of recent events alive: with the default
     thresholds the cyclic collector took a fifth of the server's time under load. What was
     loaded at start (modules, settings) is frozen out of collections altogether. Memory is
-    still freed by reference counting as soon as it is unused; only cycles wait longer.
+    still freed by reference counting as soon as it is unused; only cycles wait longer, for
+    a full collection if they outlive a young one, and for ever once the server is idle: what
+    is made per connection or per request must not be left in a cycle (see
+    :mod:`pipeline.wsprotocol`).
     """
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
@@ -185,7 +189,7 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
-        ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
+        ws=ReleasingWebSocketProtocol, ws_max_size=1 << 20, ws_ping_interval=None,
         server_header=False, access_log=settings.access_log,
         timeout_graceful_shutdown=10, lifespan="on",
         http=protocol_with(HeaderLimits(settings.header_limit, settings.header_count,

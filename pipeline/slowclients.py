@@ -101,6 +101,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The connection is the WebSocket protocol's now, and this one is never told that it
+        # ended (its connection_lost, which drops the parser, does not come): without this its
+        # parser, whose callbacks point back at it, would hold it and the connection's
+        # transport in a cycle until a full garbage collection.
+        self.parser = None  # type: ignore[assignment]
+
     def send_400_response(self, msg: str) -> None:
         if not self._too_large:
             super().send_400_response(msg)
