@@ -19,13 +19,13 @@ from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
 from pipeline.context import RequestIdMiddleware, new_request_id
 from pipeline.headers import ERROR_HEADERS, HSTS
+from pipeline.wsprotocol import ReleasingWebSocketProtocol
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _reason(response: Response) -> str:
     return f"{said}; " if said else ""
 
 
-class WebSocketProtocol(WebSocketsSansIOProtocol):
+class WebSocketProtocol(ReleasingWebSocketProtocol):
     """uvicorn's WebSocket protocol over websockets, with `RefusingServerProtocol`, and with
     the answers websockets makes while it parses the upgrade (a line or a header over its
     own limits) actually sent: uvicorn sends answers only for requests it has been given, so

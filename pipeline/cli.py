@@ -171,7 +171,10 @@ def tune_garbage_collector() -> None:
     Serving allocates fast and keeps a window of recent events alive: with the default
     thresholds the cyclic collector took a fifth of the server's time under load. What was
     loaded at start (modules, settings) is frozen out of collections altogether. Memory is
-    still freed by reference counting as soon as it is unused; only cycles wait longer.
+    still freed by reference counting as soon as it is unused; only cycles wait longer, for
+    a full collection if they outlive a young one, and for ever once the server is idle: what
+    is made per connection or per request must not be left in a cycle (see
+    :mod:`pipeline.wsprotocol`).
     """
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)

@@ -126,6 +126,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(BUSY)  # (on_headers_complete has logged it)
             return
         super().handle_websocket_upgrade()
+        # The connection is the WebSocket protocol's now, and this one is never told that it
+        # ended (its connection_lost, which drops the parser, does not come): without this its
+        # parser, whose callbacks point back at it, would hold it and the connection's
+        # transport in a cycle until a full garbage collection.
+        self.parser = None  # type: ignore[assignment]
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request its parser refused (or that `_count` stopped)."""
