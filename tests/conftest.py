@@ -39,3 +39,43 @@ def server(request: pytest.FixtureRequest, database_url: str) -> Iterator[Server
 async def client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http_client:
         yield http_client
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+async def shared_database_url(request: pytest.FixtureRequest,
+                              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """An empty database of each backend, one per test module: the ``shared_server``'s."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('shared') / 'signalbox.db'}"
+        return
+    url, name = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture(scope="module")
+def shared_server(request: pytest.FixtureRequest,
+                  shared_database_url: str) -> Iterator[ServerProcess]:
+    """One server per backend for the tests of a module that can share it: tests that only
+    read, or that write only signals of their own and assert only about those, and that change
+    nothing server-wide (tokens, limits, flags, the process itself). The module's
+    ``pytestmark`` ``server_args`` adds flags; a test's own marker cannot (see
+    ``shared_client``)."""
+    marker = request.node.get_closest_marker("server_args")
+    process = ServerProcess(shared_database_url,
+                            args=list(marker.args) if marker else []).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def shared_client(request: pytest.FixtureRequest,
+                        shared_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    own = [mark for mark in request.node.own_markers if mark.name == "server_args"]
+    assert not own, "a test with its own server_args needs its own server, not shared_server"
+    async with httpx.AsyncClient(base_url=shared_server.base_url, timeout=30) as http_client:
+        yield http_client
