@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import migrate
-from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
-from pipeline.logs import configure_logging
-from pipeline.processing.rebuild import RebuildReport, rebuild
-from pipeline.slowclients import HeaderLimits, protocol_with
 from replay.audit_cli import add_commands as add_audit_commands
 from replay.audit_cli import rewrite_argv
 from replay.audit_cli import run as run_audit_command
@@ -35,6 +26,12 @@ from replay.commands import add_commands as add_client_commands
 from replay.commands import run as run_client_command
 from replay.history import add_commands as add_history_commands
 from replay.history import run as run_history
+
+if TYPE_CHECKING:
+    from pipeline.processing.rebuild import RebuildReport
+
+# Alembic, the server (uvicorn and the application) and the rebuild are imported by the
+# commands that use them: the others start without loading them.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "replay":
             return run_history(args, settings.database_url)
         if args.command == "migrate":
+            from pipeline.migrate import head_revision  # noqa: PLC0415 - see the note on imports
+
             upgrade(settings.database_url)
-            print(f"schema at revision {migrate.head_revision()}")
+            print(f"schema at revision {head_revision()}")
             return 0
         return asyncio.run(token_command(args, settings))
     except SignalboxError as exc:
@@ -150,67 +149,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class _Server(uvicorn.Server):
-    """Closes WebSocket subscribers with 1001 before uvicorn tears connections down."""
-
-    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
-        super().__init__(config)
-        self.stopping = stopping
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.stopping.set()
-        super().handle_exit(sig, frame)
-        # uvicorn would re-raise the signal after shutting down; a graceful stop exits 0.
-        self._captured_signals.clear()
-
-
-def tune_garbage_collector() -> None:
-    """Collect cycles less often than CPython's default (every 700 allocations).
-
-    Serving allocates fast and keeps a window of recent events alive: with the default
-    thresholds the cyclic collector took a fifth of the server's time under load. What was
-    loaded at start (modules, settings) is frozen out of collections altogether. Memory is
-    still freed by reference counting as soon as it is unused; only cycles wait longer.
-    """
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 100)
-
-
 def serve(settings: Settings) -> int:
+    from pipeline.serving import run_server  # noqa: PLC0415 - see the note on imports
+
     if settings.migrate:
         upgrade(settings.database_url)
     # Fail here with one line, not with a traceback from inside uvicorn's lifespan.
     asyncio.run(_check_log(settings.database_url))
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
-        ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
-        server_header=False, access_log=settings.access_log,
-        timeout_graceful_shutdown=10, lifespan="on",
-        http=protocol_with(HeaderLimits(settings.header_limit, settings.header_count,
-                                        settings.header_timeout)),
-        h11_max_incomplete_event_size=settings.header_limit,
-        timeout_keep_alive=settings.keep_alive_timeout,
-        limit_concurrency=settings.limit_concurrency,
-    )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
-    logging.getLogger("uvicorn.error").addFilter(QuietFrames())
-    configure_logging(settings.log_level, settings.log_format)
-    tune_garbage_collector()
-    server = _Server(config, app.state.connections.stopping)
-    server.run()
-    return 0 if server.started else 1
+    return run_server(settings)
 
 
 def upgrade(url: str) -> None:
     """Upgrade the schema, but never touch one newer than this code knows."""
+    from pipeline import migrate  # noqa: PLC0415 - see the note on imports
+
     migrate.check_revision(asyncio.run(migrate.current_revision(url)), exact=False)
     migrate.upgrade(url)
 
 
 async def _check_log(url: str) -> None:
     """Raise (with a message that says what to do) unless the log is there, at our schema."""
+    from pipeline import migrate  # noqa: PLC0415 - see the note on imports
+
     migrate.check_revision(await migrate.current_revision(url), exact=True)
     event_log = await EventLog.open(url)
     await event_log.close()
@@ -218,6 +178,8 @@ async def _check_log(url: str) -> None:
 
 async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
     """0 when the projection equals the log's fold (or was swapped), 1 when it differs."""
+    from pipeline.processing.rebuild import rebuild  # noqa: PLC0415 - see the note on imports
+
     await _check_log(settings.database_url)
 
     def progress(report: RebuildReport) -> None:
