@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -123,6 +124,15 @@ class ServerProcess:
     def restart(self) -> ServerProcess:
         """Start again on the same port (after stop or kill)."""
         return self.start()
+
+
+def sqlite_only(reason: str, *, fixture: str = "database_url") -> pytest.MarkDecorator:
+    """Run a test on SQLite alone, for a ``reason`` that says why the backend makes no
+    difference to what it checks (argparse, settings, headers, the WebSocket protocol…).
+    ``fixture`` names the backend-parametrized fixture the test uses: ``database_url`` (which
+    ``server`` and ``client`` use) or ``shared_database_url`` (``shared_server``'s)."""
+    assert reason.strip(), "say why the backend does not matter"
+    return pytest.mark.parametrize(fixture, ["sqlite"], indirect=True)
 
 
 def headers(token: str = ADMIN_TOKEN, **extra: str) -> dict[str, str]:
