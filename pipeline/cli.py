@@ -19,30 +19,33 @@ from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
-from replay.audit_cli import add_commands as add_audit_commands
-from replay.audit_cli import rewrite_argv
-from replay.audit_cli import run as run_audit_command
-from replay.commands import add_commands as add_client_commands
-from replay.commands import run as run_client_command
-from replay.history import add_commands as add_history_commands
-from replay.history import run as run_history
 
 if TYPE_CHECKING:
     from pipeline.processing.rebuild import RebuildReport
 
-# Alembic, the server (uvicorn and the application) and the rebuild are imported by the
-# commands that use them: the others start without loading them.
+# Imports: each command loads what it uses and no more. The client side (replay: send, tail,
+# audit, replay) is loaded only for its commands, and for the parser of them all; Alembic,
+# the server (uvicorn and the application) and the rebuild only by the commands that use them.
+
+SERVER_COMMANDS = frozenset({"serve", "rebuild", "migrate", "token"})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser of every command (without the client side's: enough to parse those of the
+    server, whose subparsers are the same either way)."""
     parser = argparse.ArgumentParser(prog="signalbox", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
     _setting_flags(serve)
-    add_client_commands(commands)
-    add_audit_commands(commands)
-    add_history_commands(commands)
+    if client_commands:
+        from replay.audit_cli import add_commands as add_audit_commands  # noqa: PLC0415
+        from replay.commands import add_commands as add_client_commands  # noqa: PLC0415
+        from replay.history import add_commands as add_history_commands  # noqa: PLC0415
+
+        add_client_commands(commands)
+        add_audit_commands(commands)
+        add_history_commands(commands)
 
     rebuild_cmd = commands.add_parser(
         "rebuild", help="make the signals projection again from the log, compare it with the "
@@ -107,10 +110,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def parse(words: Sequence[str]) -> argparse.Namespace:
+    """The command line parsed. A server command is parsed without loading the client side;
+    anything that parser does not take is parsed again by the whole one, so that the error
+    printed is the same either way."""
+    if words[:1] and words[0] in SERVER_COMMANDS:
+        args, unknown = build_parser(client_commands=False).parse_known_args(words)
+        if not unknown:
+            return args
+    from replay.audit_cli import rewrite_argv  # noqa: PLC0415
+
+    return build_parser().parse_args(rewrite_argv(words))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(rewrite_argv(words))
+    args = parse(words)
     if args.command in ("send", "tail"):
+        from replay.commands import run as run_client_command  # noqa: PLC0415
+
         return run_client_command(args)
     try:
         settings = settings_from(args)
@@ -124,14 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "audit":
+            from replay.audit_cli import run as run_audit_command  # noqa: PLC0415
+
             return asyncio.run(run_audit_command(args, settings.database_url,
                                                  settings.claim_lease))
         if args.command == "rebuild":
             return asyncio.run(rebuild_command(args, settings))
         if args.command == "replay":
+            from replay.history import run as run_history  # noqa: PLC0415
+
             return run_history(args, settings.database_url)
         if args.command == "migrate":
-            from pipeline.migrate import head_revision  # noqa: PLC0415 - see the note on imports
+            from pipeline.migrate import head_revision  # noqa: PLC0415
 
             upgrade(settings.database_url)
             print(f"schema at revision {head_revision()}")
@@ -150,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    from pipeline.serving import run_server  # noqa: PLC0415 - see the note on imports
+    from pipeline.serving import run_server  # noqa: PLC0415
 
     if settings.migrate:
         upgrade(settings.database_url)
@@ -161,7 +183,7 @@ def serve(settings: Settings) -> int:
 
 def upgrade(url: str) -> None:
     """Upgrade the schema, but never touch one newer than this code knows."""
-    from pipeline import migrate  # noqa: PLC0415 - see the note on imports
+    from pipeline import migrate  # noqa: PLC0415
 
     migrate.check_revision(asyncio.run(migrate.current_revision(url)), exact=False)
     migrate.upgrade(url)
@@ -169,7 +191,7 @@ def upgrade(url: str) -> None:
 
 async def _check_log(url: str) -> None:
     """Raise (with a message that says what to do) unless the log is there, at our schema."""
-    from pipeline import migrate  # noqa: PLC0415 - see the note on imports
+    from pipeline import migrate  # noqa: PLC0415
 
     migrate.check_revision(await migrate.current_revision(url), exact=True)
     event_log = await EventLog.open(url)
@@ -178,7 +200,7 @@ async def _check_log(url: str) -> None:
 
 async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
     """0 when the projection equals the log's fold (or was swapped), 1 when it differs."""
-    from pipeline.processing.rebuild import rebuild  # noqa: PLC0415 - see the note on imports
+    from pipeline.processing.rebuild import rebuild  # noqa: PLC0415
 
     await _check_log(settings.database_url)
 
