@@ -135,6 +135,13 @@ def sqlite_only(reason: str, *, fixture: str = "database_url") -> pytest.MarkDec
     return pytest.mark.parametrize(fixture, ["sqlite"], indirect=True)
 
 
+def fresh_connections(base_url: str) -> httpx.Client:
+    """One client for the many requests of a property test (making a client costs more than
+    a request), each still on a new connection: it keeps none alive."""
+    return httpx.Client(base_url=base_url, timeout=30,
+                        limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def headers(token: str = ADMIN_TOKEN, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", **extra}
 
