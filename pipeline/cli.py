@@ -5,48 +5,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import migrate
-from pipeline.answers import websocket_protocol
-from pipeline.app import QuietFrames, RedactTokens, create_app
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
 from pipeline.log.backends import create_engines, redacted_url
-from pipeline.logs import configure_logging
-from pipeline.processing.rebuild import RebuildReport, rebuild
-from pipeline.slowclients import Limits, http_protocol
-from replay.audit_cli import add_commands as add_audit_commands
-from replay.audit_cli import rewrite_argv
-from replay.audit_cli import run as run_audit_command
-from replay.commands import add_commands as add_client_commands
-from replay.commands import run as run_client_command
-from replay.history import add_commands as add_history_commands
-from replay.history import run as run_history
+
+if TYPE_CHECKING:
+    from pipeline.processing.rebuild import RebuildReport
+
+# Imports: each command loads what it uses and no more. The client side (replay: send, tail,
+# audit, replay) is loaded only for its commands, and for the parser of them all; Alembic,
+# the server (uvicorn and the application) and the rebuild only by the commands that use them.
+
+SERVER_COMMANDS = frozenset({"serve", "rebuild", "migrate", "token"})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser of every command (without the client side's: enough to parse those of the
+    server, whose subparsers are the same either way)."""
     parser = argparse.ArgumentParser(prog="signalbox", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")
     _setting_flags(serve)
-    add_client_commands(commands)
-    add_audit_commands(commands)
-    add_history_commands(commands)
+    if client_commands:
+        from replay.audit_cli import add_commands as add_audit_commands  # noqa: PLC0415
+        from replay.commands import add_commands as add_client_commands  # noqa: PLC0415
+        from replay.history import add_commands as add_history_commands  # noqa: PLC0415
+
+        add_client_commands(commands)
+        add_audit_commands(commands)
+        add_history_commands(commands)
 
     rebuild_cmd = commands.add_parser(
         "rebuild", help="make the signals projection again from the log, compare it with the "
@@ -111,10 +110,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def parse(words: Sequence[str]) -> argparse.Namespace:
+    """The command line parsed. A server command is parsed without loading the client side;
+    anything that parser does not take is parsed again by the whole one, so that the error
+    printed is the same either way."""
+    if words[:1] and words[0] in SERVER_COMMANDS:
+        args, unknown = build_parser(client_commands=False).parse_known_args(words)
+        if not unknown:
+            return args
+    from replay.audit_cli import rewrite_argv  # noqa: PLC0415
+
+    return build_parser().parse_args(rewrite_argv(words))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(rewrite_argv(words))
+    args = parse(words)
     if args.command in ("send", "tail"):
+        from replay.commands import run as run_client_command  # noqa: PLC0415
+
         return run_client_command(args)
     try:
         settings = settings_from(args)
@@ -128,15 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "audit":
+            from replay.audit_cli import run as run_audit_command  # noqa: PLC0415
+
             return asyncio.run(run_audit_command(args, settings.database_url,
                                                  settings.claim_lease))
         if args.command == "rebuild":
             return asyncio.run(rebuild_command(args, settings))
         if args.command == "replay":
+            from replay.history import run as run_history  # noqa: PLC0415
+
             return run_history(args, settings.database_url)
         if args.command == "migrate":
+            from pipeline.migrate import head_revision  # noqa: PLC0415
+
             upgrade(settings.database_url)
-            print(f"schema at revision {migrate.head_revision()}")
+            print(f"schema at revision {head_revision()}")
             return 0
         return asyncio.run(token_command(args, settings))
     except SignalboxError as exc:
@@ -151,72 +171,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class _Server(uvicorn.Server):
-    """Closes WebSocket subscribers with 1001 before uvicorn tears connections down."""
-
-    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
-        super().__init__(config)
-        self.stopping = stopping
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.stopping.set()
-        super().handle_exit(sig, frame)
-        # uvicorn would re-raise the signal after shutting down; a graceful stop exits 0.
-        self._captured_signals.clear()
-
-
-def tune_garbage_collector() -> None:
-    """Collect cycles less often than CPython's default (every 700 allocations).
-
-    Serving allocates fast and keeps a window of recent events alive: with the default
-    thresholds the cyclic collector took a fifth of the server's time under load. What was
-    loaded at start (modules, settings) is frozen out of collections altogether. Memory is
-    still freed by reference counting as soon as it is unused; only cycles wait longer, for
-    a full collection if they outlive a young one, and for ever once the server is idle: what
-    is made per connection or per request must not be left in a cycle (see
-    :mod:`pipeline.wsprotocol`).
-    """
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 100)
-
-
 def serve(settings: Settings) -> int:
+    from pipeline.serving import run_server  # noqa: PLC0415
+
     if settings.migrate:
         upgrade(settings.database_url)
     # Fail here with one line, not with a traceback from inside uvicorn's lifespan.
     asyncio.run(_check_log(settings.database_url))
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
-        ws=websocket_protocol(behind_tls=settings.behind_tls), ws_max_size=1 << 20,
-        ws_ping_interval=None, server_header=False, access_log=settings.access_log,
-        timeout_graceful_shutdown=10, lifespan="on",
-        # The protocols write their own answers (400, 431, 503) as the application would;
-        # the concurrency limit is theirs, not uvicorn's, which would answer in plain text.
-        http=http_protocol(Limits(settings.header_limit, settings.header_count,
-                                  settings.header_timeout, settings.limit_concurrency),
-                           behind_tls=settings.behind_tls),
-        h11_max_incomplete_event_size=settings.header_limit,
-        timeout_keep_alive=settings.keep_alive_timeout,
-    )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
-    logging.getLogger("uvicorn.error").addFilter(QuietFrames())
-    configure_logging(settings.log_level, settings.log_format)
-    tune_garbage_collector()
-    server = _Server(config, app.state.connections.stopping)
-    server.run()
-    return 0 if server.started else 1
+    return run_server(settings)
 
 
 def upgrade(url: str) -> None:
     """Upgrade the schema, but never touch one newer than this code knows."""
+    from pipeline import migrate  # noqa: PLC0415
+
     migrate.check_revision(asyncio.run(migrate.current_revision(url)), exact=False)
     migrate.upgrade(url)
 
 
 async def _check_log(url: str) -> None:
     """Raise (with a message that says what to do) unless the log is there, at our schema."""
+    from pipeline import migrate  # noqa: PLC0415
+
     migrate.check_revision(await migrate.current_revision(url), exact=True)
     event_log = await EventLog.open(url)
     await event_log.close()
@@ -224,6 +200,8 @@ async def _check_log(url: str) -> None:
 
 async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
     """0 when the projection equals the log's fold (or was swapped), 1 when it differs."""
+    from pipeline.processing.rebuild import rebuild  # noqa: PLC0415
+
     await _check_log(settings.database_url)
 
     def progress(report: RebuildReport) -> None:

@@ -7,7 +7,7 @@ protocol of an ended connection is a reference cycle, holding what the connectio
 handshake's headers, its buffers and, when the client negotiated permessage-deflate
 (``websockets`` clients and browsers offer it), a zlib compressor and decompressor, some 30 KiB
 of C memory. Only the cyclic garbage collector frees a cycle, and this server runs it seldom
-(:func:`pipeline.cli.tune_garbage_collector`), never while idle: in a disconnect storm the
+(:func:`pipeline.serving.tune_garbage_collector`), never while idle: in a disconnect storm the
 server grew by some 135 MiB every 2,000 connections, and kept it after they had gone until a
 ``gc.collect()`` freed it. Closing the generator (and clearing the frames of its error) when
 the connection is lost breaks the cycle: reference counting frees the connection at once, as it

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -11,17 +12,24 @@ from tests.support import ServerProcess, create_pg_database, drop_pg_database
 BACKENDS = ["sqlite", "postgresql"]
 
 
-@pytest.fixture(params=BACKENDS)
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database of each backend. PostgreSQL must be there: its absence fails."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+@asynccontextmanager
+async def empty_database(backend: str, folder: Path) -> AsyncIterator[str]:
+    """An empty database of ``backend``. PostgreSQL must be there: its absence fails."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{folder / 'signalbox.db'}"
         return
     url, name = await create_pg_database()
     try:
         yield url
     finally:
         await drop_pg_database(name)
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database of each backend, for one test."""
+    async with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
@@ -50,4 +58,35 @@ def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 @pytest.fixture
 async def module_client(module_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=module_server.base_url, timeout=30) as http_client:
+        yield http_client
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+async def shared_database_url(request: pytest.FixtureRequest,
+                              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """An empty database of each backend, one per test module: the ``shared_server``'s."""
+    async with empty_database(request.param, tmp_path_factory.mktemp("shared")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shared_server(request: pytest.FixtureRequest,
+                  shared_database_url: str) -> Iterator[ServerProcess]:
+    """One server per backend for the tests of a module that can share it: tests that only
+    read, or that write only signals of their own and assert only about those, and that change
+    nothing server-wide (tokens, limits, flags, the process itself). The module's
+    ``pytestmark`` ``server_args`` adds flags; a test's own marker cannot (see
+    ``shared_client``)."""
+    marker = request.node.get_closest_marker("server_args")
+    with ServerProcess(shared_database_url,
+                       args=list(marker.args) if marker else []).start() as process:
+        yield process
+
+
+@pytest.fixture
+async def shared_client(request: pytest.FixtureRequest,
+                        shared_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    own = [mark for mark in request.node.own_markers if mark.name == "server_args"]
+    assert not own, "a test with its own server_args needs its own server, not shared_server"
+    async with httpx.AsyncClient(base_url=shared_server.base_url, timeout=30) as http_client:
         yield http_client

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -129,6 +130,22 @@ class ServerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def sqlite_only(reason: str, *, fixture: str = "database_url") -> pytest.MarkDecorator:
+    """Run a test on SQLite alone, for a ``reason`` that says why the backend makes no
+    difference to what it checks (argparse, settings, headers, the WebSocket protocol…).
+    ``fixture`` names the backend-parametrized fixture the test uses: ``database_url`` (which
+    ``server`` and ``client`` use) or ``shared_database_url`` (``shared_server``'s)."""
+    assert reason.strip(), "say why the backend does not matter"
+    return pytest.mark.parametrize(fixture, ["sqlite"], indirect=True)
+
+
+def fresh_connections(base_url: str) -> httpx.Client:
+    """One client for the many requests of a property test (making a client costs more than
+    a request), each still on a new connection: it keeps none alive."""
+    return httpx.Client(base_url=base_url, timeout=30,
+                        limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def headers(token: str = ADMIN_TOKEN, **extra: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ database and from a server."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from replay.export import EVENT_COLUMNS, SIGNAL_COLUMNS
 from tests.support import ADMIN_TOKEN, ServerProcess, headers, read_all_events, repo_root
@@ -58,6 +60,14 @@ async def recorded(client: httpx.AsyncClient) -> None:
         assert reported.status_code == 200
 
 
+@pytest.fixture(scope="module")
+async def recorded_server(shared_server: ServerProcess) -> ServerProcess:
+    """A server per backend whose log holds what ``recorded`` records; the tests only read."""
+    async with httpx.AsyncClient(base_url=shared_server.base_url, timeout=30) as client:
+        await recorded(client)
+    return shared_server
+
+
 def as_api_event(line: dict[str, Any]) -> dict[str, Any]:
     assert line["ticker"] == line["meta"].get("ticker")
     assert line["strategy"] == line["meta"].get("strategy")
@@ -73,11 +83,11 @@ def from_csv(row: dict[str, str]) -> dict[str, Any]:
             "position": int(row["position"]), "data": json.loads(row["data"]), "meta": meta}
 
 
-async def test_events_export_as_the_api_gives_them(
-        database_url: str, server: ServerProcess, client: httpx.AsyncClient,
-        tmp_path: Path) -> None:
-    await recorded(client)
-    api = await read_all_events(client)
+async def test_events_export_as_the_api_gives_them(recorded_server: ServerProcess,
+                                                   tmp_path: Path) -> None:
+    server, database_url = recorded_server, recorded_server.database_url
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        api = await read_all_events(client)
     sources = (["--database-url", database_url], ["--url", server.base_url])
     lines = [jsonl(tmp_path / f"e{i}.jsonl", *s) for i, s in enumerate(sources)]
     texts = [(tmp_path / f"e{i}.jsonl").read_text() for i in range(2)]
@@ -94,10 +104,10 @@ async def test_events_export_as_the_api_gives_them(
                for r in rows[0])
 
 
-async def test_events_export_filters(database_url: str, server: ServerProcess,
-                                     client: httpx.AsyncClient, tmp_path: Path) -> None:
-    await recorded(client)
-    api = await read_all_events(client)
+async def test_events_export_filters(recorded_server: ServerProcess, tmp_path: Path) -> None:
+    server, database_url = recorded_server, recorded_server.database_url
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        api = await read_all_events(client)
     stream = api[0]["stream"]
     since, until = api[2]["time"], api[9]["time"]
     cases: list[tuple[list[str], list[dict[str, Any]]]] = [
@@ -111,18 +121,22 @@ async def test_events_export_filters(database_url: str, server: ServerProcess,
         (["--since", since, "--type", "signal.accepted"],
          [e for e in api if since <= e["time"] and e["type"] == "signal.accepted"]),
     ]
-    for i, (flags, expected) in enumerate(cases):
+    runs = [(flags, expected, source) for flags, expected in cases
+            for source in (["--database-url", database_url], ["--url", server.base_url])]
+    # Each export is a command of its own; they run side by side, each to its own file.
+    found = await asyncio.gather(*(
+        asyncio.to_thread(jsonl, tmp_path / f"f{i}.jsonl", *source, *flags)
+        for i, (flags, _, source) in enumerate(runs)))
+    for (flags, expected, source), lines in zip(runs, found, strict=True):
         assert expected, flags
-        for source in (["--database-url", database_url], ["--url", server.base_url]):
-            found = jsonl(tmp_path / f"f{i}.jsonl", *source, *flags)
-            assert [as_api_event(line) for line in found] == expected, (flags, source)
+        assert [as_api_event(line) for line in lines] == expected, (flags, source)
 
 
-async def test_signals_export_one_row_per_signal(
-        database_url: str, server: ServerProcess, client: httpx.AsyncClient,
-        tmp_path: Path) -> None:
-    await recorded(client)
-    listed = (await client.get("/api/signals", headers=headers())).json()["signals"]
+async def test_signals_export_one_row_per_signal(recorded_server: ServerProcess,
+                                                 tmp_path: Path) -> None:
+    server, database_url = recorded_server, recorded_server.database_url
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        listed = (await client.get("/api/signals", headers=headers())).json()["signals"]
     offline = jsonl(tmp_path / "s.jsonl", "--signals", "--database-url", database_url)
     remote = jsonl(tmp_path / "r.jsonl", "--signals", "--url", server.base_url)
     table = csv_rows(tmp_path / "s.csv", "--signals", "--database-url", database_url)

@@ -3,6 +3,7 @@ a process whose peak resident memory is read from the kernel when it exits."""
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import subprocess
@@ -26,21 +27,50 @@ PEAK_LIMIT = 150 * 1024 * 1024
 not fit."""
 
 
+START = datetime(2026, 11, 20, tzinfo=UTC)
+
+
+@functools.cache
+def _second(seconds: int) -> str:
+    """``format_time`` of a whole second after START, without its microseconds and Z."""
+    return format_time(START + timedelta(seconds=seconds)).removesuffix("000000Z")
+
+
+def event_time(position: int) -> str:
+    """``format_time(START + position * 100 µs)``, made from the text of its whole second."""
+    seconds, micros = divmod(position * 100, 1_000_000)
+    return f"{_second(seconds)}{micros:06d}Z"
+
+
+def event_id(position: int) -> str:
+    """The text of ``uuid.UUID(int=position, version=4)``, written out."""
+    return f"00000000-0000-4000-8000-{position:012x}"
+
+
 def event_rows(count: int) -> Iterator[tuple[object, ...]]:
-    """Signal-shaped events (received, then accepted), chained as the log chains them."""
+    """Signal-shaped events (received, then accepted), chained as the log chains them; a
+    signal's id, stream and meta are made once for its two events (a million rows: speed)."""
     previous = GENESIS_HASH
-    start = datetime(2026, 11, 20, tzinfo=UTC)
+    signal_id = stream = meta = ""
     for position in range(1, count + 1):
-        signal_id = str(uuid.UUID(int=(position + 1) // 2))
-        stream = f"signal-{signal_id}"
+        if position % 2:
+            signal_id = str(uuid.UUID(int=(position + 1) // 2))
+            stream = f"signal-{signal_id}"
+            meta = f'{{"signal_id":"{signal_id}","ticker":"BTCUSDT"}}'
         kind = "signal.received" if position % 2 else "signal.accepted"
         data = (f'{{"n":{position},"note":"ünïcode, \\"quoted\\"","signal_id":"{signal_id}",'
                 f'"ticker":"BTCUSDT"}}')
-        meta = f'{{"signal_id":"{signal_id}","ticker":"BTCUSDT"}}'
-        event_id = str(uuid.UUID(int=position, version=4))
-        time = format_time(start + timedelta(microseconds=position * 100))
-        previous = chain_hash(previous, position, event_id, stream, kind, data, meta, time)
-        yield position, event_id, stream, kind, data, meta, time, previous, "BTCUSDT", None
+        identity, time = event_id(position), event_time(position)
+        previous = chain_hash(previous, position, identity, stream, kind, data, meta, time)
+        yield position, identity, stream, kind, data, meta, time, previous, "BTCUSDT", None
+
+
+@pytest.mark.parametrize("position", [1, 2, 9_999, 10_000, 10_001, 599_999, 600_000,
+                                      600_001, EVENTS])
+def test_the_ids_and_times_written_out_are_those_of_uuid_and_format_time(
+        position: int) -> None:
+    assert event_id(position) == str(uuid.UUID(int=position, version=4))
+    assert event_time(position) == format_time(START + timedelta(microseconds=position * 100))
 
 
 @pytest.fixture(scope="module")

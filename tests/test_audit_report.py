@@ -22,7 +22,14 @@ from pipeline.migrate import upgrade_async
 from pipeline.processing.projection import Row, fold
 from pipeline.processing.report import STUCK_LISTED
 from pipeline.processing.window import parse_moment, parse_span
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, repo_root
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    ServerProcess,
+    headers,
+    repo_root,
+    sqlite_only,
+)
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 WINDOW = {"since": "2026-11-20", "until": "2026-11-21T00:00:00Z", "stuck_after": "1h"}
@@ -197,22 +204,23 @@ async def test_the_route_and_the_command_give_the_same_report(database_url: str)
     {"since": "2026-11-21", "until": "2026-11-20"},
 ], ids=["since", "until", "stuck_after", "empty-window"])
 async def test_bad_parameters_are_refused_with_the_error_body(
-        client: httpx.AsyncClient, params: dict[str, str]) -> None:
-    response = await client.get("/api/audit/report", params=params, headers=headers())
+        shared_client: httpx.AsyncClient, params: dict[str, str]) -> None:
+    response = await shared_client.get("/api/audit/report", params=params, headers=headers())
     assert response.status_code == 400
     body = response.json()
     assert body["error"] == "bad_request" and set(body) == {"error", "message"}
     assert next(iter(params)) in body["message"]
 
 
-async def test_the_route_needs_a_read_token(client: httpx.AsyncClient) -> None:
-    missing = await client.get("/api/audit/report")
+async def test_the_route_needs_a_read_token(shared_client: httpx.AsyncClient) -> None:
+    missing = await shared_client.get("/api/audit/report")
     assert missing.status_code == 401 and missing.json()["error"] == "unauthorized"
-    wrong = await client.get("/api/audit/report", headers=headers(INGEST_TOKEN))
+    wrong = await shared_client.get("/api/audit/report", headers=headers(INGEST_TOKEN))
     assert wrong.status_code == 403 and wrong.json()["error"] == "forbidden"
-    assert (await client.get("/api/audit/report", headers=headers())).status_code == 200
+    assert (await shared_client.get("/api/audit/report", headers=headers())).status_code == 200
 
 
+@sqlite_only("the command refuses the window before it opens the database")
 async def test_a_bad_window_fails_the_command_in_one_line(database_url: str) -> None:
     await CraftedLog().write(database_url)
     done = audit_cli("report", "--database-url", database_url, "--since", "whenever")

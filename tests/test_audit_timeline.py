@@ -41,16 +41,13 @@ async def processed_signal(client: httpx.AsyncClient) -> tuple[str, dict[str, An
     return signal_id, answer.json()
 
 
-async def test_a_timeline_shows_every_step_with_its_gaps(database_url: str) -> None:
-    server = ServerProcess(database_url).start()
-    try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            signal_id, api = await processed_signal(client)
-        offline = audit_cli("timeline", signal_id, "--database-url", database_url, "--json")
-        remote = audit_cli(signal_id, "--url", server.base_url, "--json")  # the short form
-        text = audit_cli(signal_id, "--database-url", database_url)
-    finally:
-        server.stop()
+async def test_a_timeline_shows_every_step_with_its_gaps(
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    database_url = shared_server.database_url
+    signal_id, api = await processed_signal(shared_client)
+    offline = audit_cli("timeline", signal_id, "--database-url", database_url, "--json")
+    remote = audit_cli(signal_id, "--url", shared_server.base_url, "--json")  # the short form
+    text = audit_cli(signal_id, "--database-url", database_url)
     assert offline.returncode == 0, offline.stderr
     assert remote.returncode == 0, remote.stderr
     timeline = json.loads(offline.stdout)
@@ -82,29 +79,22 @@ async def test_a_timeline_shows_every_step_with_its_gaps(database_url: str) -> N
     assert 'detail: {"order": "o-17"}' in text.stdout
 
 
-async def test_a_rejected_signal_shows_its_errors(database_url: str) -> None:
-    server = ServerProcess(database_url).start()
-    try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            posted = await client.post("/api/signals", headers=headers(),
-                                       json={"ticker": "ETHUSDT", "action": "hold"})
-            assert posted.status_code == 422
-        signal_id = posted.json()["signal_id"]
-        done = audit_cli(signal_id, "--url", server.base_url, "--json")
-    finally:
-        server.stop()
+async def test_a_rejected_signal_shows_its_errors(shared_server: ServerProcess,
+                                                  shared_client: httpx.AsyncClient) -> None:
+    posted = await shared_client.post("/api/signals", headers=headers(),
+                                      json={"ticker": "ETHUSDT", "action": "hold"})
+    assert posted.status_code == 422
+    signal_id = posted.json()["signal_id"]
+    done = audit_cli(signal_id, "--url", shared_server.base_url, "--json")
     steps = json.loads(done.stdout)["events"]
     assert [s["type"] for s in steps] == ["signal.received", "signal.rejected"]
     assert steps[1]["details"] == {"errors": posted.json()["errors"]}
 
 
-async def test_an_unknown_signal_fails_in_one_line(database_url: str) -> None:
-    server = ServerProcess(database_url).start()
-    try:
-        for source in (["--database-url", database_url], ["--url", server.base_url]):
-            done = audit_cli("no-such-signal", *source)
-            assert done.returncode == 1, done.stdout
-            assert done.stdout == ""
-            assert done.stderr.count("\n") == 1 and "no signal 'no-such-signal'" in done.stderr
-    finally:
-        server.stop()
+async def test_an_unknown_signal_fails_in_one_line(shared_server: ServerProcess) -> None:
+    for source in (["--database-url", shared_server.database_url],
+                   ["--url", shared_server.base_url]):
+        done = audit_cli("no-such-signal", *source)
+        assert done.returncode == 1, done.stdout
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1 and "no signal 'no-such-signal'" in done.stderr

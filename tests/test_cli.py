@@ -28,6 +28,7 @@ from tests.support import (
     headers,
     next_frame,
     repo_root,
+    sqlite_only,
     ws_connect,
 )
 
@@ -64,10 +65,11 @@ async def read_epoch(database_url: str) -> str:
         await event_log.close()
 
 
-@pytest.fixture
-def uncached(database_url: str) -> Iterator[httpx.Client]:
-    """A client of a server that checks every token against the database on every request."""
-    server = ServerProcess(database_url, env={"SIGNALBOX_TOKEN_CACHE": "0"}).start()
+@pytest.fixture(scope="module")
+def uncached(shared_database_url: str) -> Iterator[httpx.Client]:
+    """A client of a server that checks every token against the database on every request: one
+    per backend for the module, whose tests each make and revoke tokens of their own names."""
+    server = ServerProcess(shared_database_url, env={"SIGNALBOX_TOKEN_CACHE": "0"}).start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             yield client
@@ -93,8 +95,8 @@ async def test_migrate_is_idempotent_and_keeps_the_epoch(database_url: str) -> N
 
 
 def test_token_create_prints_the_secret_on_its_last_line(
-        database_url: str, uncached: httpx.Client) -> None:
-    secret = create_token(database_url, "dashboard", "--scope", "read", "--scope", "report")
+        shared_database_url: str, uncached: httpx.Client) -> None:
+    secret = create_token(shared_database_url, "viewer", "--scope", "read", "--scope", "report")
     assert status_with(uncached, secret) == 200
     posted = uncached.post("/api/signals", json=BTC, headers=headers(secret))
     assert posted.status_code == 403, posted.text
@@ -102,9 +104,10 @@ def test_token_create_prints_the_secret_on_its_last_line(
 
 
 def test_token_list_shows_names_and_scopes_but_never_secrets(
-        database_url: str, uncached: httpx.Client) -> None:
-    secret = create_token(database_url, "dashboard", "--scope", "report", "--scope", "read")
-    listing = signalbox(database_url, "token", "list")
+        shared_database_url: str, uncached: httpx.Client) -> None:
+    secret = create_token(shared_database_url, "dashboard", "--scope", "report",
+                          "--scope", "read")
+    listing = signalbox(shared_database_url, "token", "list")
     assert listing.returncode == 0, listing.stderr
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in listing.stdout.splitlines()}
     assert rows["dashboard"][:2] == ["read,report", "active"]
@@ -113,41 +116,44 @@ def test_token_list_shows_names_and_scopes_but_never_secrets(
         assert leaked not in listing.stdout + listing.stderr
 
 
-def test_revoked_token_is_refused_with_401(database_url: str, uncached: httpx.Client) -> None:
-    secret = create_token(database_url, "bot", "--scope", "read")
+def test_revoked_token_is_refused_with_401(shared_database_url: str,
+                                           uncached: httpx.Client) -> None:
+    secret = create_token(shared_database_url, "revoked-bot", "--scope", "read")
     assert status_with(uncached, secret) == 200
-    done = signalbox(database_url, "token", "revoke", "bot")
+    done = signalbox(shared_database_url, "token", "revoke", "revoked-bot")
     assert done.returncode == 0, done.stderr
     refused = uncached.get("/api/events", headers=headers(secret))
     assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
-    assert "\tread\trevoked " in signalbox(database_url, "token", "list").stdout
+    listing = signalbox(shared_database_url, "token", "list").stdout
+    assert "revoked-bot\tread\trevoked " in listing
     assert status_with(uncached, ADMIN_TOKEN) == 200
 
 
 def test_revoking_an_unknown_name_fails_on_stderr(
-        database_url: str, uncached: httpx.Client) -> None:
-    assert_clean_failure(signalbox(database_url, "token", "revoke", "nobody"), "nobody")
+        shared_database_url: str, uncached: httpx.Client) -> None:
+    assert_clean_failure(signalbox(shared_database_url, "token", "revoke", "nobody"), "nobody")
 
 
 def test_duplicate_token_name_is_refused_without_a_traceback(
-        database_url: str, uncached: httpx.Client) -> None:
-    first = create_token(database_url, "bot", "--scope", "read")
-    done = signalbox(database_url, "token", "create", "bot", "--scope", "admin")
-    assert_clean_failure(done, "bot", "exists")
+        shared_database_url: str, uncached: httpx.Client) -> None:
+    first = create_token(shared_database_url, "twin", "--scope", "read")
+    done = signalbox(shared_database_url, "token", "create", "twin", "--scope", "admin")
+    assert_clean_failure(done, "twin", "exists")
     assert "sbx_" not in done.stdout
     assert status_with(uncached, first) == 200
 
 
 def test_token_expiring_in_the_past_is_refused(
-        database_url: str, uncached: httpx.Client) -> None:
-    expired = create_token(database_url, "old", "--scope", "read",
+        shared_database_url: str, uncached: httpx.Client) -> None:
+    expired = create_token(shared_database_url, "old", "--scope", "read",
                            "--expires", "2000-01-01T00:00:00")
-    current = create_token(database_url, "new", "--scope", "read",
+    current = create_token(shared_database_url, "new", "--scope", "read",
                            "--expires", "2999-01-01T00:00:00+02:00")
     assert status_with(uncached, expired) == 401
     assert status_with(uncached, current) == 200
 
 
+@sqlite_only("argparse refuses the scope before the command opens the database")
 def test_unknown_scope_is_refused_by_argparse(database_url: str) -> None:
     assert signalbox(database_url, "migrate").returncode == 0
     done = signalbox(database_url, "token", "create", "bot", "--scope", "superuser")
@@ -236,6 +242,7 @@ def test_serve_without_migrate_on_an_empty_database_says_to_run_migrate(
     assert "Uvicorn running" not in done.stdout + done.stderr
 
 
+@sqlite_only("which of flag, environment and default wins is settled before the database")
 @pytest.mark.parametrize(("env", "args", "expected"), [
     ({"SIGNALBOX_HEARTBEAT": "7"}, ["--heartbeat", "3"], 3),
     ({"SIGNALBOX_HEARTBEAT": "7"}, [], 7),

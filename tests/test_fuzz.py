@@ -23,7 +23,14 @@ from pipeline.context import VALID_REQUEST_ID, incoming_request_id
 from pipeline.errors import BadRequest
 from pipeline.processing.status import StatusReport
 from pipeline.ws import CloseCode, Closing, parse_hello
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, read_all_events
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    ServerProcess,
+    fresh_connections,
+    headers,
+    read_all_events,
+)
 from tests.support import verify_chain as verify_log
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
@@ -88,20 +95,21 @@ async def prepare(client: httpx.AsyncClient) -> str:
 
 
 async def test_status_reports_of_any_shape_are_4xx_or_recorded(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    signal_id = await prepare(client)
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    signal_id = await prepare(shared_client)
+    http = fresh_connections(shared_server.base_url)
 
     @settings(ENDPOINT_RUN, max_examples=80)
     @given(STATUS_BODIES, st.one_of(st.just(signal_id), HOSTILE_TEXT.filter(bool)))
     def property_(body: bytes, target: str) -> None:
-        with httpx.Client(base_url=server.base_url, timeout=30) as http:
-            response = http.post(f"/api/signals/{quote(target, safe='')}/status",
-                                 content=body, headers=headers())
+        response = http.post(f"/api/signals/{quote(target, safe='')}/status",
+                             content=body, headers=headers())
         check_answer(response, {200, 400, 404, 409, 413, 431})
 
-    await run_property(property_)
-    verify_log(await read_all_events(client))
-    assert (await client.get("/readyz")).status_code == 200
+    with http:
+        await run_property(property_)
+    verify_log(await read_all_events(shared_client))
+    assert (await shared_client.get("/readyz")).status_code == 200
 
 
 QUERY_NAMES = ["after", "limit", "type", "stream", "ticker", "strategy", "status", "before",
@@ -114,8 +122,9 @@ RAW_VALUES = st.one_of(
 
 
 async def test_query_parameters_of_any_value_are_400_or_answered(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    await prepare(client)
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    await prepare(shared_client)
+    http = fresh_connections(shared_server.base_url)
 
     @settings(ENDPOINT_RUN, max_examples=120)
     @given(st.sampled_from(["/api/events", "/api/signals", "/api/consumers"]),
@@ -123,22 +132,24 @@ async def test_query_parameters_of_any_value_are_400_or_answered(
     def property_(path: str, pairs: list[tuple[str, bytes]]) -> None:
         query = b"&".join(name.encode() + b"=" + value for name, value in pairs)
         assume(len(query) < 60_000)  # longer is refused by the client before it is sent
-        with httpx.Client(base_url=server.base_url, timeout=30) as http:
-            response = http.get(httpx.URL(path, query=query), headers=headers())
+        response = http.get(httpx.URL(path, query=query), headers=headers())
         check_answer(response, {200, 400, 431})
         if response.status_code == 200:
             assert isinstance(response.json(), dict)
 
-    await run_property(property_)
+    with http:
+        await run_property(property_)
 
 
 async def test_path_ids_and_headers_of_any_value_are_4xx_or_answered(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    await prepare(client)
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    await prepare(shared_client)
     # What HTTP can carry in a header: visible Latin-1, sent as bytes.
     header_text = st.text(st.characters(codec="latin-1", min_codepoint=32,
                                         exclude_characters="\x7f", exclude_categories=["Cc"]),
                           max_size=300)
+
+    http = fresh_connections(shared_server.base_url)
 
     @settings(ENDPOINT_RUN, max_examples=100)
     @given(HOSTILE_TEXT.filter(bool), st.sampled_from(["", "/renormalize"]),
@@ -152,24 +163,24 @@ async def test_path_ids_and_headers_of_any_value_are_4xx_or_answered(
         if request_id is not None:
             extra[b"X-Request-Id"] = request_id.strip().encode("latin-1")
         target = f"/api/signals/{quote(signal_id, safe='')}{suffix}"
-        with httpx.Client(base_url=server.base_url, timeout=30) as http:
-            response = (http.get(target, headers=extra) if not suffix
-                        else http.post(target, headers=extra))
-            check_answer(response, {400, 401, 404, 431})
-            if response.status_code == 431:
-                return  # refused by the HTTP layer, before the app (and its request id)
-            echoed = response.headers["x-request-id"]
-            if request_id is not None and VALID_REQUEST_ID.fullmatch(request_id.strip()):
-                assert echoed == request_id.strip()
-            if key is not None:
-                posted = http.post("/api/signals", json=BTC, headers={
-                    b"Authorization": f"Bearer {INGEST_TOKEN}".encode(),
-                    b"Idempotency-Key": key.strip().encode("latin-1")})
-                check_answer(posted, {200, 202, 400})
-                assert echoed
+        response = (http.get(target, headers=extra) if not suffix
+                    else http.post(target, headers=extra))
+        check_answer(response, {400, 401, 404, 431})
+        if response.status_code == 431:
+            return  # refused by the HTTP layer, before the app (and its request id)
+        echoed = response.headers["x-request-id"]
+        if request_id is not None and VALID_REQUEST_ID.fullmatch(request_id.strip()):
+            assert echoed == request_id.strip()
+        if key is not None:
+            posted = http.post("/api/signals", json=BTC, headers={
+                b"Authorization": f"Bearer {INGEST_TOKEN}".encode(),
+                b"Idempotency-Key": key.strip().encode("latin-1")})
+            check_answer(posted, {200, 202, 400})
+            assert echoed
 
-    await run_property(property_)
-    verify_log(await read_all_events(client))
+    with http:
+        await run_property(property_)
+    verify_log(await read_all_events(shared_client))
 
 
 @given(st.one_of(st.text(), JSON_VALUES.map(json.dumps),
@@ -207,12 +218,12 @@ def test_incoming_request_ids_are_taken_only_when_sensible(
         assert VALID_REQUEST_ID.fullmatch(found) and 0 < len(found) <= 128
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-async def test_nul_in_a_url_is_a_400_on_every_route(server: ServerProcess,
-                                                   client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("shared_database_url", ["postgresql"], indirect=True)
+async def test_nul_in_a_url_is_a_400_on_every_route(shared_server: ServerProcess,
+                                                   shared_client: httpx.AsyncClient) -> None:
     for method, target in [("GET", "/api/events?type=a%00b"), ("GET", "/api/signals/a%00b"),
                            ("POST", "/api/signals/a%00/status"), ("GET", "/healthz?x=%00"),
                            ("POST", f"/webhooks/tradingview/{INGEST_TOKEN}%00")]:
-        response = await client.request(method, target, headers=headers())
+        response = await shared_client.request(method, target, headers=headers())
         check_answer(response, {400})
         assert response.json()["error"] == "bad_request"

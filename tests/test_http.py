@@ -14,6 +14,10 @@ import pytest
 from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, read_all_events
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
+# Most tests share a server (each asserts only about the signals it posts); between them they
+# send more bad tokens than the failed-authentication limit allows one address, so the server
+# judges each on its own (the limit is tested in test_security.py).
+pytestmark = pytest.mark.server_args("--auth-failures", "0")
 CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded"]
 
 
@@ -33,133 +37,141 @@ async def timeline(client: httpx.AsyncClient, signal_id: str) -> list[dict[str, 
 
 
 async def test_api_signal_accepted_is_committed_before_the_answer(
-        client: httpx.AsyncClient) -> None:
-    response = await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+        shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["status"] == "accepted" and body["duplicate"] is False
-    events = await timeline(client, body["signal_id"])
+    events = await timeline(shared_client, body["signal_id"])
     assert [e["type"] for e in events] == ["signal.received", "signal.accepted"]
     assert events[-1]["position"] == body["position"]
     assert events[-1]["data"]["signal"]["ticker"] == "BTCUSDT"
     assert events[-1]["data"]["signal"]["quantity"] == "0.01"
 
 
-async def test_repeat_of_idempotency_key_answers_the_original(client: httpx.AsyncClient) -> None:
+async def test_repeat_of_idempotency_key_answers_the_original(
+        shared_client: httpx.AsyncClient) -> None:
     key = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
-    first = await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN, **key))
-    again = await client.post("/api/signals", json={**BTC, "quantity": "5"},
-                              headers=headers(INGEST_TOKEN, **key))
+    first = await shared_client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN, **key))
+    again = await shared_client.post("/api/signals", json={**BTC, "quantity": "5"},
+                                     headers=headers(INGEST_TOKEN, **key))
     assert first.status_code == 202 and again.status_code == 200, again.text
     assert again.json()["signal_id"] == first.json()["signal_id"]
     assert again.json()["duplicate"] is True
     assert again.json()["position"] > first.json()["position"]
-    types = [e["type"] for e in await timeline(client, first.json()["signal_id"])]
+    types = [e["type"] for e in await timeline(shared_client, first.json()["signal_id"])]
     assert types == ["signal.received", "signal.accepted", "signal.duplicate"]
 
 
 async def test_concurrent_repeats_of_one_key_record_one_signal(
-        client: httpx.AsyncClient) -> None:
+        shared_client: httpx.AsyncClient) -> None:
     key = {"Idempotency-Key": f"race-{uuid.uuid4()}"}
     responses = await asyncio.gather(*(
-        client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN, **key))
+        shared_client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN, **key))
         for _ in range(20)
     ))
     assert sorted(r.status_code for r in responses) == [200] * 19 + [202]
     assert len({r.json()["signal_id"] for r in responses}) == 1
 
 
-async def test_id_field_in_the_body_is_an_idempotency_key(client: httpx.AsyncClient) -> None:
+async def test_id_field_in_the_body_is_an_idempotency_key(
+        shared_client: httpx.AsyncClient) -> None:
     body = json.dumps({**BTC, "id": f"tv-{uuid.uuid4()}"})
     url = f"/webhooks/tradingview/{INGEST_TOKEN}"
-    first = await client.post(url, content=body)
-    again = await client.post(url, content=body)
+    first = await shared_client.post(url, content=body)
+    again = await shared_client.post(url, content=body)
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json()["signal_id"] == first.json()["signal_id"]
 
 
-async def test_invalid_signal_is_recorded_and_answered_422(client: httpx.AsyncClient) -> None:
-    response = await client.post("/api/signals", json={"ticker": "BTCUSDT", "action": "hodl"},
-                                 headers=headers(INGEST_TOKEN))
+async def test_invalid_signal_is_recorded_and_answered_422(
+        shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post("/api/signals",
+                                        json={"ticker": "BTCUSDT", "action": "hodl"},
+                                        headers=headers(INGEST_TOKEN))
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["status"] == "rejected" and body["errors"]
     assert all({"code", "field", "message"} <= set(e) for e in body["errors"])
-    types = [e["type"] for e in await timeline(client, body["signal_id"])]
+    types = [e["type"] for e in await timeline(shared_client, body["signal_id"])]
     assert types == ["signal.received", "signal.rejected"]
 
 
-async def test_body_that_is_not_json_is_400(client: httpx.AsyncClient) -> None:
-    response = await client.post("/api/signals", content=b"{not json",
-                                 headers=headers(INGEST_TOKEN))
+async def test_body_that_is_not_json_is_400(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post("/api/signals", content=b"{not json",
+                                        headers=headers(INGEST_TOKEN))
     assert response.status_code == 400 and error_of(response) == "bad_request"
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer nope", "Basic abc", "Bearer"])
-async def test_missing_or_bad_token_is_401(client: httpx.AsyncClient, auth: str | None) -> None:
+async def test_missing_or_bad_token_is_401(shared_client: httpx.AsyncClient,
+                                           auth: str | None) -> None:
     extra = {"Authorization": auth} if auth else {}
-    response = await client.post("/api/signals", json=BTC, headers=extra)
+    response = await shared_client.post("/api/signals", json=BTC, headers=extra)
     assert response.status_code == 401 and error_of(response) == "unauthorized"
-    response = await client.get("/api/events", headers=extra)
+    response = await shared_client.get("/api/events", headers=extra)
     assert response.status_code == 401 and error_of(response) == "unauthorized"
 
 
-async def test_wrong_scope_is_403(client: httpx.AsyncClient) -> None:
-    response = await client.get("/api/events", headers=headers(INGEST_TOKEN))
+async def test_wrong_scope_is_403(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.get("/api/events", headers=headers(INGEST_TOKEN))
     assert response.status_code == 403 and error_of(response) == "forbidden"
 
 
 async def test_webhook_with_bad_token_in_path_is_401_and_not_recorded(
-        client: httpx.AsyncClient) -> None:
-    response = await client.post("/webhooks/tradingview/sbx_wrong", content=json.dumps(BTC))
+        shared_client: httpx.AsyncClient) -> None:
+    head = (await shared_client.get("/readyz")).json()["head"]
+    response = await shared_client.post("/webhooks/tradingview/sbx_wrong",
+                                        content=json.dumps(BTC))
     assert response.status_code == 401 and error_of(response) == "unauthorized"
-    assert await read_all_events(client) == []
+    after = await shared_client.get("/api/events", params={"after": head}, headers=headers())
+    assert after.json()["events"] == []
 
 
 async def test_webhook_passphrase_in_body_authenticates_and_is_never_stored(
-        client: httpx.AsyncClient) -> None:
+        shared_client: httpx.AsyncClient) -> None:
     body = json.dumps({**BTC, "passphrase": INGEST_TOKEN})
-    response = await client.post("/webhooks/tradingview", content=body)
+    response = await shared_client.post("/webhooks/tradingview", content=body)
     assert response.status_code == 202, response.text
-    events = await read_all_events(client)
+    events = await timeline(shared_client, response.json()["signal_id"])
     assert INGEST_TOKEN not in json.dumps(events)
     assert "[redacted]" in events[0]["data"]["body"]
-    missing = await client.post("/webhooks/tradingview", content=json.dumps(BTC))
+    missing = await shared_client.post("/webhooks/tradingview", content=json.dumps(BTC))
     assert missing.status_code == 401 and error_of(missing) == "unauthorized"
-    wrong = await client.post("/webhooks/tradingview",
-                              content=json.dumps({**BTC, "secret": "sbx_nope"}))
+    wrong = await shared_client.post("/webhooks/tradingview",
+                                     content=json.dumps({**BTC, "secret": "sbx_nope"}))
     assert wrong.status_code == 401
 
 
-async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+async def test_body_over_the_limit_is_413(shared_client: httpx.AsyncClient) -> None:
     big = json.dumps({**BTC, "comment": "x" * 70_000})
-    response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}", content=big)
+    response = await shared_client.post(f"/webhooks/tradingview/{INGEST_TOKEN}", content=big)
     assert response.status_code == 413 and error_of(response) == "payload_too_large"
 
     async def chunks() -> Any:  # no Content-Length: the limit holds while streaming too
         for _ in range(80):
             yield b"x" * 1024
 
-    response = await client.post("/api/signals", content=chunks(),
-                                 headers=headers(INGEST_TOKEN))
+    response = await shared_client.post("/api/signals", content=chunks(),
+                                        headers=headers(INGEST_TOKEN))
     assert response.status_code == 413 and error_of(response) == "payload_too_large"
 
 
-async def test_unknown_route_and_method_are_json_errors(client: httpx.AsyncClient) -> None:
-    response = await client.get("/nope")
+async def test_unknown_route_and_method_are_json_errors(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.get("/nope")
     assert response.status_code == 404 and error_of(response) == "not_found"
-    response = await client.delete("/api/signals")
+    response = await shared_client.delete("/api/signals")
     assert response.status_code == 405 and error_of(response) == "method_not_allowed"
 
 
-async def test_unknown_signal_is_404(client: httpx.AsyncClient) -> None:
-    response = await client.get(f"/api/signals/{uuid.uuid4()}", headers=headers())
+async def test_unknown_signal_is_404(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.get(f"/api/signals/{uuid.uuid4()}", headers=headers())
     assert response.status_code == 404 and error_of(response) == "not_found"
 
 
-async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/healthz")).status_code == 200
-    ready = await client.get("/readyz")
+async def test_health_and_readiness(shared_client: httpx.AsyncClient) -> None:
+    assert (await shared_client.get("/healthz")).status_code == 200
+    ready = await shared_client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
@@ -226,15 +238,15 @@ REAL_WORLD = [
 
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
 async def test_real_world_bodies_are_recorded_and_never_5xx(
-        client: httpx.AsyncClient, content_type: str) -> None:
+        shared_client: httpx.AsyncClient, content_type: str) -> None:
     outcomes = {}
     for name, body in REAL_WORLD:
-        response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
-                                      content=body.encode("utf-8"),
-                                      headers={"Content-Type": content_type})
+        response = await shared_client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                             content=body.encode("utf-8"),
+                                             headers={"Content-Type": content_type})
         assert response.status_code in (202, 422), (name, response.text)
         outcomes[name] = response.status_code
-        events = await timeline(client, response.json()["signal_id"])
+        events = await timeline(shared_client, response.json()["signal_id"])
         assert events[0]["type"] == "signal.received"
         assert events[0]["data"]["body"] == body.replace("\x00", "\x00")
         assert events[1]["type"] == ("signal.accepted" if response.status_code == 202
@@ -246,28 +258,28 @@ async def test_real_world_bodies_are_recorded_and_never_5xx(
     assert outcomes["free_text"] == 422
 
 
-async def test_invalid_utf8_is_recorded_with_a_flag(client: httpx.AsyncClient) -> None:
-    response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
-                                 content=b'{"ticker": "\xff\xfe", "action": "buy"}')
+async def test_invalid_utf8_is_recorded_with_a_flag(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                        content=b'{"ticker": "\xff\xfe", "action": "buy"}')
     assert response.status_code in (202, 422)
-    events = await timeline(client, response.json()["signal_id"])
+    events = await timeline(shared_client, response.json()["signal_id"])
     assert events[0]["data"]["invalid_utf8"] is True
 
 
-async def test_placeholder_rejection_names_the_field(client: httpx.AsyncClient) -> None:
-    response = await client.post(
-        f"/webhooks/tradingview/{INGEST_TOKEN}",
-        content='{"ticker":"CL1!","action":"buy","quantity":"{{strategy.order.contracts}}"}')
+async def test_placeholder_rejection_names_the_field(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post(
+               f"/webhooks/tradingview/{INGEST_TOKEN}",
+               content='{"ticker":"CL1!","action":"buy","quantity":"{{strategy.order.contracts}}"}')
     assert response.status_code == 422
     errors = response.json()["errors"]
     assert any(e["code"] == "unreplaced_placeholder" and e["field"] == "quantity"
                for e in errors), errors
 
 
-async def test_expired_signal_is_rejected(client: httpx.AsyncClient) -> None:
-    response = await client.post(
-        f"/webhooks/tradingview/{INGEST_TOKEN}",
-        content=json.dumps({**BTC, "time": "2020-01-01T00:00:00Z", "max_lag": 60}))
+async def test_expired_signal_is_rejected(shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.post(
+               f"/webhooks/tradingview/{INGEST_TOKEN}",
+               content=json.dumps({**BTC, "time": "2020-01-01T00:00:00Z", "max_lag": 60}))
     assert response.status_code == 422
     assert [e["code"] for e in response.json()["errors"]] == ["expired"]
 
@@ -284,10 +296,10 @@ async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     assert INGEST_TOKEN not in response.text and ADMIN_TOKEN not in response.text
 
 
-async def test_admin_token_has_every_scope(client: httpx.AsyncClient) -> None:
-    posted = await client.post("/api/signals", json=BTC, headers=headers(ADMIN_TOKEN))
+async def test_admin_token_has_every_scope(shared_client: httpx.AsyncClient) -> None:
+    posted = await shared_client.post("/api/signals", json=BTC, headers=headers(ADMIN_TOKEN))
     assert posted.status_code == 202
-    assert (await client.get("/api/events", headers=headers(ADMIN_TOKEN))).status_code == 200
+    assert (await shared_client.get("/api/events", headers=headers(ADMIN_TOKEN))).status_code == 200
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

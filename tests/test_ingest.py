@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from tests.support import (
     INGEST_TOKEN,
     ServerProcess,
+    fresh_connections,
     headers,
     next_frame,
     read_all_events,
@@ -105,11 +106,11 @@ async def test_content_dedupe_window_answers_repeats_of_a_body(database_url: str
         server.stop()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_dedupe_is_off_by_default(server: ServerProcess,
-                                        client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("shared_database_url", ["sqlite"], indirect=True)
+async def test_dedupe_is_off_by_default(shared_server: ServerProcess,
+                                        shared_client: httpx.AsyncClient) -> None:
     url = f"/webhooks/tradingview/{INGEST_TOKEN}"
-    statuses = [(await client.post(url, content=json.dumps(BTC))).status_code
+    statuses = [(await shared_client.post(url, content=json.dumps(BTC))).status_code
                 for _ in range(2)]
     assert statuses == [202, 202]
 
@@ -152,13 +153,14 @@ BODIES = st.one_of(
 )
 
 
-@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
-async def test_no_body_is_ever_answered_with_a_5xx(server: ServerProcess) -> None:
+async def test_no_body_is_ever_answered_with_a_5xx(shared_server: ServerProcess) -> None:
     routes: list[tuple[str, dict[str, str]]] = [
         (f"/webhooks/tradingview/{INGEST_TOKEN}", {}),
         ("/webhooks/tradingview", {}),
         ("/api/signals", headers(INGEST_TOKEN)),
     ]
+
+    http = fresh_connections(shared_server.base_url)
 
     @settings(max_examples=60, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -166,16 +168,16 @@ async def test_no_body_is_ever_answered_with_a_5xx(server: ServerProcess) -> Non
            st.sampled_from(["application/json", "text/plain", ""]))
     def property_(body: bytes, route: tuple[str, dict[str, str]], content_type: str) -> None:
         path, extra = route
-        response = httpx.post(server.base_url + path, content=body,
-                              headers={**extra, "Content-Type": content_type}, timeout=30)
+        response = http.post(path, content=body, headers={**extra, "Content-Type": content_type})
         assert response.status_code < 500, (body[:200], response.text)
         payload: Any = response.json()
         if response.status_code >= 400 and response.status_code != 422:
             assert set(payload) == {"error", "message"}
 
     run: Callable[[], None] = property_
-    await asyncio.get_running_loop().run_in_executor(None, run)
-    async with httpx.AsyncClient(base_url=server.base_url) as client:
+    with http:
+        await asyncio.get_running_loop().run_in_executor(None, run)
+    async with httpx.AsyncClient(base_url=shared_server.base_url) as client:
         verify_chain(await read_all_events(client))
 
 

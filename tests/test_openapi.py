@@ -29,8 +29,8 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
 
 
 async def test_the_description_names_every_route_and_its_errors(
-        client: httpx.AsyncClient) -> None:
-    response = await client.get("/openapi.json")
+        shared_client: httpx.AsyncClient) -> None:
+    response = await shared_client.get("/openapi.json")
     assert response.status_code == 200
     description = response.json()
     assert description["openapi"] == "3.1.0"
@@ -59,15 +59,15 @@ async def test_the_description_names_every_route_and_its_errors(
 
 
 async def test_schemathesis_finds_no_5xx_and_every_answer_conforms(
-        server: ServerProcess, client: httpx.AsyncClient, tmp_path: Path) -> None:
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient, tmp_path: Path) -> None:
     # Some history, so that lists and timelines have rows to check against the schema.
-    accepted = await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
-    await client.post("/api/signals", json={"ticker": "X"}, headers=headers(INGEST_TOKEN))
+    accepted = await shared_client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+    await shared_client.post("/api/signals", json={"ticker": "X"}, headers=headers(INGEST_TOKEN))
     signal_id = accepted.json()["signal_id"]
-    claimed = await client.post(f"/api/signals/{signal_id}/status", headers=headers(),
-                                json={"status": "processing", "consumer": "bot"})
+    claimed = await shared_client.post(f"/api/signals/{signal_id}/status", headers=headers(),
+                                       json={"status": "processing", "consumer": "bot"})
     assert claimed.status_code == 200
-    command = [str(SCHEMATHESIS), "--no-color", "run", server.base_url + "/openapi.json",
+    command = [str(SCHEMATHESIS), "--no-color", "run", shared_server.base_url + "/openapi.json",
                "--header", f"Authorization: Bearer {ADMIN_TOKEN}", "--checks", CHECKS,
                "--mode", "all", "--max-examples", "25", "--seed", "20261126",
                "--workers", "1", "--request-timeout", "20", "--max-failures", "5"]

@@ -51,15 +51,15 @@ async def report(client: httpx.AsyncClient, signal_id: str, status: str,
 
 
 async def test_processing_then_processed_lands_in_the_log_and_the_projection(
-        client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
-    claimed = await report(client, signal_id, "processing", consumer="bot-1")
+        shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    claimed = await report(shared_client, signal_id, "processing", consumer="bot-1")
     assert claimed.status_code == 200, claimed.text
-    done = await report(client, signal_id, "processed", consumer="bot-1",
+    done = await report(shared_client, signal_id, "processed", consumer="bot-1",
                         detail={"order": "X-1"})
     assert done.status_code == 200
     assert done.json()["position"] > claimed.json()["position"]
-    timeline = (await client.get(f"/api/signals/{signal_id}", headers=headers())).json()
+    timeline = (await shared_client.get(f"/api/signals/{signal_id}", headers=headers())).json()
     assert timeline["status"] == "processed"
     assert [e["type"] for e in timeline["events"]] == [
         "signal.received", "signal.accepted", "signal.processing", "signal.processed"]
@@ -70,12 +70,13 @@ async def test_processing_then_processed_lands_in_the_log_and_the_projection(
     assert set(summary["steps"]) == {"processing", "processed"}
 
 
-async def test_failed_records_the_error(client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
-    await report(client, signal_id, "processing")
-    failed = await report(client, signal_id, "failed", detail={"error": "insufficient margin"})
+async def test_failed_records_the_error(shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    await report(shared_client, signal_id, "processing")
+    failed = await report(shared_client, signal_id, "failed",
+                          detail={"error": "insufficient margin"})
     assert failed.status_code == 200
-    summary = (await client.get(f"/api/signals/{signal_id}", headers=headers())).json()
+    summary = (await shared_client.get(f"/api/signals/{signal_id}", headers=headers())).json()
     assert summary["signal"]["last_error"] == "insufficient margin"
 
 
@@ -88,53 +89,54 @@ async def test_failed_records_the_error(client: httpx.AsyncClient) -> None:
     (["dispatched", "dispatched"], "processing", 200),
     (["expired"], "processed", 409),
 ])
-async def test_transition_rules(client: httpx.AsyncClient, history: list[str], then: str,
+async def test_transition_rules(shared_client: httpx.AsyncClient, history: list[str], then: str,
                                 code: int) -> None:
-    signal_id = await new_signal(client)
+    signal_id = await new_signal(shared_client)
     for status in history:
-        assert (await report(client, signal_id, status)).status_code == 200
-    response = await report(client, signal_id, then)
+        assert (await report(shared_client, signal_id, status)).status_code == 200
+    response = await report(shared_client, signal_id, then)
     assert response.status_code == code, response.text
     if code == 409:
         assert response.json()["error"] == "illegal_transition"
 
 
-async def test_nothing_follows_a_rejection(client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client, action="teleport")
-    response = await report(client, signal_id, "processing")
+async def test_nothing_follows_a_rejection(shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client, action="teleport")
+    response = await report(shared_client, signal_id, "processing")
     assert response.status_code == 409 and response.json()["error"] == "illegal_transition"
 
 
-async def test_only_the_claimer_reports_the_outcome(client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
-    await report(client, signal_id, "processing", consumer="bot-1")
-    stolen = await report(client, signal_id, "processed", consumer="bot-2")
+async def test_only_the_claimer_reports_the_outcome(shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    await report(shared_client, signal_id, "processing", consumer="bot-1")
+    stolen = await report(shared_client, signal_id, "processed", consumer="bot-2")
     assert stolen.status_code == 409 and "bot-1" in stolen.json()["message"]
 
 
-async def test_status_errors_use_the_contract_codes(client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
-    unknown = await report(client, "no-such-signal", "processing")
+async def test_status_errors_use_the_contract_codes(shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    unknown = await report(shared_client, "no-such-signal", "processing")
     assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
-    wrong_scope = await report(client, signal_id, "processing", token=INGEST_TOKEN)
+    wrong_scope = await report(shared_client, signal_id, "processing", token=INGEST_TOKEN)
     assert wrong_scope.status_code == 403 and wrong_scope.json()["error"] == "forbidden"
-    bad = await report(client, signal_id, "done")
+    bad = await report(shared_client, signal_id, "done")
     assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
-    bad_detail = await report(client, signal_id, "processing", detail=[1])
+    bad_detail = await report(shared_client, signal_id, "processing", detail=[1])
     assert bad_detail.status_code == 400
-    no_token = await client.post(f"/api/signals/{signal_id}/status",
-                                 json={"status": "processing"})
+    no_token = await shared_client.post(f"/api/signals/{signal_id}/status",
+                                        json={"status": "processing"})
     assert no_token.status_code == 401
 
 
-async def test_racing_claims_only_one_wins(client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
+async def test_racing_claims_only_one_wins(shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
     # No consumer names: only the status check (which must see the claims that earlier units
     # of the same group commit made) can refuse the later claims.
     responses = await asyncio.gather(*(
-        report(client, signal_id, "processing") for _ in range(20)))
+        report(shared_client, signal_id, "processing") for _ in range(20)))
     assert sorted(r.status_code for r in responses) == [200] + [409] * 19
-    events = await read_all_events(client, type="signal.processing")
+    events = await read_all_events(shared_client, type="signal.processing",
+                                   stream=f"signal-{signal_id}")
     assert len(events) == 1
 
 
@@ -164,9 +166,9 @@ async def test_a_claim_older_than_the_lease_is_listed_as_stuck(database_url: str
 
 
 async def test_status_over_the_websocket_is_answered_without_closing(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    signal_id = await new_signal(client)
-    conn = await ws_connect(server, cursor=None, consumer="ws-bot")
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    conn = await ws_connect(shared_server, cursor=None, consumer="ws-bot")
     try:
         await next_frame(conn)
         await next_frame(conn)  # live
@@ -218,8 +220,8 @@ async def test_durable_consumer_resumes_after_its_ack(server: ServerProcess,
     await again.close()
 
 
-async def test_ack_without_a_consumer_is_refused(server: ServerProcess) -> None:
-    conn = await ws_connect(server, cursor=None)
+async def test_ack_without_a_consumer_is_refused(shared_server: ServerProcess) -> None:
+    conn = await ws_connect(shared_server, cursor=None)
     await next_frame(conn)
     await next_frame(conn)
     await conn.send('{"op": "ack", "position": 0}')

@@ -134,7 +134,9 @@ async def test_a_signal_past_its_max_lag_when_processing_starts_expires(
 async def test_killed_mid_batch_skips_nothing_and_records_each_outcome_once(
         database_url: str, tmp_path: Path) -> None:
     record = tmp_path / "calls.jsonl"
-    server = runner_server(database_url, record)
+    # The restarted instance takes over when the killed one's lease lapses: after 3 s, not the
+    # default 10 (the lease itself is tested with three instances below).
+    server = runner_server(database_url, record, "--handler-lease", "3")
     try:
         bodies = [{"ticker": f"K{i % 5}", "action": "buy", "comment": "sleep:0.01"}
                   for i in range(250)]

@@ -144,6 +144,13 @@ async def exercise_websocket(server: ServerProcess, admin: str, reader: str,
         await conn.send(json.dumps({"op": "status", "ref": 1, "signal_id": "nope",
                                     "status": "processed"}))
         await conn.send(json.dumps({"op": "ack", "position": 1}))
+        await conn.send(json.dumps({"op": "ping"}))
+        # Read up to the pong: the frames before it were handled, and no unread replay holds
+        # up the closing handshake (a full receive queue would wait out its 10 s timeout).
+        answers = []
+        while (answer := (await next_frame(conn))["op"]) != "pong":
+            answers.append(answer)
+        assert "status_error" in answers
     async with websockets.connect(server.ws_url,
                                   additional_headers={"Authorization": f"Bearer {reader}"}
                                   ) as conn:

@@ -75,17 +75,18 @@ async def test_welcome_replay_then_live(server: ServerProcess, client: httpx.Asy
         await conn.close()
 
 
-async def test_live_only_and_header_auth(server: ServerProcess, client: httpx.AsyncClient) -> None:
-    await post(client)
-    conn = await websockets.connect(server.ws_url,
+async def test_live_only_and_header_auth(shared_server: ServerProcess,
+                                         shared_client: httpx.AsyncClient) -> None:
+    position = await post(shared_client)
+    conn = await websockets.connect(shared_server.ws_url,
                                     additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     try:
         await conn.send(json.dumps({"op": "hello", "cursor": None}))
         welcome = await next_frame(conn)
-        assert welcome["cursor"] == welcome["head"] == 2
-        assert await next_frame(conn) == {"op": "live", "position": 2}
-        await post(client)
-        assert (await next_frame(conn))["position"] == 3
+        assert welcome["cursor"] == welcome["head"] == position
+        assert await next_frame(conn) == {"op": "live", "position": position}
+        await post(shared_client)
+        assert (await next_frame(conn))["position"] == position + 1
     finally:
         await conn.close()
 
@@ -142,44 +143,44 @@ def hello(**fields: Any) -> str:
     (hello(token=ADMIN_TOKEN, cursor=99), 4409),
     (hello(token=ADMIN_TOKEN, cursor=0, epoch="other"), 4409),
 ])
-async def test_bad_hello_gets_the_right_close_code(server: ServerProcess, frame: str,
+async def test_bad_hello_gets_the_right_close_code(shared_server: ServerProcess, frame: str,
                                                   code: int) -> None:
-    async with websockets.connect(server.ws_url) as conn:
+    async with websockets.connect(shared_server.ws_url) as conn:
         await conn.send(frame)
         await expect_close(conn, code)
 
 
 async def test_binary_oversized_and_unknown_frames_close_4400_and_others_go_on(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    bystander = await ws_connect(server, cursor=None)
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    bystander = await ws_connect(shared_server, cursor=None)
     await next_frame(bystander)
     await next_frame(bystander)
     try:
         for bad in (b"\x00\x01", "x" * 70_000, '{"op": "teleport"}', '{"op": "hello"}'):
-            conn = await ws_connect(server, cursor=None)
+            conn = await ws_connect(shared_server, cursor=None)
             await next_frame(conn)  # welcome
             await next_frame(conn)  # live
             await conn.send(bad)
             await expect_close(conn, 4400)
-        async with websockets.connect(server.ws_url, max_size=None) as conn:
+        async with websockets.connect(shared_server.ws_url, max_size=None) as conn:
             await conn.send("x" * (2 << 20))  # over the protocol layer's limit
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(conn.recv(), 10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
-        position = await post(client)
+        position = await post(shared_client)
         frames = await collect_until(bystander, position)
         assert frames[-1]["position"] == position
     finally:
         await bystander.close()
 
 
-async def test_epoch_mismatch_tells_the_right_epoch(server: ServerProcess,
-                                                   client: httpx.AsyncClient) -> None:
-    epoch = (await client.get("/readyz")).json()["epoch"]
-    conn = await ws_connect(server, cursor=0, epoch=str(uuid.uuid4()))
+async def test_epoch_mismatch_tells_the_right_epoch(shared_server: ServerProcess,
+                                                   shared_client: httpx.AsyncClient) -> None:
+    epoch = (await shared_client.get("/readyz")).json()["epoch"]
+    conn = await ws_connect(shared_server, cursor=0, epoch=str(uuid.uuid4()))
     error = await expect_close(conn, 4409)
     assert error["epoch"] == epoch
-    conn = await ws_connect(server, cursor=0, epoch=epoch)
+    conn = await ws_connect(shared_server, cursor=0, epoch=epoch)
     assert (await next_frame(conn))["op"] == "welcome"
     await conn.close()
 
@@ -246,29 +247,48 @@ async def test_resume_after_random_disconnects_loses_nothing(
     async def run(disconnects: list[int], event_filter: dict[str, Any] | None) -> None:
         start = (await client.get("/readyz")).json()["head"]
         writers_done = asyncio.Event()
+        last_written = start
 
         async def write() -> None:
+            nonlocal last_written
             async with FastClient(server.base_url, connections=2) as fast:
                 for i in range(60):
-                    status, _ = await fast.post("/api/signals", {**BTC, "ticker": tickers[i % 3]},
-                                                INGEST_TOKEN)
+                    status, body = await fast.post("/api/signals",
+                                                   {**BTC, "ticker": tickers[i % 3]},
+                                                   INGEST_TOKEN)
                     assert status == 202
+                    last_written = max(last_written, body["position"])
             writers_done.set()
+
+        async def next_or_idle(conn: ClientConnection) -> dict[str, Any] | None:
+            """The next frame; None once the writers are done and 1 s passes without one (in
+            1 s steps: the writers may finish while it waits)."""
+            while True:
+                try:
+                    return await next_frame(conn, 1.0)
+                except TimeoutError:
+                    if writers_done.is_set():
+                        return None
 
         writer = asyncio.create_task(write())
         seen: list[dict[str, Any]] = []
         cursor = start
         budget = list(disconnects)
         while True:
-            conn = await ws_connect(server, cursor=cursor, filter=event_filter)
+            # An unbounded receive queue: a connection left with frames unread still reads
+            # the server's close frame, instead of waiting out the 10 s closing timeout.
+            conn = await websockets.connect(server.ws_url, max_size=None, max_queue=None)
+            await conn.send(json.dumps({"op": "hello", "token": ADMIN_TOKEN, "cursor": cursor,
+                                        "filter": event_filter}))
             try:
                 assert (await next_frame(conn))["op"] == "welcome"
                 taken = 0
                 limit = budget.pop(0) if budget else None
                 while limit is None or taken < limit:
-                    try:
-                        frame = await next_frame(conn, 1.0 if writers_done.is_set() else 10)
-                    except TimeoutError:
+                    if limit is not None and writers_done.is_set() and cursor >= last_written:
+                        break  # nothing is left for this connection: on to the next one
+                    frame = await next_or_idle(conn)
+                    if frame is None:
                         break
                     if frame["op"] == "event":
                         seen.append(frame)

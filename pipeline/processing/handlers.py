@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-import httpx
-
 from pipeline.log import Event
 from pipeline.signals import Signal
 
@@ -95,6 +93,8 @@ async def forward(signal: Signal, context: HandlerContext) -> dict[str, Any]:
     if secret:
         headers[SIGNATURE_HEADER] = sign(str(secret), body)
     timeout = float(context.options.get("forward_timeout", 5.0))
+    import httpx  # noqa: PLC0415 - the servers that do not forward never load it
+
     async with httpx.AsyncClient(timeout=timeout) as client:
         response = await client.post(str(url), content=body, headers=headers)
     if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
