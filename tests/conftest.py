@@ -1,18 +1,14 @@
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import ServerProcess, create_pg_database, drop_pg_database
+from tests.support import PLAIN_HTTP, ServerProcess, create_pg_database, drop_pg_database
 
 BACKENDS = ["sqlite", "postgresql"]
-# httpx makes an SSL context (reading the CA bundle: some 30 ms) for each client not given one.
-# The shared servers speak plain HTTP; one context, made once, spares each test that cost.
-PLAIN_HTTP = ssl.create_default_context()
 
 
 @pytest.fixture(params=BACKENDS)
