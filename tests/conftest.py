@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ServerProcess, create_pg_database, drop_pg_database
+from tests.support import PLAIN_HTTP, ServerProcess, create_pg_database, drop_pg_database
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -88,5 +88,6 @@ async def shared_client(request: pytest.FixtureRequest,
                         shared_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     own = [mark for mark in request.node.own_markers if mark.name == "server_args"]
     assert not own, "a test with its own server_args needs its own server, not shared_server"
-    async with httpx.AsyncClient(base_url=shared_server.base_url, timeout=30) as http_client:
+    async with httpx.AsyncClient(base_url=shared_server.base_url, timeout=30,
+                                 verify=PLAIN_HTTP) as http_client:
         yield http_client

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,6 +32,9 @@ PG_ADMIN_DSN = os.environ.get("SIGNALBOX_TEST_POSTGRES", "postgresql://postgres@
 ADMIN_TOKEN = "sbx_test_admin_" + uuid.uuid4().hex
 INGEST_TOKEN = "sbx_test_ingest_" + uuid.uuid4().hex
 RUNNING = re.compile(r"Uvicorn running on http://[\d.]+:(\d+)")
+# httpx makes an SSL context (reading the CA bundle: some 30 ms) for each client not given one.
+# The test servers speak plain HTTP: clients made by the dozen take this one, made once.
+PLAIN_HTTP = ssl.create_default_context()
 
 
 async def create_pg_database() -> tuple[str, str]:

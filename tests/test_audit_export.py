@@ -4,7 +4,6 @@ database and from a server."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import subprocess
@@ -121,15 +120,11 @@ async def test_events_export_filters(recorded_server: ServerProcess, tmp_path: P
         (["--since", since, "--type", "signal.accepted"],
          [e for e in api if since <= e["time"] and e["type"] == "signal.accepted"]),
     ]
-    runs = [(flags, expected, source) for flags, expected in cases
-            for source in (["--database-url", database_url], ["--url", server.base_url])]
-    # Each export is a command of its own; they run side by side, each to its own file.
-    found = await asyncio.gather(*(
-        asyncio.to_thread(jsonl, tmp_path / f"f{i}.jsonl", *source, *flags)
-        for i, (flags, _, source) in enumerate(runs)))
-    for (flags, expected, source), lines in zip(runs, found, strict=True):
+    for i, (flags, expected) in enumerate(cases):
         assert expected, flags
-        assert [as_api_event(line) for line in lines] == expected, (flags, source)
+        for source in (["--database-url", database_url], ["--url", server.base_url]):
+            found = jsonl(tmp_path / f"f{i}.jsonl", *source, *flags)
+            assert [as_api_event(line) for line in found] == expected, (flags, source)
 
 
 async def test_signals_export_one_row_per_signal(recorded_server: ServerProcess,

@@ -175,39 +175,43 @@ async def test_health_and_readiness(shared_client: httpx.AsyncClient) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-async def test_events_paging_filters_and_next_cursor(client: httpx.AsyncClient) -> None:
-    for ticker in ["AAA", "BBB", "AAA"]:
-        response = await client.post("/api/signals", json={**BTC, "ticker": ticker},
-                                     headers=headers(INGEST_TOKEN))
+async def test_events_paging_filters_and_next_cursor(shared_client: httpx.AsyncClient) -> None:
+    start = (await shared_client.get("/readyz")).json()["head"]
+    for ticker in ["EVA", "EVB", "EVA"]:  # tickers of this test alone: the log is shared
+        response = await shared_client.post("/api/signals", json={**BTC, "ticker": ticker},
+                                            headers=headers(INGEST_TOKEN))
         assert response.status_code == 202
-    page = (await client.get("/api/events", params={"after": 0, "limit": 2},
-                             headers=headers())).json()
-    assert [e["position"] for e in page["events"]] == [1, 2]
-    assert page["next"] == 2 and page["head"] == 6
-    accepted = (await client.get("/api/events",
-                                 params={"type": "signal.acc*", "ticker": "AAA"},
-                                 headers=headers())).json()
+    page = (await shared_client.get("/api/events", params={"after": start, "limit": 2},
+                                    headers=headers())).json()
+    assert [e["position"] for e in page["events"]] == [start + 1, start + 2]
+    assert page["next"] == start + 2 and page["head"] == start + 6
+    accepted = (await shared_client.get("/api/events",
+                                        params={"type": "signal.acc*", "ticker": "EVA"},
+                                        headers=headers())).json()
     assert [e["type"] for e in accepted["events"]] == ["signal.accepted"] * 2
-    assert accepted["next"] == 6
-    assert {e["meta"]["ticker"] for e in accepted["events"]} == {"AAA"}
-    bad = await client.get("/api/events", params={"after": "x"}, headers=headers())
+    assert accepted["next"] == start + 6
+    assert {e["meta"]["ticker"] for e in accepted["events"]} == {"EVA"}
+    bad = await shared_client.get("/api/events", params={"after": "x"}, headers=headers())
     assert bad.status_code == 400 and error_of(bad) == "bad_request"
 
 
-async def test_signals_list_filters_and_pages(client: httpx.AsyncClient) -> None:
+async def test_signals_list_filters_and_pages(shared_client: httpx.AsyncClient) -> None:
     ids = []
-    for ticker in ["AAA", "BBB", "AAA", "CCC"]:
-        response = await client.post("/api/signals", json={**BTC, "ticker": ticker},
-                                     headers=headers(INGEST_TOKEN))
+    for ticker in ["SLA", "SLB", "SLA", "SLC"]:  # tickers of this test alone
+        response = await shared_client.post("/api/signals", json={**BTC, "ticker": ticker},
+                                            headers=headers(INGEST_TOKEN))
         ids.append(response.json()["signal_id"])
-    await client.post("/api/signals", json={"ticker": "AAA"}, headers=headers(INGEST_TOKEN))
-    listing = (await client.get("/api/signals", params={"ticker": "AAA", "status": "accepted"},
-                                headers=headers())).json()
+    await shared_client.post("/api/signals", json={"ticker": "SLA"},
+                             headers=headers(INGEST_TOKEN))
+    listing = (await shared_client.get("/api/signals",
+                                       params={"ticker": "SLA", "status": "accepted"},
+                                       headers=headers())).json()
     assert [s["signal_id"] for s in listing["signals"]] == [ids[2], ids[0]]
-    first = (await client.get("/api/signals", params={"limit": 2}, headers=headers())).json()
-    second = (await client.get("/api/signals", params={"limit": 2,
-                                                       "before": first["next_before"]},
-                               headers=headers())).json()
+    # Newest first: this test's signals are the newest of the shared log.
+    first = (await shared_client.get("/api/signals", params={"limit": 2},
+                                     headers=headers())).json()
+    second = (await shared_client.get("/api/signals", params={
+        "limit": 2, "before": first["next_before"]}, headers=headers())).json()
     assert len(first["signals"]) == 2
     assert first["signals"][1]["signal_id"] == ids[3]  # newest first; [0] is the rejected one
     assert [s["signal_id"] for s in second["signals"]] == [ids[2], ids[1]]

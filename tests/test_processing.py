@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 import zlib
 from typing import Any
 
@@ -191,32 +192,34 @@ async def test_status_over_the_websocket_is_answered_without_closing(
         await conn.close()
 
 
-async def test_durable_consumer_resumes_after_its_ack(server: ServerProcess,
-                                                     client: httpx.AsyncClient) -> None:
-    await new_signal(client)  # before the consumer first connects: it starts live
-    conn = await ws_connect(server, cursor=None, consumer="bot")
+async def test_durable_consumer_resumes_after_its_ack(shared_server: ServerProcess,
+                                                     shared_client: httpx.AsyncClient) -> None:
+    name = f"bot-{uuid.uuid4().hex[:8]}"  # a consumer of this test alone: the log is shared
+    start = (await shared_client.get("/readyz")).json()["head"]
+    await new_signal(shared_client)  # before the consumer first connects: it starts live
+    conn = await ws_connect(shared_server, cursor=None, consumer=name)
     welcome = await next_frame(conn)
-    assert welcome["cursor"] == welcome["head"] == 2
+    assert welcome["cursor"] == welcome["head"] == start + 2
     await next_frame(conn)  # live
-    await new_signal(client)
+    await new_signal(shared_client)
     first = await next_frame(conn)
     await conn.send(frame("ack", position=first["position"]))
     await next_frame(conn)  # the accepted event, not acknowledged
     deadline = asyncio.get_running_loop().time() + 10
     while True:  # the ack is stored asynchronously of this client: poll with a deadline
-        consumers = (await client.get("/api/consumers", headers=headers())).json()
+        consumers = (await shared_client.get("/api/consumers", headers=headers())).json()
         stored = {c["name"]: c for c in consumers["consumers"]}
-        if "bot" in stored or asyncio.get_running_loop().time() > deadline:
+        if name in stored or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.02)
     await conn.close()
-    assert stored["bot"]["position"] == first["position"] == 3
-    assert stored["bot"]["lag"] == consumers["head"] - 3
-    await new_signal(client)
-    again = await ws_connect(server, cursor=None, consumer="bot")
-    assert (await next_frame(again))["cursor"] == 3
+    assert stored[name]["position"] == first["position"] == start + 3
+    assert stored[name]["lag"] == consumers["head"] - (start + 3)
+    await new_signal(shared_client)
+    again = await ws_connect(shared_server, cursor=None, consumer=name)
+    assert (await next_frame(again))["cursor"] == start + 3
     replayed = [await next_frame(again) for _ in range(3)]
-    assert [f["position"] for f in replayed] == [4, 5, 6]
+    assert [f["position"] for f in replayed] == [start + 4, start + 5, start + 6]
     await again.close()
 
 
@@ -230,17 +233,20 @@ async def test_ack_without_a_consumer_is_refused(shared_server: ServerProcess) -
 
 
 async def test_consumer_group_members_split_the_signals_by_ticker(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    group = f"bots-{uuid.uuid4().hex[:8]}"  # a group of this test alone: the log is shared
+    start = (await shared_client.get("/readyz")).json()["head"]
     tickers = [f"T{i}" for i in range(12)]
     members = []
     for member in range(3):
-        conn = await ws_connect(server, cursor=0, filter={"types": ["signal.accepted"]},
-                                group={"name": "bots", "member": member, "size": 3})
+        conn = await ws_connect(shared_server, cursor=start,
+                                filter={"types": ["signal.accepted"]},
+                                group={"name": group, "member": member, "size": 3})
         await next_frame(conn)
         await next_frame(conn)
         members.append(conn)
     for ticker in tickers * 2:
-        await new_signal(client, ticker=ticker)
+        await new_signal(shared_client, ticker=ticker)
     received: list[list[str]] = [[], [], []]
     for member, conn in enumerate(members):
         expected = [t for t in tickers * 2 if zlib.crc32(t.encode()) % 3 == member]
@@ -254,20 +260,21 @@ async def test_consumer_group_members_split_the_signals_by_ticker(
         tickers * 2)
     # A member that restarts resumes from its own ack.
     await members[0].close()
-    head = (await client.get("/readyz")).json()["head"]
+    head = (await shared_client.get("/readyz")).json()["head"]
+    names = {f"{group}/{member}" for member in range(3)}
     deadline = asyncio.get_running_loop().time() + 10
     while asyncio.get_running_loop().time() < deadline:
-        consumers = (await client.get("/api/consumers", headers=headers())).json()
-        if len(consumers["consumers"]) == 3:
+        consumers = (await shared_client.get("/api/consumers", headers=headers())).json()
+        stored = {c["name"]: c["position"] for c in consumers["consumers"]
+                  if c["name"].startswith(f"{group}/")}
+        if len(stored) == 3:
             break
         await asyncio.sleep(0.02)
-    names = {c["name"] for c in consumers["consumers"]}
-    assert names == {"bots/0", "bots/1", "bots/2"}
-    rejoined = await ws_connect(server, cursor=None, filter={"types": ["signal.accepted"]},
-                                group={"name": "bots", "member": 0, "size": 3})
+    assert set(stored) == names
+    rejoined = await ws_connect(shared_server, cursor=None, filter={"types": ["signal.accepted"]},
+                                group={"name": group, "member": 0, "size": 3})
     welcome = await next_frame(rejoined)
-    stored = {c["name"]: c["position"] for c in consumers["consumers"]}
-    assert welcome["cursor"] == stored["bots/0"] <= head
+    assert welcome["cursor"] == stored[f"{group}/0"] <= head
     for conn in (rejoined, *members[1:]):
         await conn.close()
 

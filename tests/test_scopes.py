@@ -19,7 +19,14 @@ import httpx
 import pytest
 import websockets
 
-from tests.support import INGEST_TOKEN, ServerProcess, headers, next_frame, repo_root
+from tests.support import (
+    INGEST_TOKEN,
+    PLAIN_HTTP,
+    ServerProcess,
+    headers,
+    next_frame,
+    repo_root,
+)
 from tests.test_ws import expect_close
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
@@ -63,7 +70,8 @@ def scoped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scoped]:
 
 @pytest.fixture
 async def http(scoped: Scoped) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=scoped.server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=scoped.server.base_url, timeout=30,
+                                 verify=PLAIN_HTTP) as client:
         yield client
 
 

@@ -56,21 +56,29 @@ async def collect_until(conn: ClientConnection, position: int) -> list[dict[str,
     return events
 
 
-async def test_welcome_replay_then_live(server: ServerProcess, client: httpx.AsyncClient) -> None:
-    await post(client)
-    conn = await ws_connect(server, cursor=0)
+async def head_of(client: httpx.AsyncClient) -> int:
+    """The log's head: the cursor after which a test on a shared server finds its own events."""
+    head: int = (await client.get("/readyz")).json()["head"]
+    return head
+
+
+async def test_welcome_replay_then_live(shared_server: ServerProcess,
+                                        shared_client: httpx.AsyncClient) -> None:
+    start = await head_of(shared_client)
+    await post(shared_client)
+    conn = await ws_connect(shared_server, cursor=start)
     try:
         welcome = await next_frame(conn)
-        assert welcome["op"] == "welcome" and welcome["cursor"] == 0
-        assert welcome["head"] == 2 and welcome["heartbeat"] == 15
+        assert welcome["op"] == "welcome" and welcome["cursor"] == start
+        assert welcome["head"] == start + 2 and welcome["heartbeat"] == 15
         replayed = [await next_frame(conn), await next_frame(conn)]
-        assert [f["position"] for f in replayed] == [1, 2]
+        assert [f["position"] for f in replayed] == [start + 1, start + 2]
         assert set(replayed[0]) == {"op", "position", "id", "stream", "type", "data", "meta",
                                     "time", "hash"}
-        assert await next_frame(conn) == {"op": "live", "position": 2}
-        await post(client)
+        assert await next_frame(conn) == {"op": "live", "position": start + 2}
+        await post(shared_client)
         live = [await next_frame(conn), await next_frame(conn)]
-        assert [f["position"] for f in live] == [3, 4]
+        assert [f["position"] for f in live] == [start + 3, start + 4]
     finally:
         await conn.close()
 
@@ -92,34 +100,37 @@ async def test_live_only_and_header_auth(shared_server: ServerProcess,
 
 
 async def test_filters_and_live_position_cover_skipped_events(
-        server: ServerProcess, client: httpx.AsyncClient) -> None:
-    await post(client, "AAA")
-    await post(client, "BBB")
-    conn = await ws_connect(server, cursor=0,
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    start = await head_of(shared_client)
+    await post(shared_client, "AAA")
+    await post(shared_client, "BBB")
+    conn = await ws_connect(shared_server, cursor=start,
                             filter={"types": ["signal.acc*"], "tickers": ["BBB"]})
     try:
         await next_frame(conn)
         event = await next_frame(conn)
         assert (event["type"], event["meta"]["ticker"], event["position"]) == (
-            "signal.accepted", "BBB", 4)
-        assert await next_frame(conn) == {"op": "live", "position": 4}
-        await post(client, "AAA")
-        await post(client, "BBB")
+            "signal.accepted", "BBB", start + 4)
+        assert await next_frame(conn) == {"op": "live", "position": start + 4}
+        await post(shared_client, "AAA")
+        await post(shared_client, "BBB")
         event = await next_frame(conn)
-        assert (event["meta"]["ticker"], event["position"]) == ("BBB", 8)
+        assert (event["meta"]["ticker"], event["position"]) == ("BBB", start + 8)
     finally:
         await conn.close()
 
 
-async def test_batch_mode_packs_frames(server: ServerProcess, client: httpx.AsyncClient) -> None:
+async def test_batch_mode_packs_frames(shared_server: ServerProcess,
+                                       shared_client: httpx.AsyncClient) -> None:
+    start = await head_of(shared_client)
     for _ in range(5):
-        await post(client)
-    conn = await ws_connect(server, cursor=0, batch=True)
+        await post(shared_client)
+    conn = await ws_connect(shared_server, cursor=start, batch=True)
     try:
         await next_frame(conn)
         message = await asyncio.wait_for(conn.recv(), 10)
         frames = [json.loads(line) for line in str(message).split("\n")]
-        assert [f["position"] for f in frames] == list(range(1, 11))
+        assert [f["position"] for f in frames] == list(range(start + 1, start + 11))
     finally:
         await conn.close()
 
@@ -182,6 +193,8 @@ async def test_epoch_mismatch_tells_the_right_epoch(shared_server: ServerProcess
     assert error["epoch"] == epoch
     conn = await ws_connect(shared_server, cursor=0, epoch=epoch)
     assert (await next_frame(conn))["op"] == "welcome"
+    while (await next_frame(conn))["op"] != "live":  # the replay read: none unread at close
+        pass
     await conn.close()
 
 
