@@ -30,10 +30,16 @@ from replay import (
     Worker,
 )
 from replay._http import retry_after_seconds, retry_delay
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, read_all_events
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    ServerProcess,
+    read_all_events,
+    sqlite_only,
+)
 from tests.test_client import BTC, until
 
-SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+SQLITE = sqlite_only("the waits are the client's and the HTTP layer's, the same on both")
 
 # Were Retry-After ignored, this backoff would send every retry within 10 ms.
 HASTY = Backoff(base=0.01, cap=0.01)
