@@ -73,7 +73,8 @@ async def shared_database_url(request: pytest.FixtureRequest,
 def shared_server(request: pytest.FixtureRequest,
                   shared_database_url: str) -> Iterator[ServerProcess]:
     """One server per backend for the tests of a module that can share it: tests that only
-    read, or that write only signals of their own and assert only about those, and that change
+    read, or that write only signals of their own and assert only about those (or about what
+    follows the head they found before writing: tests run one at a time), and that change
     nothing server-wide (tokens, limits, flags, the process itself). The module's
     ``pytestmark`` ``server_args`` adds flags; a test's own marker cannot (see
     ``shared_client``)."""
