@@ -113,6 +113,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: _internal_error,
         },
     )
+    # A path that ends in "/" (an id ending in an encoded "/", say) is not found: no redirect
+    # to another URL built from the request's Host header, and no POST sent on elsewhere.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.connections = connections
     app.state.guard = guard

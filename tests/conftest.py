@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 from tests.support import PLAIN_HTTP, ServerProcess, create_pg_database, drop_pg_database
 
 BACKENDS = ["sqlite", "postgresql"]
+
+# The commands the tests interrupt (Ctrl-C, SIGINT) must take it as at a terminal, also when the
+# suite was started with SIGINT ignored (in the background by a shell), which children inherit
+# across exec; a handled signal is reset to its default there.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @asynccontextmanager

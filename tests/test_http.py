@@ -169,6 +169,16 @@ async def test_unknown_signal_is_404(shared_client: httpx.AsyncClient) -> None:
     assert response.status_code == 404 and error_of(response) == "not_found"
 
 
+async def test_a_path_ending_in_a_slash_is_not_found_not_redirected(
+        shared_client: httpx.AsyncClient) -> None:
+    for method, path in [("GET", "/api/events/"), ("POST", "/api/signals/"),
+                         ("POST", "/api/signals/abc%2F/status"), ("GET", "/api/signals/abc%2F")]:
+        response = await shared_client.request(method, path, headers=headers(INGEST_TOKEN),
+                                               json={"status": "processed"})
+        assert response.status_code == 404, (method, path, response.status_code)
+        assert error_of(response) == "not_found" and "location" not in response.headers
+
+
 async def test_health_and_readiness(shared_client: httpx.AsyncClient) -> None:
     assert (await shared_client.get("/healthz")).status_code == 200
     ready = await shared_client.get("/readyz")
