@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -43,22 +42,10 @@ def start(database_url: str, *args: str) -> ServerProcess:
     return ServerProcess(database_url, args=list(args)).start()
 
 
-@pytest.fixture
-def guarded(database_url: str) -> Iterator[ServerProcess]:
-    """Three failures in a 3 s window; 127.0.0.1 is a trusted proxy, so each test picks its
-    client's address with X-Forwarded-For."""
-    server = start(database_url, "--auth-failures", "3", "--auth-failure-window", "3",
-                   "--trusted-proxies", "127.0.0.1/32")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def http(guarded: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=guarded.base_url, timeout=30) as client:
-        yield client
+# Three failures in a 3 s window; 127.0.0.1 is a trusted proxy, so each test picks its
+# client's address with X-Forwarded-For.
+GUARDED = pytest.mark.server_args("--auth-failures", "3", "--auth-failure-window", "3",
+                                  "--trusted-proxies", "127.0.0.1/32")
 
 
 def as_from(address: str, token: str | None = None) -> dict[str, str]:
@@ -77,8 +64,10 @@ AUTHENTICATED = [
 
 
 @SQLITE
+@GUARDED
 async def test_failed_authentications_get_an_address_429_until_the_window_passes(
-        guarded: ServerProcess, http: httpx.AsyncClient) -> None:
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    http, guarded = client, server
     for _ in range(3):
         response = await http.get("/api/events", headers=as_from(ATTACKER, "sbx_guess"))
         assert response.status_code == 401
@@ -114,8 +103,10 @@ async def test_failed_authentications_get_an_address_429_until_the_window_passes
 
 
 @SQLITE
-async def test_failed_websocket_hellos_count_too(guarded: ServerProcess,
-                                                 http: httpx.AsyncClient) -> None:
+@GUARDED
+async def test_failed_websocket_hellos_count_too(server: ServerProcess,
+                                                 client: httpx.AsyncClient) -> None:
+    http, guarded = client, server
     for _ in range(3):
         async with websockets.connect(guarded.ws_url,
                                       additional_headers=as_from(ATTACKER)) as conn:

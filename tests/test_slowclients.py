@@ -6,32 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from tests.support import INGEST_TOKEN, ServerProcess
 
-pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# The `server` fixture's flags: strict limits, so that slow clients are cut off quickly.
+STRICT = pytest.mark.server_args("--header-timeout", "1", "--header-limit", "4096",
+                                 "--header-count", "30", "--body-timeout", "1")
 
-
-@pytest.fixture
-def strict(database_url: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(database_url, args=[
-        "--header-timeout", "1", "--header-limit", "4096", "--header-count", "30",
-        "--body-timeout", "1",
-    ]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def http(strict: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=strict.base_url, timeout=30) as client:
-        yield client
+pytestmark = [pytest.mark.parametrize("database_url", ["sqlite"], indirect=True), STRICT]
 
 
 async def open_raw(server: ServerProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -44,8 +29,8 @@ async def closed_by_server(reader: asyncio.StreamReader, wait: float = 10) -> by
 
 
 async def test_headers_sent_byte_by_byte_too_slowly_are_cut_off(
-        strict: ServerProcess, http: httpx.AsyncClient) -> None:
-    reader, writer = await open_raw(strict)
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    reader, writer = await open_raw(server)
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Drip: " + b"a" * 200 + b"\r\n\r\n"
     started = time.monotonic()
     sent = 0
@@ -56,7 +41,7 @@ async def test_headers_sent_byte_by_byte_too_slowly_are_cut_off(
             sent += 1
             # Meanwhile other clients are served.
             if sent % 10 == 0:
-                assert (await http.get("/healthz")).status_code == 200
+                assert (await client.get("/healthz")).status_code == 200
             if reader.at_eof():
                 break
             try:
@@ -73,19 +58,19 @@ async def test_headers_sent_byte_by_byte_too_slowly_are_cut_off(
     assert time.monotonic() - started < 10
 
 
-async def test_a_connection_that_sends_nothing_is_closed(strict: ServerProcess) -> None:
-    reader, writer = await open_raw(strict)
+async def test_a_connection_that_sends_nothing_is_closed(server: ServerProcess) -> None:
+    reader, writer = await open_raw(server)
     try:
         assert await closed_by_server(reader) == b""
     finally:
         writer.close()
 
 
-async def test_an_oversized_header_block_gets_431(strict: ServerProcess,
-                                                  http: httpx.AsyncClient) -> None:
+async def test_an_oversized_header_block_gets_431(server: ServerProcess,
+                                                  client: httpx.AsyncClient) -> None:
     for extra in (b"X-Big: " + b"a" * 8000 + b"\r\n",
                   b"".join(b"X-H%d: v\r\n" % n for n in range(40))):
-        reader, writer = await open_raw(strict)
+        reader, writer = await open_raw(server)
         try:
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
             await writer.drain()
@@ -98,13 +83,13 @@ async def test_an_oversized_header_block_gets_431(strict: ServerProcess,
         if answer:
             assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "headers_too_large"
     # Headers within the limits are served.
-    response = await http.get("/healthz", headers={f"X-H{n}": "v" * 50 for n in range(20)})
+    response = await client.get("/healthz", headers={f"X-H{n}": "v" * 50 for n in range(20)})
     assert response.status_code == 200
 
 
 async def test_a_header_without_end_is_refused_before_it_is_complete(
-        strict: ServerProcess) -> None:
-    reader, writer = await open_raw(strict)
+        server: ServerProcess) -> None:
+    reader, writer = await open_raw(server)
     try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
         for _ in range(100):  # 100 KiB of one header value, never finished
@@ -122,8 +107,8 @@ async def test_a_header_without_end_is_refused_before_it_is_complete(
 
 
 async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_recorded(
-        strict: ServerProcess, http: httpx.AsyncClient) -> None:
-    reader, writer = await open_raw(strict)
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    reader, writer = await open_raw(server)
     body = json.dumps({"ticker": "BTCUSDT", "action": "buy", "quantity": "1"}).encode()
     try:
         writer.write(b"POST /api/signals HTTP/1.1\r\nHost: x\r\n"
@@ -135,7 +120,7 @@ async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_recorded(
         assert status_line.startswith(b"HTTP/1.1 408 "), status_line
     finally:
         writer.close()
-    assert (await http.get("/readyz")).json()["head"] == 0
+    assert (await client.get("/readyz")).json()["head"] == 0
 
 
 async def test_limit_concurrency_answers_503_beyond_it(database_url: str) -> None:
