@@ -17,7 +17,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pipeline.log.backends import migration_engine
-from pipeline.processing.rebuild import RebuildReport, fold_and_compare, swap_in
+from pipeline.processing.rebuild import (
+    RebuildReport,
+    catch_up,
+    fold_and_compare,
+    replace_live,
+)
 from tests.support import INGEST_TOKEN, ServerProcess, headers
 
 
@@ -139,8 +144,9 @@ async def test_rebuild_names_edits_of_the_projection_and_swap_restores_the_fold(
 
 
 async def test_the_swap_folds_in_what_was_appended_after_the_fold(database_url: str) -> None:
-    """The gap the swap's lock closes, made certain rather than left to timing: signals are
-    acknowledged after the log was folded and compared, and before the swap."""
+    """The gaps the swap closes, made certain rather than left to timing: signals are
+    acknowledged after the log was folded and compared (taken in without a lock), and after
+    that catch-up, before the swap (taken in under the log's write lock)."""
     server = ServerProcess(database_url).start()
     engine = migration_engine(database_url)
     try:
@@ -150,14 +156,51 @@ async def test_the_swap_folds_in_what_was_appended_after_the_fold(database_url: 
             await fold_and_compare(engine, rebuilt)
             assert (rebuilt.signals, rebuilt.differences) == (3, [])
             after = [await post(client, {"ticker": "NEW", "action": "sell"}) for _ in range(4)]
+            await catch_up(engine, rebuilt)
+            assert rebuilt.signals == 7 and not rebuilt.swapped
+            last = [await post(client, {"ticker": "LAST", "action": "buy"}) for _ in range(2)]
             await report(client, before[0], "processing")
-            await swap_in(engine, rebuilt)
-            assert rebuilt.swapped and rebuilt.signals == 7
+            await replace_live(engine, rebuilt)
+            assert rebuilt.swapped and rebuilt.signals == 9
             rows = dict(await sql(database_url, "SELECT signal_id, status FROM signals"))
-            assert rows == {**dict.fromkeys(before, "accepted"),
-                            **dict.fromkeys(after, "accepted"), before[0]: "processing"}
+            assert rows == {**dict.fromkeys(before + after + last, "accepted"),
+                            before[0]: "processing"}
             code, check = await run_rebuild(database_url)
-            assert (code, check["difference_count"], check["signals"]) == (0, 0, 7)
+            assert (code, check["difference_count"], check["signals"]) == (0, 0, 9)
+    finally:
+        await engine.dispose()
+        server.stop()
+
+
+async def test_the_fold_stops_at_the_head_it_began_with(database_url: str) -> None:
+    """A busy log must not keep the fold chasing its head: a signal acknowledged after every
+    page folded is left for the swap, and the live rows past the head are counted, not
+    compared."""
+    server = ServerProcess(database_url).start()
+    engine = migration_engine(database_url)
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(3):
+                await post(client, {"ticker": "OLD", "action": "buy"})
+            head = (await client.get("/api/events", headers=headers(),
+                                     params={"limit": 1})).json()["head"]
+        pages: list[int] = []
+        with httpx.Client(base_url=server.base_url, timeout=30) as sync_client:
+            def append_after_each_page(progress: RebuildReport) -> None:
+                pages.append(progress.head)
+                if len(pages) <= 20:  # bounded, so that a fold that chases still ends
+                    response = sync_client.post("/api/signals", headers=headers(),
+                                                json={"ticker": "NEW", "action": "sell"})
+                    assert response.status_code == 202, response.text
+
+            rebuilt = RebuildReport()
+            await fold_and_compare(engine, rebuilt, append_after_each_page)
+        assert pages == [head]
+        assert (rebuilt.head, rebuilt.signals, rebuilt.moved_on) == (head, 3, 1)
+        assert rebuilt.difference_count == 0
+        await catch_up(engine, rebuilt)
+        await replace_live(engine, rebuilt)
+        assert rebuilt.signals == 4
     finally:
         await engine.dispose()
         server.stop()

@@ -1,15 +1,18 @@
 """``signalbox rebuild``: the signals projection made again from the log, compared, swapped.
 
 The projection is, by definition, the fold of the log: ``projection.fold``.
-A rebuild folds every event, oldest first and a page at a time, into a fresh table
-(``signals_rebuild``), then compares it with the live ``signals`` table row by row, in
-``signal_id`` order, a page of each at a time: memory does not grow with the log.
+A rebuild folds every event up to the log's head as it was when the rebuild began, oldest
+first and a page at a time, into a fresh table (``signals_rebuild``), then compares it with the
+live ``signals`` table row by row, in ``signal_id`` order, a page of each at a time: memory does
+not grow with the log, and a busy log does not keep the fold chasing its head. Live rows that
+moved past that head while the rebuild ran are counted (``moved_on``), not compared.
 
-The live table is only touched when asked (``--swap``). The swap runs in one transaction that
-first takes the log's write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``log_head``
-row, which every append locks first), folds in what was appended meanwhile, and replaces the
-live rows with the rebuilt ones: no append can fall between the last event folded and the swap,
-and a running server goes on without a restart (its appends wait for the swap's commit).
+The live table is only touched when asked (``--swap``). The swap first folds, without a lock,
+what was appended during the fold and the comparison; then, in one transaction that takes the
+log's write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``log_head`` row, which every
+append locks first), it folds the little appended since and replaces the live rows with the
+rebuilt ones. No append can fall between the last event folded and the swap, and a running
+server goes on without a restart: its appends wait only for the swap's short transaction.
 """
 
 from __future__ import annotations
@@ -105,21 +108,31 @@ async def fold_and_compare(engine: AsyncEngine, report: RebuildReport,
     async with engine.begin() as conn:
         await conn.run_sync(lambda sync: scratch.drop(sync, checkfirst=True))
         await conn.run_sync(scratch.create)
-    while await _fold_page(engine, report):
+        until = await _head(conn)
+    while await _fold_page(engine, report, until):
         if progress is not None:
             progress(report)
     await _compare(engine, report)
 
 
-async def _fold_page(engine: AsyncEngine, report: RebuildReport) -> bool:
+async def _head(conn: AsyncConnection) -> int:
+    """The log's head: every event up to it is committed."""
+    return int((await conn.execute(select(log_head.c.position))).scalar_one())
+
+
+async def _fold_page(engine: AsyncEngine, report: RebuildReport, until: int) -> bool:
     async with engine.begin() as conn:
-        return await _fold_page_in(conn, report)
+        return await _fold_page_in(conn, report, until)
 
 
-async def _fold_page_in(conn: AsyncConnection, report: RebuildReport) -> bool:
-    """Fold the next page of events into the scratch table; False at the end of the log."""
-    rows = (await conn.execute(select(*EVENT_COLUMNS).where(events.c.position > report.head)
-                               .order_by(events.c.position).limit(PAGE))).all()
+async def _fold_page_in(conn: AsyncConnection, report: RebuildReport,
+                        until: int | None = None) -> bool:
+    """Fold the next page of events (up to position ``until``, when given) into the scratch
+    table; False when there is none."""
+    query = select(*EVENT_COLUMNS).where(events.c.position > report.head)
+    if until is not None:
+        query = query.where(events.c.position <= until)
+    rows = (await conn.execute(query.order_by(events.c.position).limit(PAGE))).all()
     if not rows:
         return False
     page = [Event(*row) for row in rows]
@@ -200,8 +213,23 @@ def _compare_rows(live: Row, rebuilt: Row, report: RebuildReport) -> None:
 
 
 async def swap_in(engine: AsyncEngine, report: RebuildReport) -> None:
-    """Under the log's write lock: fold what was appended since ``fold_and_compare``, then
-    replace the live rows with the rebuilt ones."""
+    """Fold what was appended since ``fold_and_compare``, then replace the live rows with
+    the rebuilt ones: :func:`catch_up`, then :func:`replace_live`."""
+    await catch_up(engine, report)
+    await replace_live(engine, report)
+
+
+async def catch_up(engine: AsyncEngine, report: RebuildReport) -> None:
+    """Fold, without a lock, what was appended up to the head as it is now, so that
+    :func:`replace_live` (which appends wait for) has little left to fold."""
+    async with engine.connect() as conn:
+        until = await _head(conn)
+    while await _fold_page(engine, report, until):
+        pass
+
+
+async def replace_live(engine: AsyncEngine, report: RebuildReport) -> None:
+    """Under the log's write lock: fold the rest of the log, then replace the live rows."""
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Appends lock this row first: none can commit until the swap has.
@@ -214,4 +242,3 @@ async def swap_in(engine: AsyncEngine, report: RebuildReport) -> None:
             *(scratch.c[name] for name in COLUMNS))))
         await conn.run_sync(scratch.drop)
     report.swapped = True
-
