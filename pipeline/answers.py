@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 
 from pipeline.context import RequestIdMiddleware, new_request_id
 from pipeline.headers import ERROR_HEADERS, HSTS
-from pipeline.wsprotocol import ReleasingWebSocketProtocol
+from pipeline.wsprotocol import ServerWebSocketProtocol
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _reason(response: Response) -> str:
     return f"{said}; " if said else ""
 
 
-class WebSocketProtocol(ReleasingWebSocketProtocol):
+class WebSocketProtocol(ServerWebSocketProtocol):
     """uvicorn's WebSocket protocol over websockets, with `RefusingServerProtocol`, and with
     the answers websockets makes while it parses the upgrade (a line or a header over its
     own limits) actually sent: uvicorn sends answers only for requests it has been given, so

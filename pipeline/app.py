@@ -15,6 +15,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Send
+from starlette.types import Scope as AsgiScope
 from starlette.websockets import WebSocket
 
 from pipeline import dashboard, http
@@ -40,6 +42,27 @@ from pipeline.ws import Connections, Session, StreamSettings
 log = logging.getLogger("signalbox")
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class StreamEndpoint:
+    """``/ws``, as an ASGI application rather than a function of a ``WebSocket``, so that the
+    session also has the ASGI ``send`` (for :data:`pipeline.wsprotocol.SEND_MANY`)."""
+
+    def __init__(self, connections: Connections, settings: Settings) -> None:
+        self.connections = connections
+        self.settings = settings
+        self.stream_settings = StreamSettings(settings.heartbeat, settings.hello_timeout,
+                                              settings.ws_max_message, settings.ws_frame_rate)
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        svc: http.Services = websocket.app.state.services
+        session = Session(
+            websocket, event_log=svc.log, hub=svc.hub, token_store=svc.tokens,
+            connections=self.connections, settings=self.stream_settings,
+            page_size=self.settings.page_size, send=send,
+        )
+        await session.run()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -89,21 +112,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await hub.stop()
             await event_log.close()
 
-    async def websocket_endpoint(websocket: WebSocket) -> None:
-        svc: http.Services = websocket.app.state.services
-        session = Session(
-            websocket, event_log=svc.log, hub=svc.hub, token_store=svc.tokens,
-            connections=connections,
-            settings=StreamSettings(settings.heartbeat, settings.hello_timeout,
-                                    settings.ws_max_message, settings.ws_frame_rate),
-            page_size=settings.page_size,
-        )
-        await session.run()
-
     app = Starlette(
         routes=[*http.routes, Route("/metrics", metrics_endpoint, methods=["GET"]),
                 Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-                WebSocketRoute("/ws", websocket_endpoint), *dashboard.routes],
+                WebSocketRoute("/ws", StreamEndpoint(connections, settings)), *dashboard.routes],
         lifespan=lifespan,
         middleware=middleware(settings, guard),
         exception_handlers={

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import psutil
@@ -14,7 +14,9 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
 
+from pipeline.wsprotocol import text_frame_header
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
@@ -22,6 +24,7 @@ from tests.support import (
     ServerProcess,
     headers,
     next_frame,
+    sqlite_only,
     ws_connect,
 )
 
@@ -135,6 +138,54 @@ async def test_batch_mode_packs_frames(shared_server: ServerProcess,
         await conn.close()
 
 
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_every_event_is_a_message_of_its_own_whatever_its_size(
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient,
+        compression: Literal["deflate"] | None) -> None:
+    """A page of events goes out in one write per 64 KiB, its frames built by the server when
+    the connection has no compression: events of every frame-header size (up to over 64 KiB,
+    the raw body of a webhook), in pages larger than a write, arrive one message each, as
+    ``/api/events`` holds them, with and without permessage-deflate."""
+    start = await head_of(shared_client)
+    for size in [1, 90, 500, 20_000, 65_000, 3, 60_000]:
+        body = "x" * size  # not an alert: rejected, but received and logged as it came
+        response = await shared_client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                            content=body)
+        assert response.status_code in (202, 422), response.text
+    for i in range(300):
+        await post(shared_client, ticker=f"T{i}")
+    head = await head_of(shared_client)
+    expected = await read_events(shared_client, start, head)
+    assert max(len(json.dumps(e)) for e in expected) > 1 << 16
+    conn = await websockets.connect(shared_server.ws_url, compression=compression,
+                                    max_size=None, max_queue=None)
+    try:
+        await conn.send(hello(token=ADMIN_TOKEN, cursor=start))
+        assert (await next_frame(conn))["op"] == "welcome"
+        received = await collect_until(conn, head)
+        assert received == [{"op": "event", **event} for event in expected]
+    finally:
+        await conn.close()
+
+
+async def read_events(client: httpx.AsyncClient, after: int, until: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while after < until:
+        response = await client.get("/api/events", headers=headers(),
+                                    params={"after": after, "limit": 1000})
+        page = [e for e in response.json()["events"] if e["position"] <= until]
+        found += page
+        after = page[-1]["position"]
+    return found
+
+
+def test_frame_headers_are_those_of_websockets() -> None:
+    for length in [0, 1, 125, 126, 127, 65_535, 65_536, 1 << 20]:
+        payload = b"a" * length
+        framed = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+        assert text_frame_header(length) + payload == framed, length
+
+
 def hello(**fields: Any) -> str:
     return json.dumps({"op": "hello", **fields})
 
@@ -151,7 +202,7 @@ def hello(**fields: Any) -> str:
     (hello(cursor=0), 4401),
     (hello(token="sbx_wrong", cursor=0), 4401),
     (hello(token=INGEST_TOKEN, cursor=0), 4403),
-    (hello(token=ADMIN_TOKEN, cursor=99), 4409),
+    (hello(token=ADMIN_TOKEN, cursor=10**9), 4409),  # ahead of any head in this module
     (hello(token=ADMIN_TOKEN, cursor=0, epoch="other"), 4409),
 ])
 async def test_bad_hello_gets_the_right_close_code(shared_server: ServerProcess, frame: str,
@@ -373,5 +424,45 @@ async def test_slow_reader_does_not_grow_server_memory_and_gets_everything(
                 positions.append(frame["position"])
         assert positions == list(range(1, head + 1))
         await reader.close()
+    finally:
+        server.stop()
+
+
+@sqlite_only("the subject is the server's writes to one socket, after the log was read")
+async def test_a_reader_that_stops_reading_holds_a_chunk_not_the_backlog(
+        database_url: str) -> None:
+    """Pages of large events, without compression: the server writes a page 64 KiB at a
+    time and waits for the socket between writes, so a client that reads nothing makes it
+    hold about one chunk, not the 24 MB of events it is behind by."""
+    server = ServerProcess(database_url, env={"SIGNALBOX_WINDOW": "100",
+                                              "SIGNALBOX_PAGE_SIZE": "10"},
+                           args=["--heartbeat", "300"]).start()
+    try:
+        assert server.process is not None
+        process = psutil.Process(server.process.pid)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(400):  # rejected (not an alert), but logged as received
+                response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                             content="x" * 60_000)
+                assert response.status_code == 422, response.text
+            head = await head_of(client)
+        baseline = process.memory_info().rss
+        reader = await websockets.connect(server.ws_url, compression=None, max_size=None,
+                                          max_queue=1, ping_interval=None)
+        try:
+            await reader.send(hello(token=ADMIN_TOKEN, cursor=0))
+            # The server would have buffered the backlog within a fraction of this.
+            deadline = asyncio.get_running_loop().time() + 3
+            peak = baseline
+            while asyncio.get_running_loop().time() < deadline:
+                peak = max(peak, process.memory_info().rss)
+                await asyncio.sleep(0.05)
+            assert peak - baseline < 8 * 1024 * 1024, \
+                f"server grew by {(peak - baseline) / 1e6:.1f} MB"
+            positions = [frame["position"]
+                         for frame in await collect_until(reader, head) if "position" in frame]
+            assert positions == list(range(1, head + 1))
+        finally:
+            await reader.close()
     finally:
         server.stop()
