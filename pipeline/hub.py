@@ -37,6 +37,15 @@ class Page:
     from_log: bool = False
 
 
+@dataclass(frozen=True)
+class Frames:
+    """A :class:`Page` as the WebSocket frames of its events, for a subscriber."""
+
+    frames: Sequence[str]
+    covered: int
+    from_log: bool = False
+
+
 class Hub:
     def __init__(self, event_log: EventLog, *, window: int = 10_000, page_size: int = 500,
                  poll_interval: float = 1.0) -> None:
@@ -142,6 +151,18 @@ class Hub:
         if filter.partition is not None:  # the one part of a filter that SQL cannot apply
             events = [e for e in events if filter.matches(e)]
         return Page(events, covered, from_log=True)
+
+    async def frames(self, after: int, filter: EventFilter, limit: int) -> Frames:
+        """:meth:`page` as frames. Unfiltered and behind the window (catch-up), the frames
+        are built from the log's rows, without an ``Event`` each."""
+        head = self.head
+        if not filter.is_empty or after >= head or (after + 1 >= self._first and self._events):
+            page = await self.page(after, filter, limit)
+            return Frames([e.frame for e in page.events], page.covered, page.from_log)
+        rows = await self.log.read_frames(after, limit)
+        frames = [frame for position, frame in rows if position <= head]
+        covered = rows[-1][0] if len(frames) >= limit else head
+        return Frames(frames, covered, from_log=True)
 
     def behind_window(self, after: int) -> bool:
         """Whether a reader at ``after`` would be paged from the log rather than memory."""

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeGuard
@@ -29,7 +29,7 @@ from pipeline.auth import Scope, Token, TokenStore, bearer_token, hash_secret
 from pipeline.budget import FrameBudget
 from pipeline.errors import BadRequest, SignalboxError, TooManyRequests
 from pipeline.guard import Guard
-from pipeline.hub import Hub, Page
+from pipeline.hub import Frames, Hub
 from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
 from pipeline.log import EventFilter, EventLog
 from pipeline.log.model import strict_loads
@@ -362,22 +362,22 @@ class Session:
     async def _stream(self, cursor: int, hello: Hello) -> None:
         replaying = True
         self.cursor = cursor
-        ahead: asyncio.Task[Page] | None = None  # the next page, read while this one is sent
+        ahead: asyncio.Task[Frames] | None = None  # the next page, read while this one is sent
         try:
             while True:
                 changed = self.hub.changed
                 if ahead is None:
-                    page = await self.hub.page(cursor, hello.filter, self.page_size)
+                    page = await self.hub.frames(cursor, hello.filter, self.page_size)
                 else:
                     page, ahead = await ahead, None
                 cursor = max(cursor, page.covered)
-                if page.events and cursor < self.hub.head:
+                if page.frames and cursor < self.hub.head:
                     ahead = asyncio.create_task(
-                        self.hub.page(cursor, hello.filter, self.page_size))
-                if page.events:
+                        self.hub.frames(cursor, hello.filter, self.page_size))
+                if page.frames:
                     if page.from_log:
-                        PAGED_EVENTS.inc(amount=len(page.events))
-                    await self._send_events([e.frame for e in page.events], hello.batch)
+                        PAGED_EVENTS.inc(amount=len(page.frames))
+                    await self._send_events(page.frames, hello.batch)
                 self.cursor = cursor  # delivered: a reader stalled in a send keeps its place
                 if cursor < self.hub.head:
                     continue
@@ -388,7 +388,7 @@ class Session:
         finally:
             await cancel_all(ahead)
 
-    async def _send_events(self, frames: list[str], batch: bool) -> None:
+    async def _send_events(self, frames: Sequence[str], batch: bool) -> None:
         if not batch:
             async with self._send_lock:  # once per page, not once per frame
                 await self._send_each(frames)
@@ -404,7 +404,7 @@ class Session:
         if chunk:
             await self._send_text("\n".join(chunk))
 
-    async def _send_each(self, texts: list[str]) -> None:
+    async def _send_each(self, texts: Sequence[str]) -> None:
         """Each text a message of its own; in one ASGI message when the server can."""
         if self._send_many is None:
             for text in texts:

@@ -124,6 +124,24 @@ async def test_unicode_and_lone_surrogates_are_stored_and_hashed(event_log: Even
     verify_chain([event])
 
 
+async def test_frames_read_from_rows_are_the_events_as_appended(event_log: EventLog) -> None:
+    """Catch-up's frames, built from the rows without an Event: valid JSON however the
+    stream and type must be escaped, each the event that was appended."""
+    names = ["plain", 'quo"te', "back\\slash", "ünïcode", "tab\tand\nline", "\u2028",
+             "\U0001f680", "\x7f"]
+    appended = await event_log.append([NewEvent(f"s-{name}", f"t.{name}", {"name": name},
+                                                {"n": i}) for i, name in enumerate(names)])
+    frames = await event_log.read_frames(0, 100)
+    assert [position for position, _ in frames] == [e.position for e in appended]
+    for (_, frame), event, name in zip(frames, appended, names, strict=True):
+        assert json.loads(frame) == {
+            "op": "event", "position": event.position, "id": event.id, "stream": f"s-{name}",
+            "type": f"t.{name}", "data": {"name": name}, "meta": {"n": names.index(name)},
+            "time": event.time, "hash": event.hash}
+        assert frame == event.frame
+    assert await event_log.read_frames(appended[-2].position, 100) == frames[-1:]
+
+
 async def test_epoch_is_stable_and_head_starts_at_zero(database_url: str) -> None:
     await migrate.upgrade_async(database_url)
     first = await EventLog.open(database_url)

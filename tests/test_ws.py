@@ -168,6 +168,25 @@ async def test_every_event_is_a_message_of_its_own_whatever_its_size(
         await conn.close()
 
 
+@pytest.mark.server_args("--window", "100", "--page-size", "10")
+async def test_catch_up_from_the_log_sends_the_events_as_the_api_holds_them(
+        server: ServerProcess, client: httpx.AsyncClient) -> None:
+    """Behind the hub's window (at most 200 events here), pages come from the log's rows as
+    frames, without an event object each: frame for frame, they are the events of
+    ``/api/events``."""
+    for i in range(180):
+        await post(client, ticker=f"T{i}")
+    head = await head_of(client)
+    expected = await read_events(client, 0, head)
+    conn = await ws_connect(server, cursor=0)
+    try:
+        assert (await next_frame(conn))["op"] == "welcome"
+        received = await collect_until(conn, head)
+        assert received == [{"op": "event", **event} for event in expected]
+    finally:
+        await conn.close()
+
+
 async def read_events(client: httpx.AsyncClient, after: int, until: int) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     while after < until:
