@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -60,6 +60,7 @@ log = logging.getLogger("signalbox.log")
 
 T = TypeVar("T")
 Unit = Callable[["Transaction"], Awaitable[T]]
+Hints = Mapping[str, str]  # what a unit will look up: {"signal_id": ...}, say
 CommitListener = Callable[[Sequence[Event]], None]
 
 
@@ -72,8 +73,10 @@ class Transaction:
     and writes discarded; it must change ``local`` only after its last check.
     """
 
-    def __init__(self, session: WriterSession, position: int, last_hash: str) -> None:
+    def __init__(self, session: WriterSession, position: int, last_hash: str,
+                 hints: Sequence[Hints] = ()) -> None:
         self.session = session
+        self._hints = hints
         self.position = position
         self.last_hash = last_hash
         self.now: datetime = utc_now()
@@ -124,9 +127,18 @@ class Transaction:
         """The database's dialect name (``sqlite``, ``postgresql``)."""
         return self.session.dialect.name
 
+    def batch_hints(self, name: str) -> list[str]:
+        """The values named ``name`` in the hints of this batch's units, once each, in order:
+        what a unit may look up for the whole batch in one query (see :meth:`EventLog.transact`)."""
+        return list(dict.fromkeys(h[name] for h in self._hints if name in h))
+
     async def fetch_one(self, statement: Executable) -> dict[str, Any] | None:
         """The first row of a query, inside this transaction (committed data only)."""
         return await self.session.fetch_one(statement)
+
+    async def fetch_all(self, statement: Executable) -> list[dict[str, Any]]:
+        """Every row of a query, inside this transaction (committed data only)."""
+        return await self.session.fetch_all(statement)
 
     def _grouped_writes(self) -> list[tuple[Executable, list[dict[str, Any]]]]:
         """The events, then the staged writes: each run of one statement as one batch."""
@@ -194,6 +206,7 @@ class _Pending(Generic[T]):
                                       .create_future())
     # Taken where the unit is queued: the writer task runs it in a context of its own.
     request_id: str | None = field(default_factory=REQUEST_ID.get)
+    hints: Hints | None = None
 
 
 class EventLog:
@@ -252,15 +265,19 @@ class EventLog:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def transact(self, unit: Unit[T]) -> T:
+    async def transact(self, unit: Unit[T], hints: Hints | None = None) -> T:
         """Run ``unit`` in the next group commit; return its result once that has committed.
+
+        ``hints`` name what the unit will look up (``{"signal_id": ...}``): the units of a
+        batch see each other's through :meth:`Transaction.batch_hints`, so the first to need
+        a row can read every row the batch needs at once instead of one round trip each.
 
         Raises :class:`LogUnavailable` when the commit failed or did not finish within
         ``commit_timeout`` (then nothing is acknowledged), or whatever the unit raised.
         """
         if self._closing:
             raise LogUnavailable("the server is shutting down: retry against another instance")
-        pending: _Pending[T] = _Pending(unit)
+        pending: _Pending[T] = _Pending(unit, hints=hints)
         queued = time.perf_counter()
         self._queue.put_nowait(pending)
         try:
@@ -300,7 +317,8 @@ class EventLog:
         started = time.perf_counter()
         try:
             position, digest = await self._session.begin()
-            tx = Transaction(self._session, position, digest)
+            tx = Transaction(self._session, position, digest,
+                             [p.hints for p in batch if p.hints is not None])
             for pending in batch:
                 results.append(await _run_unit(tx, pending))
             head = (tx.position, tx.last_hash) if tx.events else None

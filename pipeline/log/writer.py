@@ -53,6 +53,9 @@ class WriterSession(Protocol):
     async def fetch_one(self, statement: Executable) -> Row | None:
         """The first row of a query inside the open transaction, as a dict."""
 
+    async def fetch_all(self, statement: Executable) -> list[Row]:
+        """Every row of a query inside the open transaction, as dicts."""
+
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
         """Execute the staged writes, move the head (when events were appended), commit."""
 
@@ -158,19 +161,25 @@ class SqliteWriter:
     async def begin(self) -> tuple[int, str]:
         return await self._run(self._begin)
 
-    def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> Row | None:
+    def _query(self, statement: Executable) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and its values, lists of an ``IN`` spelled out as one parameter each."""
+        compiled_ = statement.compile(  # type: ignore[attr-defined]
+            dialect=self.dialect, compile_kwargs={"render_postcompile": True})
+        params = compiled_.construct_params()
+        return str(compiled_), tuple(params[name] for name in compiled_.positiontup or ())
+
+    def _fetch(self, sql: str, params: tuple[Any, ...], limit: int | None) -> list[Row]:
         cursor = self._connection().execute(sql, params)
-        found = cursor.fetchone()
-        if found is None:
-            return None
-        return {column[0]: value for column, value in zip(cursor.description, found,
-                                                          strict=True)}
+        found = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in found]
 
     async def fetch_one(self, statement: Executable) -> Row | None:
-        compiled_ = statement.compile(dialect=self.dialect)  # type: ignore[attr-defined]
-        params = compiled_.construct_params()
-        values = tuple(params[name] for name in compiled_.positiontup or ())
-        return await self._run(self._fetch_one, str(compiled_), values)
+        rows = await self._run(self._fetch, *self._query(statement), 1)
+        return rows[0] if rows else None
+
+    async def fetch_all(self, statement: Executable) -> list[Row]:
+        return await self._run(self._fetch, *self._query(statement), None)
 
     def _commit(self, batches: list[tuple[str, list[tuple[Any, ...]]]],
                 head: tuple[int, str] | None) -> None:
@@ -238,6 +247,10 @@ class SqlAlchemyWriter:
         assert self._conn is not None
         found = (await self._conn.execute(statement)).one_or_none()
         return None if found is None else dict(found._mapping)
+
+    async def fetch_all(self, statement: Executable) -> list[Row]:
+        assert self._conn is not None
+        return [dict(row._mapping) for row in (await self._conn.execute(statement)).all()]
 
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
         conn = self._conn

@@ -8,6 +8,7 @@ applies it to the whole log: so the live table and a rebuilt one cannot disagree
 from __future__ import annotations
 
 import hashlib
+import itertools
 from enum import StrEnum
 from typing import Any
 
@@ -169,6 +170,8 @@ def _error_text(detail: Any) -> str | None:
 _FIXED = frozenset({"signal_id", "first_position", "received_at", "source", "token_name",
                     "idempotency_key", "content_hash"})
 _MUTABLE = [c.name for c in signals.columns if c.name not in _FIXED]
+SIGNAL_HINT = "signal_id"  # the hint a unit gives for the signal whose row it will read
+ROWS_PER_READ = 500
 _INSERT = signals.insert()
 _UPDATE = (
     signals.update()
@@ -179,20 +182,33 @@ _UPDATE = (
 
 class SignalRows:
     """The projection inside one group commit: reads see what earlier units of the batch
-    staged, writes are staged to flush with the batch."""
+    staged, writes are staged to flush with the batch.
+
+    A row not yet read is read together with those of every other signal the batch's units
+    named in their hints (``{SIGNAL_HINT: signal_id}``): one query for a batch of status
+    reports rather than one each."""
 
     def __init__(self, tx: Transaction) -> None:
         self.tx = tx
         self.cache: dict[str, Row] = tx.local.setdefault("signal_rows", {})
+        self.absent: set[str] = tx.local.setdefault("signal_rows_absent", set())
 
     async def get(self, signal_id: str) -> Row | None:
         if signal_id in self.cache:
             return self.cache[signal_id]
-        row = await self.tx.fetch_one(select(signals).where(signals.c.signal_id == signal_id))
-        if row is None:
+        if signal_id in self.absent:
             return None
-        self.cache[signal_id] = row
-        return row
+        unread = (i for i in self.tx.batch_hints(SIGNAL_HINT)
+                  if i != signal_id and i not in self.cache and i not in self.absent)
+        ids = [signal_id, *itertools.islice(unread, ROWS_PER_READ - 1)]
+        for row in await self.tx.fetch_all(select(signals).where(signals.c.signal_id.in_(ids))):
+            self.cache[row["signal_id"]] = row
+        self.absent.update(i for i in ids if i not in self.cache)
+        return self.cache.get(signal_id)
+
+    def remember(self, row: Row) -> None:
+        """A row read by other means; what the batch has already made of it is kept."""
+        self.cache.setdefault(row["signal_id"], row)
 
     def insert(self, row: Row) -> None:
         self.cache[row["signal_id"]] = row

@@ -47,6 +47,7 @@ from pipeline.processing.consumers import stage_position, start_position, stored
 from pipeline.processing.handlers import Handler
 from pipeline.processing.lease import Lease
 from pipeline.processing.projection import (
+    SIGNAL_HINT,
     SignalRows,
     Status,
     check_transition,
@@ -197,7 +198,7 @@ class HandlerRunner:
         async def claim(tx: Transaction) -> Decision:
             return await self._claim(tx, event, signal)
 
-        decision = await self._commit(claim)
+        decision = await self._commit(claim, event.data["signal_id"])
         if decision is Decision.SKIP:
             await self._finish(event, None, {})
         elif decision is Decision.EXPIRE:
@@ -243,7 +244,7 @@ class HandlerRunner:
                     rows.update(fold(row, done))
             self._stage_checkpoint(tx, checkpoint)
 
-        await self._commit(unit)
+        await self._commit(unit, event.data["signal_id"] if status is not None else None)
         self._pending.discard(event.position)
         self._finished.set()
 
@@ -272,12 +273,15 @@ class HandlerRunner:
                                ("strategy", row["strategy"])) if v is not None},
         )
 
-    async def _commit(self, unit: Callable[[Transaction], Awaitable[T]]) -> T:
-        """Run ``unit`` in a group commit, retrying while the log is unavailable."""
+    async def _commit(self, unit: Callable[[Transaction], Awaitable[T]],
+                      signal_id: str | None = None) -> T:
+        """Run ``unit`` in a group commit, retrying while the log is unavailable; it reads
+        the row of ``signal_id``, if given."""
         delay = self.backoff
+        hints = None if signal_id is None else {SIGNAL_HINT: signal_id}
         while True:
             try:
-                return await self.log.transact(unit)
+                return await self.log.transact(unit, hints)
             except LogUnavailable:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(self.backoff_cap, delay * 2)

@@ -13,6 +13,7 @@ from pipeline.errors import BadRequest, NotFound
 from pipeline.log import EventLog, NewEvent, Transaction
 from pipeline.processing.projection import (
     REPORTABLE,
+    SIGNAL_HINT,
     SignalRows,
     Status,
     check_transition,
@@ -86,4 +87,4 @@ async def report_status(log: EventLog, report: StatusReport,
         rows.update(fold(row, event))
         return StatusOutcome(report.signal_id, report.status.value, event.position)
 
-    return await log.transact(unit)
+    return await log.transact(unit, {SIGNAL_HINT: report.signal_id})

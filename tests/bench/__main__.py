@@ -156,9 +156,9 @@ class Bench:
         self.rows.append(row)
         print(format_row(row), flush=True)
 
-    def post(self, url: str, path: str, token: str | None) -> float:
+    def post(self, url: str, path: str, token: str | None, *extra: str) -> float:
         result = loadgen("post", "--url", url, "--path", path, *token_args(token),
-                         "--seconds", str(self.plan.seconds))
+                         "--seconds", str(self.plan.seconds), *extra)
         return float(result["rate"])
 
     # -- sections ------------------------------------------------------------------------------
@@ -176,12 +176,15 @@ class Bench:
         for backend, database in (("SQLite", sqlite_url), ("PostgreSQL", postgres_url)):
             with database() as db, signalbox(db) as server:
                 api = self.post(server.base_url, "/api/signals", ADMIN_TOKEN)
+                keyed = self.post(server.base_url, "/api/signals", ADMIN_TOKEN, "--keyed")
                 hook = self.post(server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}",
                                  None)
             target = "≥ 50% of the limit" if backend == "SQLite" else ""
             self.limits[f"ingest_{backend}"] = api
             self.add(self.versus(f"ingest {backend}: POST /api/signals", api, "signals/s",
                                  "endpoint", "minimal endpoint", target, 0.5))
+            self.add(self.versus(f"ingest {backend}: POST /api/signals, Idempotency-Key",
+                                 keyed, "signals/s", "endpoint", "minimal endpoint", "", 0.5))
             self.add(self.versus(f"ingest {backend}: TradingView webhook", hook, "signals/s",
                                  "endpoint", "minimal endpoint", target, 0.5))
 

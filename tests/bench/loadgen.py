@@ -5,7 +5,8 @@ object on its last line. The same modes drive Signalbox and the minimal limit se
 ratio compares the servers, not two clients.
 
 - ``post``: N keep-alive connections, each sending one request after the other, for a fixed
-  time after a warm-up: requests answered per second, by status.
+  time after a warm-up: requests answered per second, by status (``--keyed``: each with an
+  ``Idempotency-Key`` of its own).
 - ``latency``: signals at a steady rate, each with its own ``order_id``; one WebSocket
   subscriber times the arrival of each ``signal.accepted``: p50/p99/max from send to receipt.
 - ``fanout``: K live subscribers; then M messages posted as fast as 8 connections allow; the
@@ -26,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -79,16 +81,21 @@ def auth_header(token: str | None) -> str:
 
 
 async def post_load(url: str, path: str, token: str | None, *, clients: int, seconds: float,
-                    warmup: float) -> dict[str, Any]:
+                    warmup: float, keyed: bool = False) -> dict[str, Any]:
+    """``keyed``: each request with an ``Idempotency-Key`` of its own, as the Python client
+    sends them."""
     connections = [await Connection.open(url) for _ in range(clients)]
     statuses: Counter[int] = Counter()
     counter = iter(range(1, 1 << 62))
     phase = {"counting": False, "stop": False}
     headers = auth_header(token)
+    run = uuid.uuid4().hex
 
     async def drive(conn: Connection) -> None:
         while not phase["stop"]:
-            status, _ = await conn.post(path, signal_body(next(counter)), headers)
+            n = next(counter)
+            key = f"Idempotency-Key: bench-{run}-{n}\r\n" if keyed else ""
+            status, _ = await conn.post(path, signal_body(n), headers + key)
             if phase["counting"]:
                 statuses[status] += 1
 
@@ -283,11 +290,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--per-message", type=int, default=2)
     parser.add_argument("--batch", action="store_true")
+    parser.add_argument("--keyed", action="store_true")
     parser.add_argument("--count", type=int, default=0)
     args = parser.parse_args()
     modes: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
         "post": lambda: post_load(args.url, args.path, args.token, clients=args.clients,
-                                  seconds=args.seconds, warmup=args.warmup),
+                                  seconds=args.seconds, warmup=args.warmup, keyed=args.keyed),
         "latency": lambda: latency(args.url, args.path, args.token, rate=args.rate,
                                    seconds=args.seconds, warmup=args.warmup),
         "fanout": lambda: fanout(args.url, args.path, args.token, subscribers=args.subscribers,
