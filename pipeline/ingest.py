@@ -32,8 +32,10 @@ from pipeline.processing.projection import (
 from pipeline.signals import ParsedBody
 
 MAX_KEY_LENGTH = 200
+# What a submission's unit may look up, named as the signals table's columns.
 KEY_HINT = "idempotency_key"
-KEYS_PER_LOOKUP = 500  # well under every backend's limit on a statement's parameters
+CONTENT_HINT = "content_hash"
+VALUES_PER_LOOKUP = 500  # well under every backend's limit on a statement's parameters
 
 
 @dataclass(frozen=True)
@@ -98,54 +100,50 @@ class Ingestor:
             return self._record_new(tx, submission, key)
 
         try:
-            outcome = await self.log.transact(unit, None if key is None else {KEY_HINT: key})
+            hints = {k: v for k, v in ((KEY_HINT, key), (CONTENT_HINT, digest)) if v is not None}
+            outcome = await self.log.transact(unit, hints)
         except LogUnavailable:
             SIGNALS.inc(submission.source, "unavailable")
             raise
         SIGNALS.inc(submission.source, "duplicate" if outcome.duplicate else outcome.status)
         return outcome
 
-    async def _recorded_key(self, tx: Transaction, key: str) -> Outcome | None:
-        """The signal recorded with ``key`` before this transaction, if any.
+    async def _recorded(self, tx: Transaction, column: str, value: str) -> Outcome | None:
+        """The signal recorded before this transaction with ``value`` in ``column``: its
+        idempotency key, or its content hash within the dedupe window (the latest such).
 
         Under load most of a batch carries keys (the Python client sends one with every
-        signal): one query answers for every key of the batch when the first is needed, instead
-        of a round trip to the database per signal while the batch holds the log's lock."""
-        looked_up: set[str] = tx.local.setdefault("keys_looked_up", set())
-        recorded: dict[str, Outcome] = tx.local.setdefault("keys_recorded", {})
-        if key not in looked_up:
-            others = (k for k in tx.batch_hints(KEY_HINT) if k != key and k not in looked_up)
-            keys = [key, *itertools.islice(others, KEYS_PER_LOOKUP - 1)]
-            rows = await tx.fetch_all(select(signals)
-                                      .where(signals.c.idempotency_key.in_(keys)))
-            looked_up.update(keys)
+        signal): one query answers for every value of the batch when the first is needed,
+        instead of a round trip to the database per signal while the batch holds the lock."""
+        looked_up: set[str] = tx.local.setdefault(f"looked_up:{column}", set())
+        recorded: dict[str, Outcome] = tx.local.setdefault(f"recorded:{column}", {})
+        if value not in looked_up:
+            others = (v for v in tx.batch_hints(column) if v != value and v not in looked_up)
+            values = [value, *itertools.islice(others, VALUES_PER_LOOKUP - 1)]
+            query = select(signals).where(signals.c[column].in_(values))
+            if column == CONTENT_HINT:
+                since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
+                query = query.where(signals.c.received_at >= since)
+            rows = await tx.fetch_all(query)
+            looked_up.update(values)
             projection = SignalRows(tx)
-            for row in rows:
-                recorded[row["idempotency_key"]] = Outcome(row["signal_id"], 0, row["status"],
-                                                           True)
+            for row in sorted(rows, key=lambda r: (r["received_at"], r["first_position"])):
+                # The latest of a content hash's rows is the one kept.
+                recorded[row[column]] = Outcome(row["signal_id"], 0, row["status"], True)
                 projection.remember(row)  # a repeat appends to it: no second read
-        return recorded.get(key)
+        return recorded.get(value)
 
     async def _find_original(self, tx: Transaction, key: str | None,
                              digest: str | None) -> Outcome | None:
         seen: dict[str, Outcome] = tx.local.setdefault("originals", {})
-        if key is not None:
-            if f"key:{key}" in seen:
-                return seen[f"key:{key}"]
-            original = await self._recorded_key(tx, key)
+        for column, value in ((KEY_HINT, key), (CONTENT_HINT, digest)):
+            if value is None:
+                continue
+            if f"{column}:{value}" in seen:
+                return seen[f"{column}:{value}"]
+            original = await self._recorded(tx, column, value)
             if original is not None:
                 return original
-        if digest is not None:
-            if f"content:{digest}" in seen:
-                return seen[f"content:{digest}"]
-            since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
-            row = await tx.fetch_one(
-                select(signals.c.signal_id, signals.c.status)
-                .where(signals.c.content_hash == digest, signals.c.received_at >= since)
-                .order_by(signals.c.received_at.desc()).limit(1)
-            )
-            if row is not None:
-                return Outcome(row["signal_id"], 0, row["status"], True)
         return None
 
     async def _record_duplicate(self, tx: Transaction, submission: Submission,
@@ -197,8 +195,8 @@ class Ingestor:
         outcome = Outcome(signal_id, verdict.position, row["status"], False, errors)
         seen: dict[str, Outcome] = tx.local["originals"]
         if key is not None:
-            seen[f"key:{key}"] = Outcome(signal_id, 0, row["status"], True)
-        seen[f"content:{row['content_hash']}"] = Outcome(signal_id, 0, row["status"], True)
+            seen[f"{KEY_HINT}:{key}"] = Outcome(signal_id, 0, row["status"], True)
+        seen[f"{CONTENT_HINT}:{row[CONTENT_HINT]}"] = Outcome(signal_id, 0, row["status"], True)
         return outcome
 
 

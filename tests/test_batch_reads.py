@@ -106,6 +106,27 @@ async def test_a_batch_of_keys_is_looked_up_once_and_each_answered_by_its_own_or
     assert len({by_key[k][0].signal_id for k in new_keys}) == len(new_keys)
 
 
+async def test_a_batch_of_repeated_bodies_is_looked_up_once_within_the_dedupe_window(
+        log: EventLog) -> None:
+    ingestor = Ingestor(log, dedupe_window=60)
+    old = [f"0.{n + 1:03d}" for n in range(10)]  # a quantity makes a body of its own
+    recorded = await asyncio.gather(*(ingestor.submit(submission(None, q)) for q in old))
+    assert not any(o.duplicate for o in recorded)
+
+    reads = CountedReads(log)
+    new = [f"1.{n + 1:03d}" for n in range(10)]
+    batch = [*old, *new, *new]
+    outcomes = await asyncio.gather(*(ingestor.submit(submission(None, q)) for q in batch))
+
+    assert reads.count == 1, f"{reads.count} reads for one batch of {len(batch)} bodies"
+    for first, again in zip(recorded, outcomes[:10], strict=True):
+        assert again.duplicate and again.signal_id == first.signal_id
+    for first, again in zip(outcomes[10:20], outcomes[20:], strict=True):
+        assert not first.duplicate and again.duplicate, (first, again)
+        assert again.signal_id == first.signal_id
+    assert len({o.signal_id for o in outcomes[10:20]}) == 10
+
+
 async def test_status_reports_of_a_batch_read_their_signals_once(log: EventLog) -> None:
     ingestor = Ingestor(log)
     outcomes = await asyncio.gather(*(ingestor.submit(submission(None)) for _ in range(40)))
