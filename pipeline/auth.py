@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -307,8 +308,11 @@ class SourcePolicy:
 
 
 def _parse_address(value: str | None) -> Address | None:
-    if not value:
-        return None
+    return _parsed(value) if value else None
+
+
+@functools.lru_cache(maxsize=4096)  # a request's peer is parsed more than once, and repeats
+def _parsed(value: str) -> Address | None:
     try:
         return ipaddress.ip_address(value)
     except ValueError:

@@ -8,6 +8,7 @@ applies it to HTTP requests and WebSocket upgrades before the routes see them. T
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -79,6 +80,7 @@ class FailureCounter:
             self._windows[address] = (entry[0], entry[1] + 1)
 
 
+@functools.lru_cache(maxsize=4096)
 def _holder(address: str) -> str:
     """What one client controls: an IPv4 address, or an IPv6 /64 (a host gets a whole one)."""
     try:

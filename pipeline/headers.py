@@ -18,6 +18,8 @@ SECURITY_HEADERS = {
 # For the API's JSON and text; a page (the dashboard) sets its own and keeps it.
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 HSTS = "max-age=31536000"
+CSP_NAME = b"content-security-policy"
+DEFAULT_CSP_VALUE = DEFAULT_CSP.encode()
 ERROR_HEADERS = {**SECURITY_HEADERS, "Content-Security-Policy": DEFAULT_CSP}
 
 CORS_PATHS = ("/api/",)
@@ -30,6 +32,18 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp, *, behind_tls: bool) -> None:
         self.app = app
         self.behind_tls = behind_tls
+        added = {**SECURITY_HEADERS, **({"Strict-Transport-Security": HSTS} if behind_tls else {})}
+        self._added = [(name.lower().encode(), value.encode()) for name, value in added.items()]
+        self._replaced = frozenset(name for name, _ in self._added)
+
+    def with_security(self, raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """An answer's headers with ours in place of any of the same name, and the default
+        Content-Security-Policy unless the answer set its own (a page does)."""
+        headers = [(name, value) for name, value in raw if name.lower() not in self._replaced]
+        if not any(name.lower() == CSP_NAME for name, _ in headers):
+            headers.append((CSP_NAME, DEFAULT_CSP_VALUE))
+        headers += self._added
+        return headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,14 +52,7 @@ class SecurityHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(raw=list(message.get("headers", [])))
-                for name, value in SECURITY_HEADERS.items():
-                    headers[name] = value
-                if "content-security-policy" not in headers:
-                    headers["Content-Security-Policy"] = DEFAULT_CSP
-                if self.behind_tls:
-                    headers["Strict-Transport-Security"] = HSTS
-                message["headers"] = headers.raw
+                message["headers"] = self.with_security(message.get("headers", ()))
             await send(message)
 
         await self.app(scope, receive, with_headers)
