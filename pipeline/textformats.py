@@ -17,6 +17,7 @@ validation) is given by :mod:`pipeline.signals`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -325,6 +326,7 @@ def show(value: object) -> str:
     return clip(json.dumps(value, ensure_ascii=False), 60)
 
 
+@functools.lru_cache(maxsize=4096)  # an alert template's keys and words come back each time
 def norm_word(text: str) -> str:
     """Case, spaces and dashes do not matter in keys and words: "Sell-to-close" = sell_to_close."""
     return text.strip().lower().replace(" ", "_").replace("-", "_")
