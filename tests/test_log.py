@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import random
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
@@ -88,6 +89,30 @@ async def test_read_after_limit_and_filters(event_log: EventLog) -> None:
     for candidate in (EventFilter(types=("signal.*",)), both, EventFilter(types=("sys?event",))):
         in_memory = [e.position for e in everything if candidate.matches(e)]
         assert in_memory == [e.position for e in await event_log.read(0, 10, candidate)]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_append_waits_for_a_lock_held_elsewhere_then_commits(
+        event_log: EventLog, database_url: str) -> None:
+    """The writer takes a free lock at once; a lock another process holds is waited for (up
+    to the busy timeout), not refused, and the head read once it is ours is the latest."""
+    await event_log.append([NewEvent("s", "test.before", {})])
+    other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        appending = asyncio.create_task(event_log.append([NewEvent("s", "test.waited", {})]))
+        await asyncio.sleep(0.3)  # the append must still be waiting: nothing has released it
+        assert not appending.done()
+        other.execute("INSERT INTO events (position, id, stream, type, data, meta, time, hash)"
+                      " VALUES (2, 'other', 's', 'test.other', '{}', '{}', 't', 'h')")
+        other.execute("UPDATE log_head SET position = 2, hash = 'h'")
+        other.execute("COMMIT")
+        (event,) = await asyncio.wait_for(appending, 5)
+    finally:
+        other.close()
+    assert event.position == 3
+    assert [e.type for e in await event_log.read(0)] == ["test.before", "test.other",
+                                                         "test.waited"]
 
 
 def test_glob_only_knows_star_and_question_mark() -> None:
