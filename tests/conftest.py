@@ -8,6 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline import migrate
+from pipeline.log import EventLog
 from tests.support import PLAIN_HTTP, ServerProcess, create_pg_database, drop_pg_database
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -37,6 +39,17 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     """An empty database of each backend, for one test."""
     async with empty_database(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+async def event_log(database_url: str) -> AsyncIterator[EventLog]:
+    """The log of an empty, migrated database of each backend, opened in the test's process."""
+    await migrate.upgrade_async(database_url)
+    opened = await EventLog.open(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

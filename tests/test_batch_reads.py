@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 
-from pipeline import migrate
 from pipeline.errors import IllegalTransition, NotFound
 from pipeline.ingest import Ingestor, Outcome, Submission
 from pipeline.log import EventLog, utc_now
@@ -29,16 +26,6 @@ from pipeline.signals import parse_api_signal
 from tests.support import INGEST_TOKEN, headers
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
-
-
-@pytest.fixture
-async def log(database_url: str) -> AsyncIterator[EventLog]:
-    await migrate.upgrade_async(database_url)
-    event_log = await EventLog.open(database_url)
-    try:
-        yield event_log
-    finally:
-        await event_log.close()
 
 
 class CountedReads:
@@ -78,13 +65,13 @@ async def key_of(log: EventLog, signal_id: str) -> str | None:
 
 
 async def test_a_batch_of_keys_is_looked_up_once_and_each_answered_by_its_own_original(
-        log: EventLog) -> None:
-    ingestor = Ingestor(log)
+        event_log: EventLog) -> None:
+    ingestor = Ingestor(event_log)
     old_keys = [f"old-{uuid.uuid4()}" for _ in range(30)]
     recorded = await asyncio.gather(*(ingestor.submit(submission(k)) for k in old_keys))
     assert not any(o.duplicate for o in recorded)
 
-    reads = CountedReads(log)
+    reads = CountedReads(event_log)
     new_keys = [f"new-{uuid.uuid4()}" for _ in range(30)]
     # Repeats of recorded keys, and every new key twice, all queued before the writer runs.
     batch = [*old_keys, *new_keys, *reversed(new_keys)]
@@ -102,18 +89,18 @@ async def test_a_batch_of_keys_is_looked_up_once_and_each_answered_by_its_own_or
         answers = by_key[key]
         assert sorted(a.duplicate for a in answers) == [False, True], answers
         assert answers[0].signal_id == answers[1].signal_id
-        assert await key_of(log, answers[0].signal_id) == key
+        assert await key_of(event_log, answers[0].signal_id) == key
     assert len({by_key[k][0].signal_id for k in new_keys}) == len(new_keys)
 
 
 async def test_a_batch_of_repeated_bodies_is_looked_up_once_within_the_dedupe_window(
-        log: EventLog) -> None:
-    ingestor = Ingestor(log, dedupe_window=60)
+        event_log: EventLog) -> None:
+    ingestor = Ingestor(event_log, dedupe_window=60)
     old = [f"0.{n + 1:03d}" for n in range(10)]  # a quantity makes a body of its own
     recorded = await asyncio.gather(*(ingestor.submit(submission(None, q)) for q in old))
     assert not any(o.duplicate for o in recorded)
 
-    reads = CountedReads(log)
+    reads = CountedReads(event_log)
     new = [f"1.{n + 1:03d}" for n in range(10)]
     batch = [*old, *new, *new]
     outcomes = await asyncio.gather(*(ingestor.submit(submission(None, q)) for q in batch))
@@ -127,19 +114,19 @@ async def test_a_batch_of_repeated_bodies_is_looked_up_once_within_the_dedupe_wi
     assert len({o.signal_id for o in outcomes[10:20]}) == 10
 
 
-async def test_status_reports_of_a_batch_read_their_signals_once(log: EventLog) -> None:
-    ingestor = Ingestor(log)
+async def test_status_reports_of_a_batch_read_their_signals_once(event_log: EventLog) -> None:
+    ingestor = Ingestor(event_log)
     outcomes = await asyncio.gather(*(ingestor.submit(submission(None)) for _ in range(40)))
     ids = [o.signal_id for o in outcomes]
     claimed_twice = ids[0]
     unknown = str(uuid.uuid4())
 
-    reads = CountedReads(log)
+    reads = CountedReads(event_log)
     reports = [StatusReport(i, Status.PROCESSING, {}, f"bot-{n}") for n, i in enumerate(ids)]
     reports += [StatusReport(claimed_twice, Status.PROCESSING, {}, "late-bot"),
                 StatusReport(unknown, Status.PROCESSING, {}, "bot")]
     results: list[StatusOutcome | BaseException] = await asyncio.gather(
-        *(report_status(log, r) for r in reports), return_exceptions=True)
+        *(report_status(event_log, r) for r in reports), return_exceptions=True)
 
     assert reads.count == 1, f"{reads.count} reads for one batch of {len(reports)} reports"
     for signal_id, result in zip(ids, results[:40], strict=True):
@@ -147,7 +134,7 @@ async def test_status_reports_of_a_batch_read_their_signals_once(log: EventLog) 
         assert (result.signal_id, result.status) == (signal_id, "processing")
     assert isinstance(results[40], IllegalTransition)  # the claim the first one made is seen
     assert isinstance(results[41], NotFound)
-    claims = [e for e in await log.read(0, 100_000) if e.type == "signal.processing"]
+    claims = [e for e in await event_log.read(0, 100_000) if e.type == "signal.processing"]
     assert sorted(e.data["signal_id"] for e in claims) == sorted(ids)
     assert {e.data["signal_id"]: e.data["consumer"] for e in claims} == {
         i: f"bot-{n}" for n, i in enumerate(ids)}

@@ -8,7 +8,6 @@ import multiprocessing
 import random
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
@@ -19,16 +18,6 @@ from pipeline import migrate
 from pipeline.errors import LogUnavailable, NotFound
 from pipeline.log import GENESIS_HASH, Event, EventFilter, EventLog, NewEvent, Transaction
 from pipeline.log.model import canonical_json, glob_regex
-
-
-@pytest.fixture
-async def event_log(database_url: str) -> AsyncIterator[EventLog]:
-    await migrate.upgrade_async(database_url)
-    opened = await EventLog.open(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def verify_chain(events: list[Event]) -> None:
