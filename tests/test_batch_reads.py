@@ -114,6 +114,16 @@ async def test_a_batch_of_repeated_bodies_is_looked_up_once_within_the_dedupe_wi
     assert len({o.signal_id for o in outcomes[10:20]}) == 10
 
 
+async def test_a_repeated_body_is_answered_by_the_latest_signal_with_it(
+        event_log: EventLog) -> None:
+    """Two signals with one body exist when the window was off (or shorter) as they came; a
+    repeat under the window names the later of them."""
+    earlier, later = [await Ingestor(event_log).submit(submission(None, "7")) for _ in range(2)]
+    assert earlier.signal_id != later.signal_id
+    again = await Ingestor(event_log, dedupe_window=60).submit(submission(None, "7"))
+    assert again.duplicate and again.signal_id == later.signal_id
+
+
 async def test_status_reports_of_a_batch_read_their_signals_once(event_log: EventLog) -> None:
     ingestor = Ingestor(event_log)
     outcomes = await asyncio.gather(*(ingestor.submit(submission(None)) for _ in range(40)))
