@@ -9,13 +9,10 @@ so two concurrent requests with one key can never both be accepted.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
-
-from sqlalchemy import select
 
 from pipeline.errors import BadRequest, LogUnavailable
 from pipeline.instruments import SIGNALS
@@ -35,7 +32,6 @@ MAX_KEY_LENGTH = 200
 # What a submission's unit may look up, named as the signals table's columns.
 KEY_HINT = "idempotency_key"
 CONTENT_HINT = "content_hash"
-VALUES_PER_LOOKUP = 500  # well under every backend's limit on a statement's parameters
 
 
 @dataclass(frozen=True)
@@ -109,29 +105,13 @@ class Ingestor:
         return outcome
 
     async def _recorded(self, tx: Transaction, column: str, value: str) -> Outcome | None:
-        """The signal recorded before this transaction with ``value`` in ``column``: its
-        idempotency key, or its content hash within the dedupe window (the latest such).
-
-        Under load most of a batch carries keys (the Python client sends one with every
-        signal): one query answers for every value of the batch when the first is needed,
-        instead of a round trip to the database per signal while the batch holds the lock."""
-        looked_up: set[str] = tx.local.setdefault(f"looked_up:{column}", set())
-        recorded: dict[str, Outcome] = tx.local.setdefault(f"recorded:{column}", {})
-        if value not in looked_up:
-            others = (v for v in tx.batch_hints(column) if v != value and v not in looked_up)
-            values = [value, *itertools.islice(others, VALUES_PER_LOOKUP - 1)]
-            query = select(signals).where(signals.c[column].in_(values))
-            if column == CONTENT_HINT:
-                since = format_time(tx.now - timedelta(seconds=self.dedupe_window))
-                query = query.where(signals.c.received_at >= since)
-            rows = await tx.fetch_all(query)
-            looked_up.update(values)
-            projection = SignalRows(tx)
-            for row in sorted(rows, key=lambda r: (r["received_at"], r["first_position"])):
-                # The latest of a content hash's rows is the one kept.
-                recorded[row[column]] = Outcome(row["signal_id"], 0, row["status"], True)
-                projection.remember(row)  # a repeat appends to it: no second read
-        return recorded.get(value)
+        """The signal recorded with ``value`` in ``column``: its idempotency key, or its
+        content hash within the dedupe window. Read with the batch's other values of
+        ``column`` (the Python client sends a key with every signal)."""
+        within = () if column == KEY_HINT else (
+            signals.c.received_at >= format_time(tx.now - timedelta(seconds=self.dedupe_window)),)
+        row = await SignalRows(tx).find(column, value, *within)
+        return None if row is None else Outcome(row["signal_id"], 0, row["status"], True)
 
     async def _find_original(self, tx: Transaction, key: str | None,
                              digest: str | None) -> Outcome | None:

@@ -12,7 +12,7 @@ import itertools
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import ColumnElement, bindparam, select
 
 from pipeline.errors import IllegalTransition
 from pipeline.log import Event, Transaction
@@ -171,7 +171,7 @@ _FIXED = frozenset({"signal_id", "first_position", "received_at", "source", "tok
                     "idempotency_key", "content_hash"})
 _MUTABLE = [c.name for c in signals.columns if c.name not in _FIXED]
 SIGNAL_HINT = "signal_id"  # the hint a unit gives for the signal whose row it will read
-ROWS_PER_READ = 500
+ROWS_PER_READ = 500  # values in one IN: well under every backend's limit on parameters
 _INSERT = signals.insert()
 _UPDATE = (
     signals.update()
@@ -184,31 +184,37 @@ class SignalRows:
     """The projection inside one group commit: reads see what earlier units of the batch
     staged, writes are staged to flush with the batch.
 
-    A row not yet read is read together with those of every other signal the batch's units
-    named in their hints (``{SIGNAL_HINT: signal_id}``): one query for a batch of status
-    reports rather than one each."""
+    A row not yet read is read together with those the batch's other units named in their
+    hints for the same column (``{SIGNAL_HINT: signal_id}``, an idempotency key, ...): one
+    query for a batch of status reports or keyed signals rather than one each."""
 
     def __init__(self, tx: Transaction) -> None:
         self.tx = tx
         self.cache: dict[str, Row] = tx.local.setdefault("signal_rows", {})
-        self.absent: set[str] = tx.local.setdefault("signal_rows_absent", set())
+        # (column, value) → the signal_id of the row holding it, None when there is none.
+        self._found: dict[tuple[str, str], str | None] = tx.local.setdefault(
+            "signal_rows_found", {})
 
     async def get(self, signal_id: str) -> Row | None:
         if signal_id in self.cache:
             return self.cache[signal_id]
-        if signal_id in self.absent:
-            return None
-        unread = (i for i in self.tx.batch_hints(SIGNAL_HINT)
-                  if i != signal_id and i not in self.cache and i not in self.absent)
-        ids = [signal_id, *itertools.islice(unread, ROWS_PER_READ - 1)]
-        for row in await self.tx.fetch_all(select(signals).where(signals.c.signal_id.in_(ids))):
-            self.cache[row["signal_id"]] = row
-        self.absent.update(i for i in ids if i not in self.cache)
-        return self.cache.get(signal_id)
+        return await self.find(SIGNAL_HINT, signal_id)
 
-    def remember(self, row: Row) -> None:
-        """A row read by other means; what the batch has already made of it is kept."""
-        self.cache.setdefault(row["signal_id"], row)
+    async def find(self, column: str, value: str, *where: ColumnElement[bool]) -> Row | None:
+        """The row with ``value`` in ``column`` (and ``where``), the latest received if
+        several: as the batch has made it, else as committed before the batch."""
+        if (column, value) not in self._found:
+            unread = (v for v in self.tx.batch_hints(column)
+                      if v != value and (column, v) not in self._found)
+            values = [value, *itertools.islice(unread, ROWS_PER_READ - 1)]
+            rows = await self.tx.fetch_all(
+                select(signals).where(signals.c[column].in_(values), *where))
+            self._found.update(dict.fromkeys(((column, v) for v in values), None))
+            for row in sorted(rows, key=lambda r: (r["received_at"], r["first_position"])):
+                self.cache.setdefault(row["signal_id"], row)  # the batch's version is kept
+                self._found[column, row[column]] = row["signal_id"]
+        signal_id = self._found[column, value]
+        return None if signal_id is None else self.cache[signal_id]
 
     def insert(self, row: Row) -> None:
         self.cache[row["signal_id"]] = row
