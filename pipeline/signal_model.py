@@ -77,7 +77,7 @@ class TimeInForce(StrEnum):
     DAY = "day"
 
 
-_TICKER = re.compile(r"[A-Z0-9!#&.^_/+\-]{1,64}")
+_TICKER = re.compile(r"(?=[^A-Z0-9]*[A-Z0-9])[A-Z0-9!#&.^_/+\-]{1,64}")  # a letter or digit
 _EXCHANGE = re.compile(r"[A-Z0-9_.\-]{1,32}")
 MAX_LAG = 10**9
 """The largest ``max_lag``, in seconds."""
@@ -144,7 +144,7 @@ class Signal(BaseModel):
     @classmethod
     def _valid_ticker(cls, value: str) -> str:
         value = value.strip().upper()
-        if not _TICKER.fullmatch(value) or not any(ch.isalnum() for ch in value):
+        if not _TICKER.fullmatch(value):
             raise ValueError(
                 "must be a symbol like AAPL, ES1! or BINANCE:BTCUSDT "
                 "(letters, digits and ! # & . ^ _ / + -, at most 64)"
@@ -197,16 +197,18 @@ class Signal(BaseModel):
     def to_data(self) -> dict[str, Any]:
         """A JSON-ready dict: exact decimal strings, RFC 3339 UTC times, None fields omitted."""
         data: dict[str, Any] = {}
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, Decimal):
-                value = tf.decimal_text(value)
+        for name, value in self.__dict__.items():  # the fields, in their order
+            if value is None or type(value) is str:
+                if value is not None:
+                    data[name] = value
+            elif isinstance(value, Decimal):
+                data[name] = tf.decimal_text(value)
             elif isinstance(value, datetime):
-                value = tf.format_time(value)
+                data[name] = tf.format_time(value)
             elif isinstance(value, StrEnum):
-                value = value.value
+                data[name] = value.value
             elif name == "extras":
-                value = tf.json_numbers(value)
-            if value is not None:
+                data[name] = tf.json_numbers(value)
+            else:
                 data[name] = value
         return data

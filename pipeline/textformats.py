@@ -120,7 +120,8 @@ def json_native(value: object, depth: int = 0) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise NotJsonValue(f"object key {key!r} is not text")
-            out[key] = json_native(item, depth + 1)
+            # Text, the common leaf, without a call of its own.
+            out[key] = item if type(item) is str else json_native(item, depth + 1)
         return out
     raise NotJsonValue(f"a {type(value).__name__} is not a JSON value")
 
@@ -182,6 +183,8 @@ def _prune(
 
 def find_placeholders(text: str) -> list[str]:
     """The distinct ``{{...}}`` placeholders in a string, in order."""
+    if "{{" not in text:  # nearly every value: no pattern match to set up
+        return []
     return list(dict.fromkeys(PLACEHOLDER.findall(text)))
 
 
@@ -344,13 +347,15 @@ def checked_decimal(number: Decimal) -> Decimal:
     """The number in canonical form, unless no price or size could be it (NaN, 1e999999)."""
     if not number.is_finite():
         raise BadValue("must be a finite number")
-    significant = "".join(map(str, number.as_tuple().digits)).rstrip("0")
-    if len(significant) > MAX_DIGITS or not -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
-        raise BadValue(
-            f"must have at most {MAX_DIGITS} significant digits and a magnitude "
-            f"between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}"
-        )
-    return Decimal(decimal_text(number))
+    # The magnitude first: it bounds the fixed-point text that the digits are counted in.
+    if -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+        text = decimal_text(number)
+        if len(text.replace("-", "").replace(".", "").strip("0")) <= MAX_DIGITS:
+            return Decimal(text)
+    raise BadValue(
+        f"must have at most {MAX_DIGITS} significant digits and a magnitude "
+        f"between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}"
+    )
 
 
 def parse_decimal(value: Any) -> Decimal:
