@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -62,24 +62,34 @@ class RawJSONResponse(Response):
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"the body is over {limit} bytes: send a smaller message")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     seconds: float = request.app.state.settings.body_timeout
+    receive = request.receive
     try:
         async with asyncio.timeout(seconds):  # a client that sends slowly holds no worker
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientDisconnect
+                chunk: bytes = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {seconds:g} s: send it at "
                              "once") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is over {limit} bytes: send a smaller message")
 
 
 def decode_body(body: bytes) -> tuple[str, bool]:
