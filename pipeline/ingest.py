@@ -9,7 +9,6 @@ so two concurrent requests with one key can never both be accepted.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from pipeline.errors import BadRequest, LogUnavailable
 from pipeline.instruments import SIGNALS
 from pipeline.log import EventLog, NewEvent, Transaction, format_time
-from pipeline.log.model import safe_text
+from pipeline.log.model import new_id, safe_text
 from pipeline.log.schema import signals
 from pipeline.processing.projection import (
     EventType,
@@ -146,7 +145,7 @@ class Ingestor:
 
     def _record_new(self, tx: Transaction, submission: Submission, key: str | None) -> Outcome:
         parsed = submission.parsed
-        signal_id = str(uuid.uuid4())
+        signal_id = new_id()
         stream = stream_of(signal_id)
         signal = parsed.signal
         ticker = signal.ticker if signal else safe_text(parsed.fields.get("ticker"), 100)

@@ -8,6 +8,7 @@ import multiprocessing
 import random
 import re
 import sqlite3
+import uuid
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from sqlalchemy import text
 from pipeline import migrate
 from pipeline.errors import LogUnavailable, NotFound
 from pipeline.log import GENESIS_HASH, Event, EventFilter, EventLog, NewEvent, Transaction
-from pipeline.log.model import canonical_json, glob_regex
+from pipeline.log.model import canonical_json, glob_regex, new_id, safe_text
 
 
 def verify_chain(events: list[Event]) -> None:
@@ -102,6 +103,56 @@ async def test_an_append_waits_for_a_lock_held_elsewhere_then_commits(
     assert event.position == 3
     assert [e.type for e in await event_log.read(0)] == ["test.before", "test.other",
                                                          "test.waited"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_units_past_the_commit_timeout_fail_each_at_its_own_deadline(
+        database_url: str) -> None:
+    """A commit that cannot happen (the database locked elsewhere) fails each waiting unit
+    with LogUnavailable once it has waited ``commit_timeout``, not before, oldest first; the
+    log goes on once the lock is released and keeps nothing of the units it answered."""
+    await migrate.upgrade_async(database_url)
+    event_log = await EventLog.open(database_url, commit_timeout=0.6)
+    other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    loop = asyncio.get_running_loop()
+    failed_at: dict[str, float] = {}
+
+    async def append(name: str) -> None:
+        try:
+            await event_log.append([NewEvent("s", name, {})])
+        except LogUnavailable as exc:
+            failed_at[name] = loop.time()
+            assert "did not commit within 0.6 s" in str(exc)
+
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        started = loop.time()
+        first = asyncio.create_task(append("test.first"))
+        await asyncio.sleep(0.3)
+        second = asyncio.create_task(append("test.second"))
+        second_started = loop.time()
+        await asyncio.sleep(0.1)
+        assert not first.done() and not second.done()  # neither is due yet
+        await asyncio.wait_for(first, 5)
+        assert not second.done()  # its own deadline is later
+        await asyncio.wait_for(second, 5)
+        assert failed_at["test.first"] - started >= 0.59
+        assert failed_at["test.second"] - second_started >= 0.59
+        other.execute("ROLLBACK")
+        (event,) = await asyncio.wait_for(event_log.append([NewEvent("s", "test.after", {})]), 5)
+        assert event.type == "test.after"
+        assert not event_log._waiting  # answered units are not kept
+    finally:
+        other.close()
+        await event_log.close()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("BTCUSDT", "BTCUSDT"), ("a\x00b", "ab"), ("\x00", None), ("", None), (None, None),
+    (42, None), ("x" * 150, "x" * 100), ("\ud800é", "?é"), ("é\x00" * 80, "é" * 80),
+])
+def test_safe_text_is_storable_in_every_backend_index(value: object, expected: str | None) -> None:
+    assert safe_text(value, 100) == expected
 
 
 def test_glob_only_knows_star_and_question_mark() -> None:
@@ -253,6 +304,21 @@ def test_canonical_json_is_the_documented_encoding_byte_for_byte(value: object) 
     # clients re-compute; the fast encoder must agree on every value, exponents and all.
     expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert canonical_json(value) == expected
+
+
+def test_new_ids_are_random_uuids_as_uuid4_writes_them() -> None:
+    ids = [new_id() for _ in range(4000)]
+    assert len(set(ids)) == len(ids)
+    for made in ids:
+        parsed = uuid.UUID(made)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == made  # lower case, dashed, as the log's ids have always been
+    # Every random bit is random: each hex digit takes all its values somewhere, the variant's
+    # digit its four.
+    digits = [{made[i] for made in ids} for i in range(36)]
+    assert [len(d) for d in digits] == [
+        1 if i in (8, 13, 18, 23) else 1 if i == 14 else 4 if i == 19 else 16 for i in range(36)
+    ]
 
 
 @pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\x00\x1f\x7f\u2028"])

@@ -17,9 +17,8 @@ import contextlib
 import logging
 import sqlite3
 import time
-import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +43,7 @@ from pipeline.log.model import (
     chain_hash,
     event_frame,
     format_time,
+    new_id,
     safe_text,
     utc_now,
 )
@@ -92,7 +92,7 @@ class Transaction:
                                                            "request_id": self.request_id}
         data_json = canonical_json(dict(new.data))
         meta_json = canonical_json(dict(meta))
-        event_id = str(uuid.uuid4())
+        event_id = new_id()
         digest = chain_hash(self.last_hash, position, event_id, new.stream, new.type,
                             data_json, meta_json, self._time)
         event = Event.decoded(position, event_id, new.stream, new.type, data_json, meta_json,
@@ -199,14 +199,17 @@ def _event_row(event: Event) -> dict[str, Any]:
     }
 
 
-@dataclass
 class _Pending(Generic[T]):
-    unit: Unit[T]
-    future: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop()
-                                      .create_future())
-    # Taken where the unit is queued: the writer task runs it in a context of its own.
-    request_id: str | None = field(default_factory=REQUEST_ID.get)
-    hints: Hints | None = None
+    """A unit on its way through the group commit, and the future its caller waits on."""
+
+    __slots__ = ("future", "hints", "request_id", "unit")
+
+    def __init__(self, unit: Unit[T], hints: Hints | None = None) -> None:
+        self.unit = unit
+        self.hints = hints
+        self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # Taken where the unit is queued: the writer task runs it in a context of its own.
+        self.request_id: str | None = REQUEST_ID.get()
 
 
 class EventLog:
@@ -219,6 +222,10 @@ class EventLog:
         self.max_batch = max_batch
         self.commit_timeout = commit_timeout
         self._queue: asyncio.Queue[_Pending[Any]] = asyncio.Queue()
+        # Every unit not yet answered, with its deadline, oldest first, and the one timer that
+        # fails those past it (all wait as long: the oldest's deadline is always the next).
+        self._waiting: deque[tuple[float, _Pending[Any]]] = deque()
+        self._deadline: asyncio.TimerHandle | None = None
         self._listeners: list[CommitListener] = []
         self._writer: asyncio.Task[None] | None = None
         self._session = open_session(engines)
@@ -247,6 +254,9 @@ class EventLog:
     async def close(self) -> None:
         """Stop taking appends, commit what is queued, then release the database."""
         self._closing = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._writer is not None:
             await self._queue.put(_Pending(_stop_unit))
             with contextlib.suppress(asyncio.CancelledError):
@@ -277,20 +287,42 @@ class EventLog:
         """
         if self._closing:
             raise LogUnavailable("the server is shutting down: retry against another instance")
-        pending: _Pending[T] = _Pending(unit, hints=hints)
+        pending: _Pending[T] = _Pending(unit, hints)
         queued = time.perf_counter()
         self._queue.put_nowait(pending)
-        try:
-            async with asyncio.timeout(self.commit_timeout):
-                # Cancelling the wait cancels only the answer: the writer still commits or
-                # drops the unit as a whole, and skips a future that is already done.
-                result = await pending.future
-            APPEND_SECONDS.observe(time.perf_counter() - queued)
-            return result
-        except TimeoutError:
-            raise LogUnavailable(
-                f"the log did not commit within {self.commit_timeout:g} s: retry later"
-            ) from None
+        loop = pending.future.get_loop()
+        self._waiting.append((loop.time() + self.commit_timeout, pending))
+        if self._deadline is None:
+            self._deadline = loop.call_at(self._waiting[0][0], self._expire)
+        # Cancelling the wait (or its expiry) cancels only the answer: the writer still commits
+        # or drops the unit as a whole, and skips a future that is already done.
+        result = await pending.future
+        APPEND_SECONDS.observe(time.perf_counter() - queued)
+        return result
+
+    def _expire(self) -> None:
+        """Fail the units whose commit is overdue (a database locked elsewhere, say): their
+        callers are answered 503 while the writer goes on trying. One timer for all units,
+        rather than one each: under load it fires about once per ``commit_timeout``."""
+        self._deadline = None
+        waiting = self._waiting
+        self._forget_answered()
+        if not waiting:
+            return
+        loop = waiting[0][1].future.get_loop()
+        now = loop.time()
+        while waiting and waiting[0][0] <= now:
+            _, pending = waiting.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(LogUnavailable(
+                    f"the log did not commit within {self.commit_timeout:g} s: retry later"))
+        if waiting:
+            self._deadline = loop.call_at(waiting[0][0], self._expire)
+
+    def _forget_answered(self) -> None:
+        waiting = self._waiting
+        while waiting and waiting[0][1].future.done():
+            waiting.popleft()
 
     async def append(self, new_events: Iterable[NewEvent]) -> list[Event]:
         batch = list(new_events)
@@ -333,12 +365,14 @@ class EventLog:
             )
             for pending in batch:
                 _settle(pending, None, error)
+            self._forget_answered()
             return
         self.failure = None
         COMMIT_SECONDS.observe(time.perf_counter() - started)
         BATCH_UNITS.observe(len(batch))
         for pending, value, unit_error in results:
             _settle(pending, value, unit_error)
+        self._forget_answered()
         if tx.events:
             for listener in self._listeners:
                 listener(tx.events)

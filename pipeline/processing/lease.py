@@ -7,12 +7,12 @@ cannot renew in time gives the job up before the lease can pass to another insta
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 from sqlalchemy import bindparam, select
 
 from pipeline.log import EventLog, Transaction, format_time
+from pipeline.log.model import new_id
 from pipeline.log.schema import leases
 
 _TAKE = leases.insert()
@@ -27,7 +27,7 @@ class Lease:
         self.log = event_log
         self.name = name
         self.ttl = ttl
-        self.holder = str(uuid.uuid4())
+        self.holder = new_id()
 
     async def acquire(self) -> bool:
         """Take or renew the lease; False while another live holder has it."""
