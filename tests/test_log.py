@@ -85,20 +85,33 @@ async def test_read_after_limit_and_filters(event_log: EventLog) -> None:
 async def test_an_append_waits_for_a_lock_held_elsewhere_then_commits(
         event_log: EventLog, database_url: str) -> None:
     """The writer takes a free lock at once; a lock another process holds is waited for (up
-    to the busy timeout), not refused, and the head read once it is ours is the latest."""
+    to the busy timeout), not refused, and not on the event loop's thread, which goes on
+    serving meanwhile; the head read once the lock is ours is the latest."""
     await event_log.append([NewEvent("s", "test.before", {})])
     other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - before)
+
+    ticker = asyncio.create_task(tick())
     try:
         other.execute("BEGIN IMMEDIATE")
         appending = asyncio.create_task(event_log.append([NewEvent("s", "test.waited", {})]))
         await asyncio.sleep(0.3)  # the append must still be waiting: nothing has released it
         assert not appending.done()
+        assert len(gaps) >= 10 and max(gaps) < 0.2  # the loop was never held by the wait
         other.execute("INSERT INTO events (position, id, stream, type, data, meta, time, hash)"
                       " VALUES (2, 'other', 's', 'test.other', '{}', '{}', 't', 'h')")
         other.execute("UPDATE log_head SET position = 2, hash = 'h'")
         other.execute("COMMIT")
         (event,) = await asyncio.wait_for(appending, 5)
     finally:
+        ticker.cancel()
         other.close()
     assert event.position == 3
     assert [e.type for e in await event_log.read(0)] == ["test.before", "test.other",

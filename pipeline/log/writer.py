@@ -4,10 +4,11 @@ A group commit is: lock the log and read its head, let the units of work read wh
 then write every staged row, move the head and commit. :class:`WriterSession` is that sequence
 and nothing more, so that each backend can do it the cheapest way:
 
-- SQLite (:class:`SqliteWriter`): the ``sqlite3`` module on a thread of its own. Locking and
-  reading the head is one hop to that thread; writing, moving the head and committing is one
-  more, whatever the batch holds. SQLite releases the GIL while it works, so the event loop
-  serves requests while the previous batch is written and synced.
+- SQLite (:class:`SqliteWriter`): the ``sqlite3`` module, called on the event loop's own
+  thread: a hop to another thread costs more than a whole commit's CPU (see
+  docs/performance.md). The loop waits for the commit's fsync (SQLite releases the GIL
+  meanwhile, so the threads that read for subscribers go on); it never waits for a lock that
+  another process holds: that wait, up to the busy timeout, happens on a thread of its own.
 - PostgreSQL (:class:`SqlAlchemyWriter`): asyncpg through SQLAlchemy, one connection; the
   head row is locked with ``SELECT … FOR UPDATE`` and each batch ends with a ``NOTIFY``.
 
@@ -128,6 +129,7 @@ class SqliteWriter:
         if self._db is None:
             db = self._open()
             db.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
+            db.execute("PRAGMA busy_timeout=0")  # see begin
             self._db = db
         return self._db
 
@@ -151,15 +153,36 @@ class SqliteWriter:
         if not future.cancelled() and future.exception() is not None:
             log.warning("WAL checkpoint failed: %r", future.exception())
 
-    def _begin(self) -> tuple[int, str]:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+    @staticmethod
+    def _head(db: sqlite3.Connection) -> tuple[int, str]:
         position, digest = db.execute(
             "SELECT position, hash FROM log_head WHERE id = ?", (HEAD_ROW,)).fetchone()
         return int(position), str(digest)
 
+    def _begin_waiting(self) -> tuple[int, str]:
+        """On the writer's thread: connect if need be, and wait for the lock as long as the
+        busy timeout allows."""
+        db = self._connection()
+        db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        finally:
+            db.execute("PRAGMA busy_timeout=0")
+        return self._head(db)
+
     async def begin(self) -> tuple[int, str]:
-        return await self._run(self._begin)
+        db = self._db
+        if db is not None:
+            try:
+                db.execute("BEGIN IMMEDIATE")  # with no busy timeout: at once, or SQLITE_BUSY
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+            else:
+                return self._head(db)
+        # Not connected yet, or another process holds the lock (a command, another instance):
+        # wait on the writer's thread, never on the event loop's.
+        return await self._run(self._begin_waiting)
 
     def _query(self, statement: Executable) -> tuple[str, tuple[Any, ...]]:
         """The SQL and its values, lists of an ``IN`` spelled out as one parameter each."""
@@ -175,11 +198,11 @@ class SqliteWriter:
         return [dict(zip(names, row, strict=True)) for row in found]
 
     async def fetch_one(self, statement: Executable) -> Row | None:
-        rows = await self._run(self._fetch, *self._query(statement), 1)
+        rows = self._fetch(*self._query(statement), 1)
         return rows[0] if rows else None
 
     async def fetch_all(self, statement: Executable) -> list[Row]:
-        return await self._run(self._fetch, *self._query(statement), None)
+        return self._fetch(*self._query(statement), None)
 
     def _commit(self, batches: list[tuple[str, list[tuple[Any, ...]]]],
                 head: tuple[int, str] | None) -> None:
@@ -196,7 +219,7 @@ class SqliteWriter:
         for statement, rows in writes:
             sql, names, _ = compiled(statement, self.dialect)
             batches.append((sql, as_tuples(names, rows)))
-        await self._run(self._commit, batches, head)
+        self._commit(batches, head)
         self._after_commit()
 
     def _abandon(self) -> None:
