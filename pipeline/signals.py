@@ -228,6 +228,9 @@ _ALIASES: dict[str, list[str]] = {
         "max_lag": "max_lag",
     }.items()
 }
+# Each alias's field and its place in that field's list: a body is matched key by key.
+_ALIAS_OF = {alias: (name, rank) for name, aliases in _ALIASES.items()
+             for rank, alias in enumerate(aliases)}
 # In a comma-separated command (PineConnector's format) sl= and tp= are distances in pips,
 # not prices: they stay in extras rather than pose as stop_loss / take_profit prices.
 _DISTANCE_ALIASES_IN_COMMANDS = frozenset({"sl", "tp"})
@@ -275,6 +278,8 @@ class _Draft:
     secret: str | None = None
     idempotency_key: str | None = None
     picked: dict[str, _Pick] = field(default_factory=dict)
+    # Lenient bodies: each value under its normalized key path ("strategy.order.action").
+    named: dict[str, list[tuple[tf.Path, Any]]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     errors: list[SignalError] = field(default_factory=list)
 
@@ -339,21 +344,15 @@ def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool) -> _Draft:
 def _pick_lenient(draft: _Draft) -> None:
     # "id" and "extras" are never aliases, and "id" is never an extra.
     body = {k: v for k, v in draft.fields.items() if norm_word(k) not in ("id", "extras")}
-    found: dict[str, list[tuple[tf.Path, Any]]] = {}
+    found = draft.named
     for path, value in tf.leaves(body, _NESTING_SEARCHED):
         found.setdefault(".".join(map(norm_word, path)), []).append((path, value))
-    taken: set[tf.Path] = set()
-    command = draft.format is BodyFormat.CSV
-    for name, aliases in _ALIASES.items():
-        for alias in aliases:
-            if command and alias in _DISTANCE_ALIASES_IN_COMMANDS:
-                continue
-            for path, value in found.get(alias, ()):
-                if _absent(value):
-                    taken.add(path)  # a blank alias is dropped, not kept in extras
-                elif name not in draft.picked:
-                    draft.picked[name] = _Pick(".".join(path), value, alias)
-                    taken.add(path)
+    best, taken = _best_aliases(found, command=draft.format is BodyFormat.CSV)
+    for name in _ALIASES:  # picked in the fields' order, whatever the body's
+        if name in best:
+            _, path, value, alias = best[name]
+            draft.picked[name] = _Pick(".".join(path), value, alias)
+            taken.add(path)
     draft.extras = tf.without_paths(body, taken)
     for key, value in draft.fields.items():
         if norm_word(key) == "extras" and isinstance(value, dict):
@@ -364,6 +363,25 @@ def _pick_lenient(draft: _Draft) -> None:
     implied = _IMPLIED_QUANTITY_TYPE.get(quantity.alias) if quantity else None
     if quantity and implied and "quantity_type" not in draft.picked:
         draft.picked["quantity_type"] = _Pick(quantity.sender, implied, quantity.alias)
+
+
+def _best_aliases(
+    found: dict[str, list[tuple[tf.Path, Any]]], *, command: bool
+) -> tuple[dict[str, tuple[int, tf.Path, Any, str]], set[tf.Path]]:
+    """Per field, the alias sent that comes first in its list (and the first of its paths);
+    and the paths of blank aliases, which are dropped rather than kept in extras."""
+    best: dict[str, tuple[int, tf.Path, Any, str]] = {}
+    blank: set[tf.Path] = set()
+    for alias, paths in found.items():
+        if alias not in _ALIAS_OF or (command and alias in _DISTANCE_ALIASES_IN_COMMANDS):
+            continue
+        name, rank = _ALIAS_OF[alias]
+        for path, value in paths:
+            if _absent(value):
+                blank.add(path)
+            elif name not in best or rank < best[name][0]:
+                best[name] = (rank, path, value, alias)
+    return best, blank
 
 
 def _pick_strict(draft: _Draft) -> None:
@@ -400,10 +418,8 @@ def _exit_when_flat(draft: _Draft, values: dict[str, Any]) -> None:
     """A buy or sell that leaves the position flat closes it: sell+flat is exit_long."""
     action = values.get("action")
     flat = any(
-        ".".join(map(norm_word, path)) in _POSITION_KEYS
-        and isinstance(value, str)
-        and norm_word(value) == "flat"
-        for path, value in tf.leaves(draft.fields, _NESTING_SEARCHED)
+        isinstance(value, str) and norm_word(value) == "flat"
+        for key in _POSITION_KEYS for _, value in draft.named.get(key, ())
     )
     if flat and action in (Action.BUY, Action.SELL):
         values["action"] = Action.EXIT_LONG if action is Action.SELL else Action.EXIT_SHORT

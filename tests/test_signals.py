@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import textformats as tf
 from pipeline.signals import (
+    _ALIASES,
+    _DISTANCE_ALIASES_IN_COMMANDS,
     Action,
     BodyFormat,
     OrderType,
@@ -24,6 +27,9 @@ from pipeline.signals import (
     SignalError,
     SignalErrorCode,
     TimeInForce,
+    _absent,
+    _Draft,
+    _pick_lenient,
     parse_api_signal,
     parse_tradingview,
 )
@@ -1066,3 +1072,46 @@ def test_tradingview_body_keeps_every_unknown_field_as_sent(
         return json.loads(json.dumps(value, default=str), parse_float=Decimal, parse_int=Decimal)
 
     assert exact(signal.to_data()["extras"]) == exact(own)
+
+
+def _picked_by_priority_scan(fields: dict[str, Any], fmt: BodyFormat) -> dict[str, Any]:
+    """What alias picking means, spelled out as a scan of every field's aliases in priority
+    order (the reference the key-by-key picking must agree with)."""
+    found: dict[str, list[tuple[tf.Path, Any]]] = {}
+    for path, value in tf.leaves(fields, 3):
+        found.setdefault(".".join(map(tf.norm_word, path)), []).append((path, value))
+    picked: dict[str, tuple[str, Any, str]] = {}
+    taken: set[tf.Path] = set()
+    for name, aliases in _ALIASES.items():
+        for alias in aliases:
+            if fmt is BodyFormat.CSV and alias in _DISTANCE_ALIASES_IN_COMMANDS:
+                continue
+            for path, value in found.get(alias, ()):
+                if _absent(value):
+                    taken.add(path)
+                elif name not in picked:
+                    picked[name] = (".".join(path), value, alias)
+                    taken.add(path)
+    return {"picked": picked, "extras": tf.without_paths(fields, taken)}
+
+
+_SOME_ALIASES = ["ticker", "symbol", "Symbol", "price", "close", "Fill-Price", "qty", "size",
+                 "sl", "stop_loss", "tp", "limit", "side", "action", "comment", "msg", "time",
+                 "timenow", "other", "volume"]
+_ALIAS_VALUES = st.sampled_from(["", " ", None, "AAPL", "1.5", "buy", 7])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(_SOME_ALIASES), _ALIAS_VALUES, max_size=8),
+       st.dictionaries(st.sampled_from(["action", "price", "id", "x"]), _ALIAS_VALUES,
+                       max_size=3),
+       st.sampled_from([BodyFormat.JSON, BodyFormat.CSV]))
+def test_alias_picking_agrees_with_a_scan_in_priority_order(
+        flat: dict[str, Any], order: dict[str, Any], fmt: BodyFormat) -> None:
+    fields: dict[str, Any] = {**flat, **({"strategy": {"order": order}} if order else {})}
+    draft = _Draft(fmt, fields)
+    _pick_lenient(draft)
+    expected = _picked_by_priority_scan(fields, fmt)
+    assert {name: tuple(pick) for name, pick in draft.picked.items()} == expected["picked"]
+    assert list(draft.picked) == list(expected["picked"])  # the order errors are reported in
+    assert draft.extras == expected["extras"]
