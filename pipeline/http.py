@@ -92,6 +92,10 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the body is over {limit} bytes: send a smaller message")
 
 
+# Built once: json.loads with a parse_float builds a decoder per call.
+_EXACT_JSON = json.JSONDecoder(parse_float=Decimal)
+
+
 def decode_body(body: bytes) -> tuple[str, bool]:
     """The body as text and whether it was valid UTF-8 (invalid bytes become U+FFFD)."""
     try:
@@ -170,7 +174,7 @@ async def post_signal(request: Request) -> Response:
     token = await authenticate(request, bearer_token(request.headers), Scope.INGEST)
     body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
     try:
-        value = json.loads(body, parse_float=Decimal)
+        value = _EXACT_JSON.decode(body)
     except (ValueError, RecursionError):
         raise BadRequest(
             "the body is not JSON: POST a signal object such as "

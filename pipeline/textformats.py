@@ -198,9 +198,13 @@ def decode_body(body: str, is_action_word: Callable[[str], bool]) -> DecodedBody
     return _decode_pairs(text, is_action_word)
 
 
+# Built once: json.loads with parse_* arguments builds a decoder per call.
+_EXACT_JSON = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=str)
+
+
 def _decode_json(text: str) -> DecodedBody:
     try:
-        value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=str)
+        value = _EXACT_JSON.decode(text)
     except json.JSONDecodeError as exc:
         return _broken_json(text, f"{exc.msg} at line {exc.lineno} column {exc.colno}")
     except RecursionError:
