@@ -1,7 +1,8 @@
 """Parsers of what senders really post, into the canonical trading signal.
 
-The signal model is defined in :mod:`pipeline.signal_model`; this module exports its names
-too, so that ``pipeline.signals`` is the one place to import from. Two doors lead in:
+The signal model is defined in :mod:`pipeline.signal_model`, and the vocabularies, readers
+and aliases of its fields in :mod:`pipeline.signal_fields`; this module exports the names a
+caller needs, so that ``pipeline.signals`` is the one place to import from. Two doors lead in:
 
 * :func:`parse_tradingview` is lenient, for whatever TradingView (or a relay people copy from:
   3Commas, PineConnector, a Pine ``alert()`` string) sends: JSON, ``key=value`` text or a
@@ -20,13 +21,30 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from enum import StrEnum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
 from pipeline import textformats as tf
-from pipeline.signal_model import MAX_LAG, Action, OrderType, QuantityType, Signal, TimeInForce
+from pipeline.signal_fields import (
+    ACTION_WORDS,
+    ALIAS_OF,
+    ALIASES,
+    DISTANCE_ALIASES_IN_COMMANDS,
+    IMPLIED_QUANTITY_TYPE,
+    LENIENT_READERS,
+    MAX_ID_LENGTH,
+    MISSING_HINTS,
+    NESTING_SEARCHED,
+    POSITION_KEYS,
+    SECRET_KEYS,
+    SIGNAL_FIELDS,
+    STRICT_MISSING_HINTS,
+    STRICT_READERS,
+    SignalErrorCode,
+    UnknownWord,
+)
+from pipeline.signal_model import Action, OrderType, QuantityType, Signal, TimeInForce
 from pipeline.textformats import PLACEHOLDER, BadValue, BodyFormat, DecodeFailure, clip, norm_word
 
 __all__ = [
@@ -42,27 +60,6 @@ __all__ = [
     "parse_api_signal",
     "parse_tradingview",
 ]
-
-
-class SignalErrorCode(StrEnum):
-    """The stable codes of :class:`SignalError`."""
-
-    #: a required field (ticker, action) is absent or blank
-    MISSING_FIELD = "missing_field"
-    #: a field is there but its value cannot be used
-    INVALID_VALUE = "invalid_value"
-    #: the action is not a word of the vocabulary
-    UNKNOWN_ACTION = "unknown_action"
-    #: TradingView left a ``{{...}}`` placeholder unsubstituted
-    UNREPLACED_PLACEHOLDER = "unreplaced_placeholder"
-    #: the body is empty or free text
-    UNPARSEABLE = "unparseable"
-    #: the body starts like JSON but does not decode
-    INVALID_JSON = "invalid_json"
-    #: older than its max_lag when it arrived
-    EXPIRED = "expired"
-    #: a field the canonical API does not know (API only)
-    UNKNOWN_FIELD = "unknown_field"
 
 
 @dataclass(frozen=True)
@@ -92,164 +89,6 @@ class ParsedBody:
     secret: str | None
 
 
-# -- values: the words of each vocabulary, and how each field is read ----------------------
-
-_MAX_ID_LENGTH = 200
-
-_E = TypeVar("_E", bound=StrEnum)
-
-
-class _UnknownWord(BadValue):
-    def __init__(self, text: str, code: SignalErrorCode) -> None:
-        super().__init__(text)
-        self.code = code
-
-
-def _words(synonyms: Mapping[_E, tuple[str, ...]]) -> dict[str, _E]:
-    return {word: member for member, words in synonyms.items() for word in (str(member), *words)}
-
-
-def _canonical(enum: type[_E]) -> dict[str, _E]:
-    return {member.value: member for member in enum}
-
-
-def _word_reader(table: Mapping[str, StrEnum], code: SignalErrorCode) -> Callable[[Any], Any]:
-    accepted = ", ".join(table)
-
-    def read(value: Any) -> StrEnum:
-        word = norm_word(value) if isinstance(value, str) else None
-        if word is None or word not in table:
-            raise _UnknownWord(f"holds {tf.show(value)}, which is not one of: {accepted}", code)
-        return table[word]
-
-    return read
-
-
-def _positive(value: Any) -> Decimal:
-    number = tf.parse_decimal(value)
-    if number <= 0:
-        raise BadValue(f"must be greater than 0, got {tf.show(value)}")
-    return number
-
-
-def _seconds(value: Any) -> int:
-    number = tf.parse_decimal(value)
-    if number != number.to_integral_value() or not 0 < number <= MAX_LAG:
-        raise BadValue(f"must be whole seconds from 1 to {MAX_LAG}, got {tf.show(value)}")
-    return int(number)
-
-
-_ACTION_WORDS = _words(
-    {
-        Action.BUY: ("long", "enter_long", "open_long", "go_long", "bull", "bullish"),
-        Action.SELL: ("short", "enter_short", "open_short", "go_short", "bear", "bearish"),
-        Action.EXIT_LONG: ("close_long", "sell_to_close", "long_exit"),
-        Action.EXIT_SHORT: ("close_short", "cover", "buy_to_cover", "short_exit"),
-        Action.CLOSE: ("exit", "flat", "flatten", "close_all", "exit_all", "closeall"),
-    }
-)
-_LENIENT_WORDS: dict[str, Mapping[str, StrEnum]] = {
-    "action": _ACTION_WORDS,
-    "quantity_type": _words(
-        {
-            QuantityType.CONTRACTS: ("contract", "base", "units", "unit", "shares", "coins"),
-            QuantityType.QUOTE: ("cash",),
-            QuantityType.PERCENT: ("pct", "%", "percent_of_equity"),
-            QuantityType.RISK: ("risk_percent",),
-        }
-    ),
-    "order_type": _words(
-        {
-            OrderType.MARKET: ("mkt",),
-            OrderType.LIMIT: ("lmt",),
-            OrderType.STOP: ("stp", "stop_market"),
-            OrderType.STOP_LIMIT: ("stoplimit", "stp_lmt"),
-        }
-    ),
-    "time_in_force": _canonical(TimeInForce),
-}
-_STRICT_WORDS: dict[str, Mapping[str, StrEnum]] = {
-    "action": _canonical(Action),
-    "quantity_type": _canonical(QuantityType),
-    "order_type": _canonical(OrderType),
-    "time_in_force": _canonical(TimeInForce),
-}
-_PRICE_FIELDS = ("quantity", "limit_price", "stop_price", "price", "take_profit", "stop_loss")
-_READERS: dict[str, Callable[[Any], Any]] = {
-    **dict.fromkeys(("ticker", "exchange", "interval", "strategy", "order_id"), tf.parse_text),
-    **dict.fromkeys(_PRICE_FIELDS, _positive),
-    **dict.fromkeys(("bar_time", "signal_time"), tf.parse_time),
-    "comment": tf.parse_text,
-    "max_lag": _seconds,
-}
-
-
-def _readers(words: Mapping[str, Mapping[str, StrEnum]]) -> dict[str, Callable[[Any], Any]]:
-    readers = dict(_READERS)
-    for name, table in words.items():
-        action = name == "action"
-        code = SignalErrorCode.UNKNOWN_ACTION if action else SignalErrorCode.INVALID_VALUE
-        readers[name] = _word_reader(table, code)
-    return readers
-
-
-_LENIENT_READERS = _readers(_LENIENT_WORDS)
-_STRICT_READERS = _readers(_STRICT_WORDS)
-
-# -- the TradingView names -----------------------------------------------------------------
-
-# Lenient names, in priority order: when a body holds several aliases of one field, the first
-# present one wins and the others stay in extras under their own names. "time" comes last of
-# the signal times because TradingView's {{time}} is the bar's open time, not when the alert
-# fired ({{timenow}}). "time_close" is not bar_time: it is the bar's close, one interval after
-# the bar time, so it stays in extras. "volume" is never quantity: it is the plotted volume.
-_ALIASES: dict[str, list[str]] = {
-    name: names.split()
-    for name, names in {
-        "ticker": "ticker symbol tv_instrument instrument pair market",
-        "exchange": "exchange tv_exchange",
-        "action": "action order_action strategy.order.action side direction",
-        "quantity": "quantity qty contracts strategy.order.contracts amount order.amount size "
-        "risk percent",
-        "quantity_type": "quantity_type qty_type order.currency_type",
-        "order_type": "order_type ordertype",
-        "price": "price fill_price strategy.order.price signal_price trigger_price close",
-        "limit_price": "limit_price limit",
-        "stop_price": "stop_price stop",
-        "take_profit": "take_profit tp takeprofit",
-        "stop_loss": "stop_loss sl stoploss",
-        "time_in_force": "time_in_force tif",
-        "interval": "interval timeframe tf",
-        "bar_time": "bar_time",
-        "signal_time": "signal_time timenow timestamp time",
-        "strategy": "strategy strategy_name strategy_id",
-        "order_id": "order_id orderid client_order_id strategy.order.id",
-        "comment": "comment strategy.order.comment message msg",
-        "max_lag": "max_lag",
-    }.items()
-}
-# Each alias's field and its place in that field's list: a body is matched key by key.
-_ALIAS_OF = {alias: (name, rank) for name, aliases in _ALIASES.items()
-             for rank, alias in enumerate(aliases)}
-# In a comma-separated command (PineConnector's format) sl= and tp= are distances in pips,
-# not prices: they stay in extras rather than pose as stop_loss / take_profit prices.
-_DISTANCE_ALIASES_IN_COMMANDS = frozenset({"sl", "tp"})
-# PineConnector's risk=1 is a quantity of 1 in the unit the key names.
-_IMPLIED_QUANTITY_TYPE = {"risk": "risk", "percent": "percent"}
-# Where a strategy says the position after the fill: "flat" turns a buy or sell into an exit.
-_POSITION_KEYS = ("sentiment", "market_position", "strategy_info.market_position")
-_SECRET_KEYS = ("passphrase", "secret")
-# How deep aliases are looked for: "strategy": {"order": {"action": ...}} is three keys.
-_NESTING_SEARCHED = 3
-_SIGNAL_FIELDS = tuple(name for name in Signal.model_fields if name != "extras")
-_MISSING_HINTS = {
-    "ticker": 'add "ticker": "{{ticker}}" to the alert message (symbol or pair work too)',
-    "action": 'add "action": "{{strategy.order.action}}" or a word like buy/sell/close',
-}
-_STRICT_MISSING_HINTS = {
-    "ticker": 'it is required: the symbol, e.g. "AAPL" or "BINANCE:BTCUSDT"',
-    "action": f"it is required: one of {', '.join(Action)}",
-}
 _JSON_KINDS: dict[type, str] = {
     **dict.fromkeys((list, tuple), "an array"),
     **dict.fromkeys((int, float, Decimal), "a number"),
@@ -319,7 +158,7 @@ def _placeholders(value: Any, path: str = "") -> Iterator[tuple[str, list[str]]]
 def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool) -> _Draft:
     """Take the secret out, report placeholders anywhere, read the idempotency key."""
     name_of: Callable[[str], str] = norm_word if lenient else str
-    secrets = {key for key in fields if name_of(key) in _SECRET_KEYS}
+    secrets = {key for key in fields if name_of(key) in SECRET_KEYS}
     draft = _Draft(fmt, {key: value for key, value in fields.items() if key not in secrets})
     secret = next((v for k, v in fields.items() if k in secrets and not _absent(v)), None)
     if isinstance(secret, str | int) and not isinstance(secret, bool):
@@ -333,8 +172,8 @@ def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool) -> _Draft:
         return draft  # an unsubstituted id would make every later alert a duplicate
     try:
         key = tf.parse_text(value)
-        if len(key) > _MAX_ID_LENGTH:
-            raise BadValue(f"must be at most {_MAX_ID_LENGTH} characters")
+        if len(key) > MAX_ID_LENGTH:
+            raise BadValue(f"must be at most {MAX_ID_LENGTH} characters")
         draft.idempotency_key = key
     except BadValue as exc:
         draft.add(SignalErrorCode.INVALID_VALUE, id_key, f'field "{clip(id_key)}" {exc}')
@@ -345,10 +184,10 @@ def _pick_lenient(draft: _Draft) -> None:
     # "id" and "extras" are never aliases, and "id" is never an extra.
     body = {k: v for k, v in draft.fields.items() if norm_word(k) not in ("id", "extras")}
     found = draft.named
-    for path, value in tf.leaves(body, _NESTING_SEARCHED):
+    for path, value in tf.leaves(body, NESTING_SEARCHED):
         found.setdefault(".".join(map(norm_word, path)), []).append((path, value))
     best, taken = _best_aliases(found, command=draft.format is BodyFormat.CSV)
-    for name in _ALIASES:  # picked in the fields' order, whatever the body's
+    for name in ALIASES:  # picked in the fields' order, whatever the body's
         if name in best:
             _, path, value, alias = best[name]
             draft.picked[name] = _Pick(".".join(path), value, alias)
@@ -360,7 +199,7 @@ def _pick_lenient(draft: _Draft) -> None:
         elif norm_word(key) == "extras" and not _absent(value):
             draft.extras[key] = value
     quantity = draft.picked.get("quantity")
-    implied = _IMPLIED_QUANTITY_TYPE.get(quantity.alias) if quantity else None
+    implied = IMPLIED_QUANTITY_TYPE.get(quantity.alias) if quantity else None
     if quantity and implied and "quantity_type" not in draft.picked:
         draft.picked["quantity_type"] = _Pick(quantity.sender, implied, quantity.alias)
 
@@ -373,9 +212,9 @@ def _best_aliases(
     best: dict[str, tuple[int, tf.Path, Any, str]] = {}
     blank: set[tf.Path] = set()
     for alias, paths in found.items():
-        if alias not in _ALIAS_OF or (command and alias in _DISTANCE_ALIASES_IN_COMMANDS):
+        if alias not in ALIAS_OF or (command and alias in DISTANCE_ALIASES_IN_COMMANDS):
             continue
-        name, rank = _ALIAS_OF[alias]
+        name, rank = ALIAS_OF[alias]
         for path, value in paths:
             if _absent(value):
                 blank.add(path)
@@ -386,18 +225,18 @@ def _best_aliases(
 
 def _pick_strict(draft: _Draft) -> None:
     for key, value in draft.fields.items():
-        if key in _SIGNAL_FIELDS and not _absent(value):
+        if key in SIGNAL_FIELDS and not _absent(value):
             draft.picked[key] = _Pick(key, value, key)
         elif key == "extras" and isinstance(value, dict):
             draft.extras = dict(value)
         elif key == "extras" and value is not None:
             draft.add(SignalErrorCode.INVALID_VALUE, key, 'field "extras" must be a JSON object')
-        elif key not in (*_SIGNAL_FIELDS, "extras", "id"):
+        elif key not in (*SIGNAL_FIELDS, "extras", "id"):
             draft.add(
                 SignalErrorCode.UNKNOWN_FIELD,
                 key,
                 f'unknown field "{clip(key)}": the API takes only the Signal fields '
-                f'({", ".join(_SIGNAL_FIELDS)}) and "id"; put your own data under "extras"',
+                f'({", ".join(SIGNAL_FIELDS)}) and "id"; put your own data under "extras"',
             )
 
 
@@ -409,7 +248,7 @@ def _read_all(draft: _Draft, readers: Mapping[str, Callable[[Any], Any]]) -> dic
         try:
             values[name] = readers[name](pick.value)
         except BadValue as exc:
-            code = exc.code if isinstance(exc, _UnknownWord) else SignalErrorCode.INVALID_VALUE
+            code = exc.code if isinstance(exc, UnknownWord) else SignalErrorCode.INVALID_VALUE
             draft.add(code, pick.sender, f'field "{clip(pick.sender)}" {exc}')
     return values
 
@@ -419,7 +258,7 @@ def _exit_when_flat(draft: _Draft, values: dict[str, Any]) -> None:
     action = values.get("action")
     flat = any(
         isinstance(value, str) and norm_word(value) == "flat"
-        for key in _POSITION_KEYS for _, value in draft.named.get(key, ())
+        for key in POSITION_KEYS for _, value in draft.named.get(key, ())
     )
     if flat and action in (Action.BUY, Action.SELL):
         values["action"] = Action.EXIT_LONG if action is Action.SELL else Action.EXIT_SHORT
@@ -501,7 +340,7 @@ def _undecodable(decoded: tf.DecodedBody) -> ParsedBody:
 
 
 def _is_action_word(word: str) -> bool:
-    return norm_word(word) in _ACTION_WORDS
+    return norm_word(word) in ACTION_WORDS
 
 
 def parse_tradingview(
@@ -518,9 +357,9 @@ def parse_tradingview(
         return _undecodable(decoded)
     draft = _start(decoded.format, decoded.fields, lenient=True)
     _pick_lenient(draft)
-    values = _read_all(draft, _LENIENT_READERS)
+    values = _read_all(draft, LENIENT_READERS)
     _exit_when_flat(draft, values)
-    return _finish(draft, values, now, default_max_lag, _MISSING_HINTS)
+    return _finish(draft, values, now, default_max_lag, MISSING_HINTS)
 
 
 def parse_api_signal(
@@ -542,5 +381,5 @@ def parse_api_signal(
         return _rejected(BodyFormat.JSON, SignalErrorCode.INVALID_VALUE, message)
     draft = _start(BodyFormat.JSON, fields, lenient=False)
     _pick_strict(draft)
-    values = _read_all(draft, _STRICT_READERS)
-    return _finish(draft, values, now, default_max_lag, _STRICT_MISSING_HINTS)
+    values = _read_all(draft, STRICT_READERS)
+    return _finish(draft, values, now, default_max_lag, STRICT_MISSING_HINTS)

@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import textformats as tf
+from pipeline.signal_fields import ALIASES, DISTANCE_ALIASES_IN_COMMANDS
 from pipeline.signals import (
-    _ALIASES,
-    _DISTANCE_ALIASES_IN_COMMANDS,
     Action,
     BodyFormat,
     OrderType,
@@ -1082,9 +1081,9 @@ def _picked_by_priority_scan(fields: dict[str, Any], fmt: BodyFormat) -> dict[st
         found.setdefault(".".join(map(tf.norm_word, path)), []).append((path, value))
     picked: dict[str, tuple[str, Any, str]] = {}
     taken: set[tf.Path] = set()
-    for name, aliases in _ALIASES.items():
+    for name, aliases in ALIASES.items():
         for alias in aliases:
-            if fmt is BodyFormat.CSV and alias in _DISTANCE_ALIASES_IN_COMMANDS:
+            if fmt is BodyFormat.CSV and alias in DISTANCE_ALIASES_IN_COMMANDS:
                 continue
             for path, value in found.get(alias, ()):
                 if _absent(value):
