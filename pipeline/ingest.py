@@ -114,14 +114,8 @@ class Ingestor:
 
     async def _find_original(self, tx: Transaction, key: str | None,
                              digest: str | None) -> Outcome | None:
-        seen: dict[str, Outcome] = tx.local.setdefault("originals", {})
         for column, value in ((KEY_HINT, key), (CONTENT_HINT, digest)):
-            if value is None:
-                continue
-            if f"{column}:{value}" in seen:
-                return seen[f"{column}:{value}"]
-            original = await self._recorded(tx, column, value)
-            if original is not None:
+            if value is not None and (original := await self._recorded(tx, column, value)):
                 return original
         return None
 
@@ -171,12 +165,7 @@ class Ingestor:
                                          meta))
         row = fold(fold(None, received), verdict)
         SignalRows(tx).insert(row)
-        outcome = Outcome(signal_id, verdict.position, row["status"], False, errors)
-        seen: dict[str, Outcome] = tx.local["originals"]
-        if key is not None:
-            seen[f"{KEY_HINT}:{key}"] = Outcome(signal_id, 0, row["status"], True)
-        seen[f"{CONTENT_HINT}:{row[CONTENT_HINT]}"] = Outcome(signal_id, 0, row["status"], True)
-        return outcome
+        return Outcome(signal_id, verdict.position, row["status"], False, errors)
 
 
 def _source_facts(submission: Submission) -> dict[str, Any]:

@@ -172,6 +172,8 @@ _FIXED = frozenset({"signal_id", "first_position", "received_at", "source", "tok
 _MUTABLE = [c.name for c in signals.columns if c.name not in _FIXED]
 SIGNAL_HINT = "signal_id"  # the hint a unit gives for the signal whose row it will read
 ROWS_PER_READ = 500  # values in one IN: well under every backend's limit on parameters
+# What a sender may send again (a key, the same body): what a new row is found by at once.
+_UNIQUE_BY_SENDER = ("idempotency_key", "content_hash")
 _INSERT = signals.insert()
 _UPDATE = (
     signals.update()
@@ -218,6 +220,9 @@ class SignalRows:
 
     def insert(self, row: Row) -> None:
         self.cache[row["signal_id"]] = row
+        for column in _UNIQUE_BY_SENDER:  # a later unit of the batch finds it by these too
+            if row[column] is not None:
+                self._found[column, row[column]] = row["signal_id"]
         self.tx.stage(_INSERT, row)
 
     def update(self, row: Row) -> None:
