@@ -21,7 +21,7 @@ The hierarchy::
     └── SchemaMismatch                  schema_mismatch  503
 
 HTTP answers render them as ``{"error": code, "message": message}``; WebSocket errors use the
-close codes of the protocol instead (see ``pipeline.ws``).
+close codes of the protocol instead (see ``pipeline.wsframes``).
 """
 
 from __future__ import annotations

@@ -5,22 +5,20 @@ hub's window or the log, reading the next page while it sends this one) and goes
 has caught up; the connection's own task reads the client's frames. One watcher for all
 connections (:class:`Connections`) pings them, closes silent clients and says goodbye at
 shutdown. A send blocks while the client does not read (TCP back-pressure), which stalls only
-this connection's cursor: nothing is queued for it, so a slow reader costs no memory.
+this connection's cursor: nothing is queued for it, so a slow reader costs no memory. The
+client's frames are read by :mod:`pipeline.wsframes`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, TypeGuard
+from typing import Any
 
 from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,53 +29,16 @@ from pipeline.errors import BadRequest, SignalboxError, TooManyRequests
 from pipeline.guard import Guard
 from pipeline.hub import Frames, Hub
 from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
-from pipeline.log import EventFilter, EventLog
-from pipeline.log.model import strict_loads
+from pipeline.log import EventLog
 from pipeline.processing.consumers import acknowledge, stored_position
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.tasks import cancel_all
+from pipeline.wsframes import CloseCode, Closing, Hello, decode_frame, is_int, parse_hello
 from pipeline.wsprotocol import SEND_MANY
 
 log = logging.getLogger("signalbox.ws")
 
-FILTER_KEYS = ("types", "streams", "tickers", "strategies")
-MAX_FILTER_VALUES = 100
-MAX_FILTER_LENGTH = 200
-TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?-]+$")
 MAX_BATCH_BYTES = 1 << 20
-
-
-class CloseCode(IntEnum):
-    GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008
-    INTERNAL_ERROR = 1011
-    OVERLOADED = 1013
-    MALFORMED = 4400
-    UNAUTHORIZED = 4401
-    FORBIDDEN = 4403
-    TIMEOUT = 4408
-    CONFLICT = 4409
-    TOO_MANY_REQUESTS = 4429
-
-
-class Closing(Exception):
-    """Ends a connection with an error frame and a close code."""
-
-    def __init__(self, code: CloseCode, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-
-@dataclass(frozen=True)
-class Hello:
-    token: str | None
-    cursor: int | None
-    epoch: str | None
-    filter: EventFilter
-    consumer: str | None  # a consumer group member's name is "<group>/<member>"
-    batch: bool
 
 
 @dataclass(frozen=True)
@@ -144,94 +105,6 @@ class Connections:
         task = asyncio.create_task(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
-
-
-def parse_hello(text: str) -> Hello:
-    frame = _decode(text)
-    if frame.get("op") != "hello":
-        raise Closing(CloseCode.MALFORMED, 'the first frame must be {"op": "hello", ...}')
-    token = frame.get("token")
-    if token is not None and not isinstance(token, str):
-        raise Closing(CloseCode.MALFORMED, "token must be a string")
-    cursor = frame.get("cursor")
-    if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)
-                               or cursor < 0):
-        raise Closing(CloseCode.MALFORMED, "cursor must be a position (integer >= 0) or null")
-    epoch = frame.get("epoch")
-    if epoch is not None and not isinstance(epoch, str):
-        raise Closing(CloseCode.MALFORMED, "epoch must be a string or null")
-    consumer = frame.get("consumer")
-    if consumer is not None and (not isinstance(consumer, str) or not 0 < len(consumer) <= 100
-                                 or not consumer.isprintable()):
-        raise Closing(CloseCode.MALFORMED,
-                      "consumer must be a name of 1-100 printable characters or null")
-    batch = frame.get("batch", False)
-    if not isinstance(batch, bool):
-        raise Closing(CloseCode.MALFORMED, "batch must be true or false")
-    event_filter = parse_filter(frame.get("filter"))
-    group = frame.get("group")
-    if group is not None:
-        if consumer is not None:
-            raise Closing(CloseCode.MALFORMED, "give either consumer or group, not both")
-        name, member, size = parse_group(group)
-        consumer = f"{name}/{member}"
-        event_filter = dataclasses.replace(event_filter, partition=(member, size))
-    return Hello(token, cursor, epoch, event_filter, consumer, batch)
-
-
-def parse_group(value: object) -> tuple[str, int, int]:
-    usage = ('group must be {"name": NAME, "member": INDEX, "size": N} with '
-             "0 <= member < size <= 1024")
-    if not isinstance(value, dict):
-        raise Closing(CloseCode.MALFORMED, usage)
-    name, member, size = value.get("name"), value.get("member"), value.get("size")
-    if (not isinstance(name, str) or not 0 < len(name) <= 90 or "/" in name
-            or not name.isprintable()
-            or not _is_int(member) or not _is_int(size) or not 0 <= member < size <= 1024):
-        raise Closing(CloseCode.MALFORMED, usage)
-    return name, member, size
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_filter(value: object) -> EventFilter:
-    if value is None:
-        return EventFilter()
-    if not isinstance(value, dict):
-        raise Closing(CloseCode.MALFORMED, "filter must be an object")
-    unknown = set(value) - set(FILTER_KEYS)
-    if unknown:
-        raise Closing(CloseCode.MALFORMED,
-                      f"unknown filter key(s) {sorted(unknown)}: use {list(FILTER_KEYS)}")
-    lists: dict[str, tuple[str, ...]] = {}
-    for key in FILTER_KEYS:
-        items = value.get(key) or []
-        if not isinstance(items, list) or len(items) > MAX_FILTER_VALUES or not all(
-            isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH and "\x00" not in i
-            for i in items
-        ):
-            raise Closing(CloseCode.MALFORMED,
-                          f"filter.{key} must be a list of at most {MAX_FILTER_VALUES} "
-                          f"non-empty strings of at most {MAX_FILTER_LENGTH} characters "
-                          "(no NUL)")
-        lists[key] = tuple(items)
-    bad = [t for t in lists["types"] if not TYPE_PATTERN.match(t)]
-    if bad:
-        raise Closing(CloseCode.MALFORMED,
-                      f"bad type pattern(s) {bad}: letters, digits, . _ - and the globs * ?")
-    return EventFilter(lists["types"], lists["streams"], lists["tickers"], lists["strategies"])
-
-
-def _decode(text: str) -> dict[str, Any]:
-    try:
-        frame = strict_loads(text)
-    except (ValueError, RecursionError):
-        raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"") from None
-    if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
-        raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"")
-    return frame
 
 
 class Session:
@@ -417,7 +290,7 @@ class Session:
 
     async def _receive_loop(self) -> None:
         while True:
-            frame = _decode(await self._receive_text())
+            frame = decode_frame(await self._receive_text())
             self.last_heard = time.monotonic()
             if not self.budget.take(self.last_heard):
                 raise Closing(CloseCode.POLICY_VIOLATION,
@@ -440,7 +313,7 @@ class Session:
 
     async def _ack(self, frame: dict[str, Any]) -> None:
         position = frame.get("position")
-        if not _is_int(position) or position < 0:
+        if not is_int(position) or position < 0:
             raise Closing(CloseCode.MALFORMED, "ack needs a position (integer >= 0)")
         if self.consumer is None:
             raise Closing(CloseCode.MALFORMED,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pipeline.context import VALID_REQUEST_ID, incoming_request_id
 from pipeline.errors import BadRequest
 from pipeline.processing.status import StatusReport
-from pipeline.ws import CloseCode, Closing, parse_hello
+from pipeline.wsframes import CloseCode, Closing, parse_hello
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
