@@ -8,6 +8,7 @@ import multiprocessing
 import random
 import re
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -319,18 +320,24 @@ def test_canonical_json_is_the_documented_encoding_byte_for_byte(value: object) 
     assert canonical_json(value) == expected
 
 
-def test_new_ids_are_random_uuids_as_uuid4_writes_them() -> None:
+def test_new_ids_are_uuid7_text_ordered_by_their_millisecond_and_random_after_it() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(4000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
+    stamps = []
     for made in ids:
         parsed = uuid.UUID(made)
-        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
         assert str(parsed) == made  # lower case, dashed, as the log's ids have always been
-    # Every random bit is random: each hex digit takes all its values somewhere, the variant's
-    # digit its four.
-    digits = [{made[i] for made in ids} for i in range(36)]
+        stamps.append(parsed.int >> 80)
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert stamps == sorted(stamps)  # made later, sorted later (to the millisecond)
+    # After the time every bit is random: each hex digit takes all its values somewhere, the
+    # variant's digit its four.
+    digits = [{made[i] for made in ids} for i in range(15, 36)]
     assert [len(d) for d in digits] == [
-        1 if i in (8, 13, 18, 23) else 1 if i == 14 else 4 if i == 19 else 16 for i in range(36)
+        1 if i in (18, 23) else 4 if i == 19 else 16 for i in range(15, 36)
     ]
 
 
