@@ -23,6 +23,8 @@ from urllib.parse import quote
 
 import httpx
 
+from pipeline.log.model import new_id
+
 USER_AGENT = "signalbox-replay/0.1"
 
 # -- errors --------------------------------------------------------------------------------
@@ -380,10 +382,11 @@ class Call:
 
 def signal_call(signal: Mapping[str, Any], idempotency_key: str | None) -> Call:
     """POST /api/signals. Without a key, one is made here (unless the body has its own ``id``)
-    so that every retry of this call is recognized as the same signal."""
+    so that every retry of this call is recognized as the same signal: a time-ordered UUID,
+    which the server's index of keys takes at its end rather than on a random page."""
     headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
     if idempotency_key is None and signal.get("id") is None:
-        idempotency_key = str(uuid.uuid4())
+        idempotency_key = new_id()
     if idempotency_key is not None:
         headers += (("Idempotency-Key", idempotency_key),)
     return Call("POST", "/api/signals", body=encode(dict(signal)), headers=headers,

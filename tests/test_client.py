@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -457,6 +458,11 @@ async def test_send_signal_retried_after_a_lost_answer_makes_one_signal(
         receipt = await c.send_signal(BTC)  # no key given: the client makes one
     assert transport.requests.count(("POST", "/api/signals")) == 2
     assert receipt.duplicate  # the retry was recognized as a repeat of the first attempt
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        received = [e for e in await read_all_events(http) if e["type"] == "signal.received"
+                    and e["data"]["signal_id"] == receipt.signal_id]
+    # A time-ordered UUID, which the server's index of keys takes at its end.
+    assert uuid.UUID(received[0]["data"]["idempotency_key"]).version == 7
     async with Client(server.base_url, ADMIN_TOKEN) as reader:
         page = await reader.signals()
         assert [s.signal_id for s in page.signals] == [receipt.signal_id]
