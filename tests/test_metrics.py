@@ -56,7 +56,7 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     api, webhook = "/api/signals", f"/webhooks/tradingview/{INGEST_TOKEN}"
     ingest = headers(INGEST_TOKEN)
     statuses = []
-    # 220 events: more than twice the window, so a reader from 0 pages; and big ones (over
+    # 227 events: more than the window, so a reader from 0 pages; and big ones (over
     # 10 MB in all), so that a reader who does not read stalls the server's sends.
     big = {**BTC, "comment": "x" * 60_000}
     for _ in range(110):
@@ -139,6 +139,8 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     assert value(samples, "signalbox_subscribers_by_state", state="replaying") == 0
     assert value(samples, "signalbox_subscribers") == 3
     assert value(samples, "signalbox_log_head") == head
+    # The window of 100 is cut back to 100 once it is a 64th over: never half again as many.
+    assert 100 <= value(samples, "signalbox_hub_window_events") <= 101
     assert value(samples, "signalbox_signals", status="accepted") == 112
     assert value(samples, "signalbox_signals_stuck") == 0
     text = (await client.get("/metrics")).text

@@ -49,7 +49,7 @@ EVERYTHING = 5  # of them follow the whole log
 RATE = 300  # signals a second
 SECONDS = 30  # a round
 TICKERS = [f"T{i:02d}" for i in range(50)]
-WINDOW = 2000  # events the hub keeps in memory (up to twice as many): full within seconds
+WINDOW = 2000  # events the hub keeps in memory: full within seconds
 MEMORY_SLACK = 8 * 1024 * 1024
 MEASURED_CONNECTIONS = 1000  # at least, in the second round: at 30 KiB each, 3.5 times the slack
 

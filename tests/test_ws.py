@@ -171,7 +171,7 @@ async def test_every_event_is_a_message_of_its_own_whatever_its_size(
 @pytest.mark.server_args("--window", "100", "--page-size", "10")
 async def test_catch_up_from_the_log_sends_the_events_as_the_api_holds_them(
         server: ServerProcess, client: httpx.AsyncClient) -> None:
-    """Behind the hub's window (at most 200 events here), pages come from the log's rows as
+    """Behind the hub's window (101 events at most here), pages come from the log's rows as
     frames, without an event object each: frame for frame, they are the events of
     ``/api/events``."""
     for i in range(180):
