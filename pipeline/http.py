@@ -6,7 +6,6 @@ import asyncio
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
@@ -28,7 +27,7 @@ from pipeline.processing.projection import STEP_COLUMN, EventType, Status, strea
 from pipeline.processing.reparse import record_renormalized
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.status import StatusReport, report_status
-from pipeline.signals import parse_api_signal, parse_tradingview
+from pipeline.signals import API_JSON, parse_api_signal, parse_tradingview
 
 MAX_EVENTS_PAGE = 1000
 MAX_SIGNALS_PAGE = 500
@@ -90,10 +89,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the body is over {limit} bytes: send a smaller message")
-
-
-# Built once: json.loads with a parse_float builds a decoder per call.
-_EXACT_JSON = json.JSONDecoder(parse_float=Decimal)
 
 
 def decode_body(body: bytes) -> tuple[str, bool]:
@@ -174,7 +169,7 @@ async def post_signal(request: Request) -> Response:
     token = await authenticate(request, bearer_token(request.headers), Scope.INGEST)
     body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
     try:
-        value = _EXACT_JSON.decode(body)
+        value = API_JSON.decode(body)
     except (ValueError, RecursionError):
         raise BadRequest(
             "the body is not JSON: POST a signal object such as "

@@ -1,10 +1,10 @@
 """Live fan-out: one tailer of the log feeds every subscriber, in bounded memory.
 
 The hub keeps a window of the most recent committed events (contiguous positions, ``window``
-of them and up to a 64th more). Subscribers own nothing but their cursor: one inside the window is
-served from memory; one behind it (slow, or resuming from far back) is paged from the log
-until it is back inside. No subscriber has a queue of its own, so nothing is ever dropped and
-memory does not grow with the number or the slowness of readers.
+of them and up to a 64th more). Subscribers own nothing but their cursor: one inside the
+window is served from memory; one behind it (slow, or resuming from far back) is paged from
+the log until it is back inside. No subscriber has a queue of its own, so nothing is ever
+dropped and memory does not grow with the number or the slowness of readers.
 
 Events committed by this process arrive through the log's commit listener; events committed
 elsewhere (another process or instance) are found by the tailer, which re-reads the log after

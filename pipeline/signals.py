@@ -17,6 +17,7 @@ rejected body is still recorded for the audit.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -362,10 +363,17 @@ def parse_tradingview(
     return _finish(draft, values, now, default_max_lag, MISSING_HINTS)
 
 
+API_JSON = json.JSONDecoder(parse_float=Decimal)
+"""How a ``POST /api/signals`` body is decoded (numbers with a fraction or an exponent exact),
+by the route and again by renormalization. Built once: ``json.loads`` with a ``parse_float``
+builds a decoder per call."""
+
+
 def parse_api_signal(
     obj: object, *, now: datetime, default_max_lag: int | None = None
 ) -> ParsedBody:
-    """Parse a decoded ``POST /api/signals`` body: the canonical Signal fields, plus "id".
+    """Parse a ``POST /api/signals`` body decoded by :data:`API_JSON`: the canonical Signal
+    fields, plus "id".
 
     Strict on names (an unknown field is ``unknown_field``) and on words (canonical values
     only); numbers may be JSON numbers or strings, times RFC 3339 or epoch numbers.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
@@ -23,6 +22,7 @@ from pipeline.log.model import canonical_json
 from pipeline.log.schema import events
 from pipeline.processing.projection import EventType, SignalRows, fold, stream_of
 from pipeline.signals import (
+    API_JSON,
     BodyFormat,
     ParsedBody,
     SignalError,
@@ -105,7 +105,7 @@ def reparse(received: Event, *, default_max_lag: int | None) -> ParsedBody:
     if data.get("source") != "api":
         return parse_tradingview(body, now=now, default_max_lag=default_max_lag)
     try:
-        value = json.loads(body, parse_float=Decimal)
+        value = API_JSON.decode(body)
     except (ValueError, RecursionError):
         # Never recorded by the API (it answers 400 before recording); a hand-made event.
         return ParsedBody(BodyFormat.JSON, {}, None, (SignalError(
