@@ -49,6 +49,22 @@ async def test_api_signal_accepted_is_committed_before_the_answer(
     assert events[-1]["data"]["signal"]["quantity"] == "0.01"
 
 
+async def test_numbers_of_a_json_body_are_read_exactly_and_read_again_alike(
+        shared_client: httpx.AsyncClient) -> None:
+    # More digits than a float holds: the signal keeps them all, and renormalization, which
+    # reads the recorded body again, finds nothing that today's reading would change.
+    body = '{"ticker":"BTCUSDT","action":"buy","quantity":0.1,"price":67432.123456789012345678}'
+    response = await shared_client.post("/api/signals", content=body,
+                                        headers=headers(INGEST_TOKEN))
+    assert response.status_code == 202, response.text
+    signal_id = response.json()["signal_id"]
+    accepted = (await timeline(shared_client, signal_id))[-1]
+    assert accepted["data"]["signal"]["price"] == "67432.123456789012345678"
+    again = await shared_client.post(f"/api/signals/{signal_id}/renormalize", headers=headers())
+    assert again.status_code == 200, again.text
+    assert again.json()["changed"] is False
+
+
 async def test_repeat_of_idempotency_key_answers_the_original(
         shared_client: httpx.AsyncClient) -> None:
     key = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
