@@ -124,6 +124,11 @@ async def test_status_errors_use_the_contract_codes(shared_client: httpx.AsyncCl
     assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
     bad_detail = await report(shared_client, signal_id, "processing", detail=[1])
     assert bad_detail.status_code == 400
+    for constant in ("NaN", "Infinity", "-Infinity"):  # Python's JSON extensions, not JSON
+        not_json = await shared_client.post(
+            f"/api/signals/{signal_id}/status", headers=headers(ADMIN_TOKEN),
+            content=f'{{"status": "processing", "detail": {{"score": {constant}}}}}')
+        assert not_json.status_code == 400 and not_json.json()["error"] == "bad_request"
     no_token = await shared_client.post(f"/api/signals/{signal_id}/status",
                                         json={"status": "processing"})
     assert no_token.status_code == 401
