@@ -29,7 +29,8 @@ from pipeline.headers import ERROR_HEADERS, Cors, SecurityHeaders
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
-from pipeline.log.backends import DATABASE_ERRORS
+from pipeline.log.backends import DATABASE_ERRORS, sqlite_path
+from pipeline.log.localwake import LocalWakeups
 from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint
 from pipeline.migrate import check_revision, current_revision
@@ -80,8 +81,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
         runner: HandlerRunner | None = None
         watcher: asyncio.Task[None] | None = None
-        wakeups = (Wakeups(settings.database_url, hub.wake)
-                   if event_log.engines.kind == "postgresql" else None)
+        wakeups = wakeups_for(settings.database_url, event_log, hub)
         try:
             await bootstrap_tokens(tokens, settings)
             connections.tokens = tokens
@@ -144,6 +144,19 @@ def middleware(settings: Settings, guard: Guard) -> list[Middleware]:
         found.append(Middleware(Cors, origins=settings.cors_origins))
     found.append(Middleware(GuardMiddleware, guard=guard))
     return found
+
+
+def wakeups_for(url: str, event_log: EventLog, hub: Hub) -> Wakeups | LocalWakeups | None:
+    """How this instance hears of the commits of others on the same log: LISTEN/NOTIFY on
+    PostgreSQL; on a SQLite file, datagrams between the processes serving it."""
+    if event_log.engines.kind == "postgresql":
+        return Wakeups(url, hub.wake)
+    path = sqlite_path(url)
+    if path is None:
+        return None
+    local = LocalWakeups(path, hub.wake)
+    event_log.add_listener(lambda events: local.announce(events[-1].position))
+    return local
 
 
 def handler_runner(settings: Settings, event_log: EventLog, hub: Hub) -> HandlerRunner:
