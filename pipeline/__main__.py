@@ -2,4 +2,5 @@ import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a worker process imports it again (spawn)
+    sys.exit(main())

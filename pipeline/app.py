@@ -32,11 +32,12 @@ from pipeline.log import EventLog
 from pipeline.log.backends import DATABASE_ERRORS, sqlite_path
 from pipeline.log.localwake import LocalWakeups
 from pipeline.log.notify import Wakeups
-from pipeline.metrics import Metrics, metrics_endpoint
+from pipeline.metrics import Metrics, metrics_endpoint, own_figures
 from pipeline.migrate import check_revision, current_revision
 from pipeline.openapi import openapi_endpoint
 from pipeline.processing.handlers import load_handler
 from pipeline.processing.runner import HandlerRunner
+from pipeline.siblings import Siblings, Worker
 from pipeline.tasks import cancel_all
 from pipeline.ws import Connections, Session, StreamSettings
 
@@ -66,7 +67,9 @@ class StreamEndpoint:
         await session.run()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, worker: Worker | None = None) -> Starlette:
+    """The application; ``worker``: where the workers of one supervisor meet, and this one's
+    number (see :mod:`pipeline.siblings`)."""
     settings = settings or Settings()
     connections = Connections()
     guard = Guard(settings)
@@ -82,12 +85,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         runner: HandlerRunner | None = None
         watcher: asyncio.Task[None] | None = None
         wakeups = wakeups_for(settings.database_url, event_log, hub)
+        siblings = (Siblings(worker.place, worker.number,
+                             lambda: own_figures(connections, hub)) if worker else None)
         try:
             await bootstrap_tokens(tokens, settings)
             connections.tokens = tokens
             await hub.start()
             if wakeups is not None:
                 await wakeups.start()
+            if siblings is not None:
+                await siblings.start()
+                app.state.siblings = siblings
             if settings.handler:
                 runner = handler_runner(settings, event_log, hub)
                 await runner.start()
@@ -109,6 +117,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await runner.stop()
             if wakeups is not None:
                 await wakeups.stop()
+            if siblings is not None:
+                await siblings.stop()
             await hub.stop()
             await event_log.close()
 
@@ -132,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.connections = connections
     app.state.guard = guard
     app.state.metrics = Metrics()
+    app.state.siblings = None
     return app
 
 

@@ -172,13 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    from pipeline.serving import run_server  # noqa: PLC0415
+    from pipeline.serving import run_server, run_workers  # noqa: PLC0415
 
     if settings.migrate:
         upgrade(settings.database_url)
     # Fail here with one line, not with a traceback from inside uvicorn's lifespan.
     asyncio.run(_check_log(settings.database_url))
-    return run_server(settings)
+    return run_workers(settings) if settings.workers > 1 else run_server(settings)
 
 
 def upgrade(url: str) -> None:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
     migrate: bool = Field(True, description="upgrade the schema before serving")
+    workers: int = Field(1, ge=1, le=64, description=(
+        "processes serving the port, each writing to the one log (1: this process alone)"))
     pool_size: int = Field(5, ge=1, le=100, description=(
         "database connections for reads (as many more under load); writes use one"))
     heartbeat: float = Field(15.0, gt=0, description="seconds between WebSocket pings")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -42,9 +43,18 @@ class Count:
     def get(self, *label_values: str) -> float:
         return self.values.get(label_values, 0)
 
-    def family(self) -> Metric:
+    def snapshot(self) -> list[tuple[list[str], float]]:
+        return [(list(labels), value) for labels, value in self.values.items()]
+
+    def family(self, others: Sequence[list[tuple[list[str], float]]] = ()) -> Metric:
+        """This process's values, plus those of other workers' snapshots."""
+        values = dict(self.values)
+        for snapshot in others:
+            for labels, value in snapshot:
+                key = tuple(labels)
+                values[key] = values.get(key, 0) + value
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for label_values, value in sorted(self.values.items()):
+        for label_values, value in sorted(values.items()):
             family.add_metric(list(label_values), value)
         return family
 
@@ -67,14 +77,22 @@ class Spread:
     def count(self) -> int:
         return sum(self.counts)
 
-    def family(self) -> Metric:
+    def snapshot(self) -> tuple[list[int], float]:
+        return list(self.counts), self.sum
+
+    def family(self, others: Sequence[tuple[list[int], float]] = ()) -> Metric:
+        """This process's observations, plus those of other workers' snapshots."""
+        counts, total = list(self.counts), self.sum
+        for other_counts, other_sum in others:
+            counts = [a + b for a, b in zip(counts, other_counts, strict=True)]
+            total += other_sum
         family = HistogramMetricFamily(self.name, self.documentation)
         buckets: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
-        family.add_metric([], buckets, self.sum)
+        family.add_metric([], buckets, total)
         return family
 
 
@@ -110,9 +128,20 @@ ALL: tuple[Count | Spread, ...] = (SIGNALS, APPEND_SECONDS, COMMIT_SECONDS, BATC
                                    PAGED_EVENTS, WEBSOCKET_CLOSES, AUTH_FAILURES)
 
 
+def snapshot() -> dict[str, Any]:
+    """Every instrument's values, as JSON, for another worker to add to its own."""
+    return {i.name: i.snapshot() for i in ALL}
+
+
 class Instruments(Collector):
-    """Exposes the module's counters and histograms to a ``CollectorRegistry``."""
+    """Exposes the module's counters and histograms to a ``CollectorRegistry``: this
+    process's, plus the :func:`snapshot` of each other worker in :attr:`others` (set just
+    before a scrape is generated)."""
+
+    def __init__(self) -> None:
+        self.others: list[dict[str, Any]] = []
 
     def collect(self) -> Iterator[Metric]:
         for instrument in ALL:
-            yield instrument.family()
+            yield instrument.family([o[instrument.name] for o in self.others
+                                     if instrument.name in o])

@@ -9,6 +9,7 @@ counted as it happens (signals by outcome, latencies, closes, auth failures) is 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
@@ -16,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pipeline.hub import Hub
-from pipeline.instruments import Instruments
+from pipeline.instruments import Instruments, snapshot
 from pipeline.log import format_time, utc_now
 from pipeline.log.schema import signals
 from pipeline.processing.consumers import list_positions
 from pipeline.processing.projection import Status
+from pipeline.siblings import Siblings
 from pipeline.ws import Connections
 
 SUBSCRIBER_STATES = ("opening", "replaying", "paging", "live")
@@ -47,7 +49,8 @@ class Metrics:
             "state: opening (before welcome), replaying (catching up from memory), paging "
             "(behind the in-memory window: read from the log), live", ["state"],
             registry=self.registry)
-        self.registry.register(Instruments())
+        self.instruments = Instruments()
+        self.registry.register(self.instruments)
 
 
 def subscriber_states(connections: Connections, hub: Hub) -> dict[str, int]:
@@ -79,8 +82,22 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics.lag.clear()
     for consumer in await list_positions(svc.log.engines.reader):
         metrics.lag.labels(consumer.name).set(max(0, head - consumer.position))
-    metrics.subscribers.set(request.app.state.connections.open)
-    metrics.window.set(svc.hub.memory_events)
-    for state, count in subscriber_states(request.app.state.connections, svc.hub).items():
-        metrics.states.labels(state).set(count)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    own = own_figures(request.app.state.connections, svc.hub)
+    siblings: Siblings | None = request.app.state.siblings
+    others = await siblings.ask() if siblings is not None else []
+    metrics.subscribers.set(sum(f["subscribers"] for f in (own, *others)))
+    metrics.window.set(sum(f["window"] for f in (own, *others)))
+    for state in SUBSCRIBER_STATES:
+        metrics.states.labels(state).set(sum(f["states"].get(state, 0) for f in (own, *others)))
+    metrics.instruments.others = [f["instruments"] for f in others]
+    try:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    finally:
+        metrics.instruments.others = []
+
+
+def own_figures(connections: Connections, hub: Hub) -> dict[str, Any]:
+    """What this process alone knows, as JSON: for its own scrape, and for another worker's
+    (:mod:`pipeline.siblings`) to add to its own."""
+    return {"subscribers": connections.open, "window": hub.memory_events,
+            "states": subscriber_states(connections, hub), "instruments": snapshot()}

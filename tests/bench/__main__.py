@@ -68,6 +68,9 @@ class Plan:
     replay_messages: int
 
 
+# Workers of `signalbox serve --workers` in the ingestion rows that have them: one per core.
+WORKERS = max(2, min(os.cpu_count() or 2, 4))
+
 FULL = Plan(seconds=5, catchup_events=1_000_000, idle_subscribers=10_000,
             fanout_events=40_000, replay_messages=1_000_000)
 QUICK = Plan(seconds=2, catchup_events=100_000, idle_subscribers=1_000,
@@ -187,6 +190,14 @@ class Bench:
                                  keyed, "signals/s", "endpoint", "minimal endpoint", "", 0.5))
             self.add(self.versus(f"ingest {backend}: TradingView webhook", hook, "signals/s",
                                  "endpoint", "minimal endpoint", target, 0.5))
+        with sqlite_url() as db, signalbox(db, "--workers", str(WORKERS)) as server:
+            api = self.post(server.base_url, "/api/signals", ADMIN_TOKEN)
+            hook = self.post(server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}", None)
+        self.limits["ingest_SQLite_workers"] = api
+        self.add(self.versus(f"ingest SQLite, {WORKERS} workers: POST /api/signals", api,
+                             "signals/s", "endpoint", "minimal endpoint", "", 0.5))
+        self.add(self.versus(f"ingest SQLite, {WORKERS} workers: TradingView webhook", hook,
+                             "signals/s", "endpoint", "minimal endpoint", "", 0.5))
 
     def latency(self) -> None:
         with sqlite_url() as db, signalbox(db) as server:
@@ -287,12 +298,18 @@ class Bench:
         from tests.bench import peers  # noqa: PLC0415 - needs the bench extra
 
         recorder = peers.run("eventsourcing", "--seconds", str(self.plan.seconds))
-        self.peer_row("ingest SQLite: POST /api/signals", "ingest_SQLite",
-                      "eventsourcing SQLite recorder", number(recorder, "rate"), 3.0)
         publish = peers.run("jetstream-publish", "--seconds", str(self.plan.seconds))
-        for key, label in (("one_at_a_time", "one at a time"), ("in_flight_64", "64 in flight")):
-            self.peer_row("ingest SQLite: POST /api/signals", "ingest_SQLite",
-                          f"JetStream publish, sync always, {label}", number(publish, key), 3.0)
+        for figure, key in (("ingest SQLite: POST /api/signals", "ingest_SQLite"),
+                            (f"ingest SQLite, {WORKERS} workers: POST /api/signals",
+                             "ingest_SQLite_workers")):
+            if key not in self.limits and key != "ingest_SQLite":
+                continue  # without the ingest section, the peers' own rates are printed once
+            self.peer_row(figure, key, "eventsourcing SQLite recorder",
+                          number(recorder, "rate"), 3.0)
+            for rate, label in (("one_at_a_time", "one at a time"),
+                                ("in_flight_64", "64 in flight")):
+                self.peer_row(figure, key, f"JetStream publish, sync always, {label}",
+                              number(publish, rate), 3.0)
         replay = peers.run("jetstream-replay", "--count", str(self.plan.replay_messages))
         if self.catchup_batch is not None:
             self.add(Row("catch-up, batch", self.catchup_batch, "events/s",
