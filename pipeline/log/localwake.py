@@ -102,18 +102,23 @@ class LocalWakeups:
         self.wake(None)
 
     def _bind(self) -> None:
-        if not (_private_directory(self.place.parent) and _private_directory(self.place)):
-            raise PermissionError(f"{self.place} is not a private directory of this user")
-        for entry in os.scandir(self.place):
-            if not _alive(entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock = sock
         sock.setblocking(False)
-        own = self.place / self.name
-        sock.bind(str(own))
-        self._own = own
+        for attempt in range(3):
+            if not (_private_directory(self.place.parent) and _private_directory(self.place)):
+                raise PermissionError(f"{self.place} is not a private directory of this user")
+            for entry in os.scandir(self.place):
+                if not _alive(entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+            try:
+                sock.bind(str(self.place / self.name))
+                break
+            except FileNotFoundError:  # the last process to leave removed the directory
+                if attempt == 2:
+                    raise
+        self._own = self.place / self.name
         self._relist()
 
     async def stop(self) -> None:
@@ -128,6 +133,7 @@ class LocalWakeups:
         if self._own is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._own)
+                os.rmdir(self.place)  # the last to leave: not a directory per file for ever
             self._own = None
 
     # -- sending -----------------------------------------------------------------------------
