@@ -29,12 +29,11 @@ from tests.support import (
 from tests.test_client import FAST, Collector
 from tests.test_crash import Acknowledged
 from tests.test_faults import until
-from tests.test_metrics import scrape, value
 
-BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
-# Nothing but the workers' wake-ups can bring one worker's commits to another's subscribers
-# within the tests' deadlines.
-SLOW_POLL = {"SIGNALBOX_POLL_INTERVAL": "60"}
+# SLOW_POLL: nothing but the workers' wake-ups can bring one worker's commits to another's
+# subscribers within the tests' deadlines.
+from tests.test_localwake import BTC, SLOW_POLL
+from tests.test_metrics import scrape, value
 
 
 def workers_of(server: ServerProcess) -> list[psutil.Process]:
