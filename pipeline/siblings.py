@@ -55,6 +55,10 @@ class Siblings:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.place / str(self.number))
+                # The last worker to stop, when the supervisor could not (it was killed).
+                os.rmdir(self.place)
 
     async def ask(self, within: float = 1.0) -> list[dict[str, Any]]:
         """The figures of every other worker that answers ``within`` seconds."""

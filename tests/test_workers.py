@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import tempfile
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psutil
@@ -200,9 +202,17 @@ async def test_the_supervisor_stops_its_workers_gracefully_and_they_do_not_outli
     server.start()  # killed, the supervisor cannot stop them: they stop by themselves
     workers = workers_of(server)
     assert len(workers) == 2
+    # Where they meet (pipeline.siblings): the last of them removes it.
+    places = {Path(str(c.laddr)).parent for w in workers for c in w.net_connections("unix")
+              if str(c.laddr).startswith(tempfile.gettempdir())
+              and Path(str(c.laddr)).parent.name.startswith("signalbox-workers-")}
+    assert len(places) == 1
+    place = places.pop()
+    assert place.is_dir()
     server.kill()
     _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 15)
     assert not alive, "a worker outlived its supervisor"
+    assert not place.exists()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
