@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipeline.datagrams import close_endpoint, open_endpoint
+
 
 class Worker(NamedTuple):
     place: Path  # the supervisor's directory
@@ -42,23 +44,14 @@ class Siblings:
         own = self.place / str(self.number)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(own)  # left by this worker's predecessor
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ANSWER_LIMIT)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ANSWER_LIMIT)
-        sock.bind(str(own))
-        self._sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self._sock = open_endpoint(own, self._readable, buffer=ANSWER_LIMIT)
 
     async def stop(self) -> None:
+        # The last worker to stop removes the directory, when the supervisor could not (it
+        # was killed).
         if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
+            close_endpoint(self._sock, self.place / str(self.number))
             self._sock = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.place / str(self.number))
-                # The last worker to stop, when the supervisor could not (it was killed).
-                os.rmdir(self.place)
 
     async def ask(self, within: float = 1.0) -> list[dict[str, Any]]:
         """The figures of every other worker that answers ``within`` seconds."""

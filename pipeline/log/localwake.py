@@ -9,16 +9,16 @@ After each commit it sends the new head to every other socket there, a few micro
 
 A datagram is only a hint, as a notification is: the receiver's hub re-reads the log from its
 own cursor, and a lost one (a peer's full buffer, a peer not yet seen) costs at most one poll
-interval. A process that starts says ``hello`` to the others, so that they know it before their
-next listing of the directory; a listing is also taken again when the directory changes, and
-at least every second. Sockets left by processes that died are removed by the next process to
-start. Processes that do not share the temporary directory (another ``TMPDIR``, another user,
-a container with its own ``/tmp``) do not meet; they still see each other's commits by polling.
+interval. A process that starts says ``hello`` to the others, so that they know it at once;
+each lists the directory again at most once a second, when it has commits to tell. Sockets
+left by processes that died are removed by the next process to start, and the last process
+to leave removes the directory. Processes that do not share the temporary directory (another
+``TMPDIR``, another user, a container with its own ``/tmp``) do not meet; they still see each
+other's commits by polling.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -30,6 +30,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pipeline.datagrams import close_endpoint, open_endpoint
 
 log = logging.getLogger("signalbox.localwake")
 
@@ -77,11 +79,8 @@ class LocalWakeups:
         self.wake = wake
         self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._sock: socket.socket | None = None
-        self._own: Path | None = None
         self._peers: list[str] = []
         self._listed_at = 0.0
-        self._listed_mtime = -1
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def peers(self) -> list[str]:
@@ -93,18 +92,11 @@ class LocalWakeups:
         except OSError as exc:
             log.warning("cannot meet other processes of this log at %s (%r); they will see "
                         "each other's commits at their poll interval", self.place, exc)
-            self._close()
             return
-        assert self._sock is not None
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._readable)
         self._send_all(HELLO)
         self.wake(None)
 
     def _bind(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock = sock
-        sock.setblocking(False)
         for attempt in range(3):
             if not (_private_directory(self.place.parent) and _private_directory(self.place)):
                 raise PermissionError(f"{self.place} is not a private directory of this user")
@@ -113,28 +105,17 @@ class LocalWakeups:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
             try:
-                sock.bind(str(self.place / self.name))
+                self._sock = open_endpoint(self.place / self.name, self._readable)
                 break
             except FileNotFoundError:  # the last process to leave removed the directory
                 if attempt == 2:
                     raise
-        self._own = self.place / self.name
         self._relist()
 
     async def stop(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
         if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+            close_endpoint(self._sock, self.place / self.name)
             self._sock = None
-        if self._own is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._own)
-                os.rmdir(self.place)  # the last to leave: not a directory per file for ever
-            self._own = None
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -145,10 +126,6 @@ class LocalWakeups:
         now = time.monotonic()
         if now - self._listed_at >= RELIST_SECONDS:
             self._relist(now)
-        else:
-            with contextlib.suppress(OSError):
-                if os.stat(self.place).st_mtime_ns != self._listed_mtime:
-                    self._relist(now)
         self._send_all(str(head).encode())
 
     def _send_all(self, payload: bytes) -> None:
@@ -166,11 +143,9 @@ class LocalWakeups:
 
     def _relist(self, now: float | None = None) -> None:
         try:
-            mtime = os.stat(self.place).st_mtime_ns
             names = os.listdir(self.place)
         except OSError:
             return
-        self._listed_mtime = mtime
         self._listed_at = time.monotonic() if now is None else now
         self._peers = [str(self.place / n) for n in sorted(names) if n != self.name]
 
