@@ -4,7 +4,10 @@ them), so that a subscriber of one sees another's commits long before its poll."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,15 @@ BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 SLOW_POLL = {"SIGNALBOX_POLL_INTERVAL": "60"}
 
 
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A short directory for the sockets: a Unix socket's path holds at most 107 bytes, which
+    pytest's own temporary directories can pass."""
+    folder = Path(tempfile.mkdtemp(prefix="sbx-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 class Heard:
     """What a :class:`LocalWakeups` was woken with, and an event set on each wake-up."""
 
@@ -41,10 +53,11 @@ class Heard:
         return self.heads[-1]
 
 
-async def test_a_commit_announced_by_one_process_wakes_the_others(tmp_path: Path) -> None:
+async def test_a_commit_announced_by_one_process_wakes_the_others(tmp_path: Path,
+                                                                  base: Path) -> None:
     database = tmp_path / "log.db"
     heard = [Heard() for _ in range(3)]
-    first, second = (LocalWakeups(database, heard[i], base=tmp_path) for i in range(2))
+    first, second = (LocalWakeups(database, heard[i], base=base) for i in range(2))
     await first.start()
     assert await heard[0].next() is None  # started: look at the log once
     await second.start()
@@ -55,9 +68,9 @@ async def test_a_commit_announced_by_one_process_wakes_the_others(tmp_path: Path
     second.announce(9)
     assert await heard[0].next() == 9
     # A third, and a process of another database, which must hear nothing.
-    third = LocalWakeups(database, heard[2], base=tmp_path)
+    third = LocalWakeups(database, heard[2], base=base)
     elsewhere_heard = Heard()
-    elsewhere = LocalWakeups(tmp_path / "other.db", elsewhere_heard, base=tmp_path)
+    elsewhere = LocalWakeups(tmp_path / "other.db", elsewhere_heard, base=base)
     await third.start()
     await elsewhere.start()
     assert await heard[2].next() is None
@@ -82,16 +95,16 @@ async def test_a_commit_announced_by_one_process_wakes_the_others(tmp_path: Path
 
 
 async def test_sockets_of_dead_processes_are_removed_and_a_shared_place_is_refused(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, base: Path, caplog: pytest.LogCaptureFixture) -> None:
     database = tmp_path / "log.db"
-    place = meeting_place(database, tmp_path)
+    place = meeting_place(database, base)
     place.mkdir(parents=True, mode=0o700)
     ended = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await ended.wait()
     dead = ended.pid
     (place / f"{dead}-00000000").touch()  # what a killed process leaves
     heard = Heard()
-    wakeups = LocalWakeups(database, heard, base=tmp_path)
+    wakeups = LocalWakeups(database, heard, base=base)
     await wakeups.start()
     assert sorted(p.name for p in place.iterdir()) == [wakeups.name]
     await wakeups.stop()
@@ -99,7 +112,7 @@ async def test_sockets_of_dead_processes_are_removed_and_a_shared_place_is_refus
 
     place.mkdir(mode=0o777)
     place.chmod(0o777)  # anyone could put a socket here: not a place to meet
-    refused = LocalWakeups(database, heard, base=tmp_path)
+    refused = LocalWakeups(database, heard, base=base)
     await refused.start()
     assert "not a private directory" in caplog.text
     refused.announce(3)  # a no-op, not an error

@@ -223,7 +223,8 @@ def hello(**fields: Any) -> str:
     (hello(token=INGEST_TOKEN, cursor=0), 4403),
     (hello(token=ADMIN_TOKEN, cursor=10**9), 4409),  # ahead of any head in this module
     (hello(token=ADMIN_TOKEN, cursor=0, epoch="other"), 4409),
-])
+], ids=lambda value: (value.replace(ADMIN_TOKEN, "<admin>").replace(INGEST_TOKEN, "<ingest>")
+                      if isinstance(value, str) else None))
 async def test_bad_hello_gets_the_right_close_code(shared_server: ServerProcess, frame: str,
                                                   code: int) -> None:
     async with websockets.connect(shared_server.ws_url) as conn:
