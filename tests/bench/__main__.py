@@ -70,6 +70,18 @@ class Plan:
 
 # Workers of `signalbox serve --workers` in the ingestion rows that have them: one per core.
 WORKERS = max(2, min(os.cpu_count() or 2, 4))
+MINIMAL = "limit: minimal Starlette JSON endpoint"
+FLOOR = "limit: floor: group commit of the log's rows"
+FLOOR_WORKERS = f"{FLOOR}, {WORKERS} workers"
+API = {"SQLite": "ingest SQLite: POST /api/signals",
+       "PostgreSQL": "ingest PostgreSQL: POST /api/signals",
+       "workers": f"ingest SQLite, {WORKERS} workers: POST /api/signals"}
+ORDER = [FLOOR, API["SQLite"], "ingest SQLite: POST /api/signals, Idempotency-Key",
+         "ingest SQLite: TradingView webhook", API["PostgreSQL"],
+         "ingest PostgreSQL: POST /api/signals, Idempotency-Key",
+         "ingest PostgreSQL: TradingView webhook", FLOOR_WORKERS, API["workers"],
+         f"ingest SQLite, {WORKERS} workers: TradingView webhook"]
+TARGETED = {FLOOR, API["SQLite"], "ingest SQLite: TradingView webhook"}
 
 FULL = Plan(seconds=5, catchup_events=1_000_000, idle_subscribers=10_000,
             fanout_events=40_000, replay_messages=1_000_000)
@@ -96,9 +108,23 @@ def last_json(output: str) -> dict[str, Any]:
 
 @contextmanager
 def minimal_server() -> Iterator[str]:
+    with limit_server("tests.bench.minimal", "serve") as url:
+        yield url
+
+
+@contextmanager
+def floor_server(workers: int = 1) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="signalbox-bench-") as folder, \
+            limit_server("tests.bench.floor", "--database", f"{folder}/floor.db",
+                         "--workers", str(workers)) as url:
+        yield url
+
+
+@contextmanager
+def limit_server(module: str, *args: str) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.bench.minimal", "serve", "--port",
-                                str(port)], cwd=repo_root())
+    process = subprocess.Popen([sys.executable, "-m", module, *args, "--port", str(port)],
+                               cwd=repo_root())
     try:
         wait_for_port(port, process)
         yield f"http://127.0.0.1:{port}"
@@ -121,7 +147,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"the minimal server did not listen on port {port}")
+    raise RuntimeError(f"the limit's server did not listen on port {port}")
 
 
 @contextmanager
@@ -167,37 +193,57 @@ class Bench:
     # -- sections ------------------------------------------------------------------------------
 
     def ingest(self) -> None:
+        """The minimal endpoint is measured first and last, and the others against the mean
+        of the two: these virtual machines change speed over minutes."""
         with minimal_server() as url:
-            self.limits["endpoint"] = self.post(url, "/api/signals", None)
-        self.add(Row("limit: minimal Starlette JSON endpoint", self.limits["endpoint"],
-                     "requests/s"))
+            first = self.post(url, "/api/signals", None)
+        rates = self.contenders()
         raw = last_json(run_module("tests.bench.minimal", "sqlite", "--seconds",
                                    str(self.plan.seconds), timeout=120))
         self.limits["sqlite_commit"] = float(raw["rate"])
-        self.add(Row("limit: raw SQLite commits (WAL, synchronous=FULL)", raw["rate"],
-                     "commits/s"))
         for backend, database in (("SQLite", sqlite_url), ("PostgreSQL", postgres_url)):
             with database() as db, signalbox(db) as server:
-                api = self.post(server.base_url, "/api/signals", ADMIN_TOKEN)
-                keyed = self.post(server.base_url, "/api/signals", ADMIN_TOKEN, "--keyed")
-                hook = self.post(server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}",
-                                 None)
-            target = "≥ 50% of the limit" if backend == "SQLite" else ""
-            self.limits[f"ingest_{backend}"] = api
-            self.add(self.versus(f"ingest {backend}: POST /api/signals", api, "signals/s",
-                                 "endpoint", "minimal endpoint", target, 0.5))
-            self.add(self.versus(f"ingest {backend}: POST /api/signals, Idempotency-Key",
-                                 keyed, "signals/s", "endpoint", "minimal endpoint", "", 0.5))
-            self.add(self.versus(f"ingest {backend}: TradingView webhook", hook, "signals/s",
-                                 "endpoint", "minimal endpoint", target, 0.5))
+                if backend == "PostgreSQL":
+                    rates[API["PostgreSQL"]] = self.post(server.base_url, "/api/signals",
+                                                         ADMIN_TOKEN)
+                rates[f"ingest {backend}: POST /api/signals, Idempotency-Key"] = self.post(
+                    server.base_url, "/api/signals", ADMIN_TOKEN, "--keyed")
+                rates[f"ingest {backend}: TradingView webhook"] = self.post(
+                    server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}", None)
         with sqlite_url() as db, signalbox(db, "--workers", str(WORKERS)) as server:
-            api = self.post(server.base_url, "/api/signals", ADMIN_TOKEN)
-            hook = self.post(server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}", None)
-        self.limits["ingest_SQLite_workers"] = api
-        self.add(self.versus(f"ingest SQLite, {WORKERS} workers: POST /api/signals", api,
-                             "signals/s", "endpoint", "minimal endpoint", "", 0.5))
-        self.add(self.versus(f"ingest SQLite, {WORKERS} workers: TradingView webhook", hook,
-                             "signals/s", "endpoint", "minimal endpoint", "", 0.5))
+            rates[f"ingest SQLite, {WORKERS} workers: TradingView webhook"] = self.post(
+                server.base_url, f"/webhooks/tradingview/{INGEST_TOKEN}", None)
+        with minimal_server() as url:
+            last = self.post(url, "/api/signals", None)
+        self.limits["endpoint"] = endpoint = (first + last) / 2
+        self.limits.update(rates)
+        print(f"  minimal endpoint: {first:,.0f} requests/s first, {last:,.0f} last, their mean "
+              "beside the others", flush=True)
+        self.add(Row(MINIMAL, endpoint, "requests/s"))
+        self.add(Row("limit: raw SQLite commits (WAL, synchronous=FULL)", raw["rate"],
+                     "commits/s"))
+        for figure, rate in sorted(rates.items(), key=lambda item: ORDER.index(item[0])):
+            target = "≥ 50% of the limit" if figure in TARGETED else ""
+            self.add(self.versus(figure, rate, "signals/s", "endpoint", "minimal endpoint",
+                                 target, 0.5))
+        for figure, floor in ((API["SQLite"], FLOOR), (API["workers"], FLOOR_WORKERS)):
+            self.add(Row(figure, rates[figure], "signals/s", beside=floor.removeprefix(
+                "limit: "), beside_value=rates[floor]))
+
+    def contenders(self, *, minimal: bool = False) -> dict[str, float]:
+        """Signalbox's ingestion through the API on SQLite, one process and workers, and the
+        floor beside each, one after the other; and the minimal endpoint first if asked."""
+        rates = {}
+        if minimal:
+            with minimal_server() as url:
+                rates[MINIMAL] = self.post(url, "/api/signals", None)
+        for workers, figure, floor in ((1, API["SQLite"], FLOOR),
+                                       (WORKERS, API["workers"], FLOOR_WORKERS)):
+            with sqlite_url() as db, signalbox(db, "--workers", str(workers)) as server:
+                rates[figure] = self.post(server.base_url, "/api/signals", ADMIN_TOKEN)
+            with floor_server(workers) as url:
+                rates[floor] = self.post(url, "/api/signals", None)
+        return rates
 
     def latency(self) -> None:
         with sqlite_url() as db, signalbox(db) as server:
@@ -295,21 +341,27 @@ class Bench:
                      beside="before", beside_value=before / 2**20))
 
     def peers(self) -> None:
+        """Signalbox, the floor and the minimal endpoint are measured just before and just
+        after the peers, and compared by the mean of the two."""
         from tests.bench import peers  # noqa: PLC0415 - needs the bench extra
 
+        before = self.contenders(minimal=True)
         recorder = peers.run("eventsourcing", "--seconds", str(self.plan.seconds))
         publish = peers.run("jetstream-publish", "--seconds", str(self.plan.seconds))
-        for figure, key in (("ingest SQLite: POST /api/signals", "ingest_SQLite"),
-                            (f"ingest SQLite, {WORKERS} workers: POST /api/signals",
-                             "ingest_SQLite_workers")):
-            if key not in self.limits and key != "ingest_SQLite":
-                continue  # without the ingest section, the peers' own rates are printed once
-            self.peer_row(figure, key, "eventsourcing SQLite recorder",
-                          number(recorder, "rate"), 3.0)
-            for rate, label in (("one_at_a_time", "one at a time"),
-                                ("in_flight_64", "64 in flight")):
-                self.peer_row(figure, key, f"JetStream publish, sync always, {label}",
-                              number(publish, rate), 3.0)
+        after = self.contenders(minimal=True)
+        against = [("eventsourcing SQLite recorder", number(recorder, "rate")),
+                   ("JetStream publish, sync always, one at a time",
+                    number(publish, "one_at_a_time")),
+                   ("JetStream publish, sync always, 64 in flight",
+                    number(publish, "in_flight_64"))]
+        for figure, rate in before.items():
+            value = (rate + after[figure]) / 2
+            print(f"  {figure}: {rate:,.0f} before the peers, {after[figure]:,.0f} after, "
+                  "their mean beside them", flush=True)
+            unit = "requests/s" if figure == MINIMAL else "signals/s"
+            for peer, peer_rate in against:
+                self.add(Row(figure, value, unit, beside=peer, beside_value=peer_rate,
+                             target="≥ 3x", met=value >= 3 * peer_rate))
         replay = peers.run("jetstream-replay", "--count", str(self.plan.replay_messages))
         if self.catchup_batch is not None:
             self.add(Row("catch-up, batch", self.catchup_batch, "events/s",
@@ -318,14 +370,6 @@ class Bench:
         else:
             self.add(Row("JetStream ordered consumer replay", number(replay, "rate"),
                          "messages/s"))
-
-    def peer_row(self, figure: str, key: str, peer: str, rate: float, factor: float) -> None:
-        if key not in self.limits:
-            self.add(Row(peer, rate, "events/s"))
-            return
-        value = self.limits[key]
-        self.add(Row(figure, value, "signals/s", beside=peer, beside_value=rate,
-                     target=f"≥ {factor:g}x", met=value >= factor * rate))
 
     def versus(self, figure: str, value: float, unit: str, limit: str, label: str,  # noqa: PLR0917
                target: str, fraction: float) -> Row:
