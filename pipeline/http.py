@@ -128,10 +128,15 @@ def request_facts(request: Request, body: str, valid_utf8: bool) -> dict[str, An
     return facts
 
 
+def client_address(request: Request) -> str | None:
+    """The TCP peer, or behind a trusted proxy the address it forwards for."""
+    peer = request.client.host if request.client else None
+    return services(request).sources.client_address(peer, request.headers)
+
+
 async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
     svc = services(request)
-    peer = request.client.host if request.client else None
-    client = svc.sources.client_address(peer, request.headers)
+    client = client_address(request)
     svc.sources.check(client)
     if path_token is not None:
         token = await authenticate(request, path_token, Scope.INGEST)
@@ -179,7 +184,7 @@ async def post_signal(request: Request) -> Response:
     key = request.headers.get("idempotency-key") or parsed.idempotency_key
     outcome = await svc.ingestor.submit(Submission(
         source="api", raw=body, parsed=parsed, token_name=token.name,
-        remote_addr=request.client.host if request.client else None,
+        remote_addr=client_address(request),
         content_type=request.headers.get("content-type"), idempotency_key=key,
         facts=request_facts(request, body, valid_utf8),
     ))

@@ -85,6 +85,10 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
         ws=websocket_protocol(behind_tls=settings.behind_tls), ws_max_size=1 << 20,
         ws_ping_interval=None, server_header=False, access_log=settings.access_log,
+        # The client's address is the TCP peer unless that is one of SIGNALBOX_TRUSTED_PROXIES
+        # (SourcePolicy.client_address): uvicorn's own X-Forwarded-For handling, which
+        # believes any local peer, would let a local process choose its address.
+        proxy_headers=False,
         timeout_graceful_shutdown=10, lifespan="on",
         # The protocols write their own answers (400, 431, 503) as the application would;
         # the concurrency limit is theirs, not uvicorn's, which would answer in plain text.

@@ -349,7 +349,43 @@ async def test_source_allowlist_and_trusted_proxies(database_url: str) -> None:
             spoofed = await client.post(url, content=json.dumps(BTC),
                                         headers={"X-Forwarded-For": "10.1.2.3, 8.8.8.8"})
             assert spoofed.status_code == 403
-            events = await read_all_events(client)
-            assert events[0]["data"]["remote_addr"] == "10.1.2.3"
+            api = await client.post("/api/signals", json=BTC, headers={
+                **headers(INGEST_TOKEN), "X-Forwarded-For": "10.1.9.9"})
+            assert api.status_code == 202, api.text
+            received = [e["data"] for e in await read_all_events(client)
+                        if e["type"] == "signal.received"]
+            assert [d["remote_addr"] for d in received] == ["10.1.2.3", "10.1.9.9"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_forwarded_for_counts_only_from_a_trusted_proxy(database_url: str) -> None:
+    """With no trusted proxy, X-Forwarded-For is the client's own word: a local process
+    cannot pass the allowlist, hide from the failure limit or sign the audit trail with it."""
+    server = ServerProcess(database_url, env={
+        "SIGNALBOX_ALLOWED_SOURCES": "10.1.0.0/16", "SIGNALBOX_AUTH_FAILURES": "2",
+    }).start()
+    forged = {"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Proto": "https"}
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            hook = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                     content=json.dumps(BTC), headers=forged)
+            assert hook.status_code == 403 and error_of(hook) == "source_not_allowed"
+            api = await client.post("/api/signals", json=BTC,
+                                    headers={**headers(INGEST_TOKEN), **forged})
+            assert api.status_code == 202, api.text
+            received = [e["data"] for e in await read_all_events(client)
+                        if e["type"] == "signal.received"]
+            assert [d["remote_addr"] for d in received] == ["127.0.0.1"]
+            for n in range(2):  # each failure under another forged address
+                failed = await client.get("/api/signals", headers={
+                    "Authorization": "Bearer wrong", "X-Forwarded-For": f"10.1.3.{n}"})
+                assert failed.status_code == 401
+            refused = await client.get("/api/signals", headers={
+                **headers(ADMIN_TOKEN), "X-Forwarded-For": "10.1.3.7"})
+            assert refused.status_code == 429, refused.text
+            assert error_of(refused) == "too_many_auth_failures"
+            assert "127.0.0.1" in refused.json()["message"]
     finally:
         server.stop()
