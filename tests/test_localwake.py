@@ -94,6 +94,32 @@ async def test_a_commit_announced_by_one_process_wakes_the_others(tmp_path: Path
     assert not first.place.exists() and not elsewhere.place.exists()
 
 
+async def test_processes_meet_under_tmp_when_the_temporary_directory_is_too_long(
+        tmp_path: Path, base: Path) -> None:
+    """A Unix socket's path holds at most 107 bytes: with a long ``TMPDIR`` the processes meet
+    under /tmp instead of falling back, every one of them, to their poll interval."""
+    long_base = base / ("a-long-temporary-directory-" * 4)
+    long_base.mkdir()
+    database = tmp_path / "log.db"
+    place = meeting_place(database, long_base)
+    assert place.parent.parent == Path("/tmp")
+    assert place == meeting_place(database, base / "another-long-one" / ("x" * 80))
+    heard = [Heard(), Heard()]
+    first, second = (LocalWakeups(database, heard[i], base=long_base) for i in range(2))
+    try:
+        for wakeups, its in zip((first, second), heard, strict=True):
+            await wakeups.start()
+            assert await its.next() is None  # bound, not fallen back to polling
+        first.announce(7)
+        assert await heard[1].next() == 7
+        second.announce(9)
+        assert await heard[0].next() == 9
+    finally:
+        await first.stop()
+        await second.stop()
+    assert not place.exists()
+
+
 async def test_sockets_of_dead_processes_are_removed_and_a_shared_place_is_refused(
         tmp_path: Path, base: Path, caplog: pytest.LogCaptureFixture) -> None:
     database = tmp_path / "log.db"

@@ -4,7 +4,8 @@ PostgreSQL tells other instances of a commit with ``NOTIFY`` (:mod:`pipeline.log
 SQLite has nothing of the kind, and without it a subscriber of one process would see the
 commits of another only at its hub's next poll. So every process serving a SQLite log binds a
 datagram socket in a meeting place of its own: a directory of the user's, under the temporary
-directory, named after the database file's real path (``signalbox-<uid>/<hash>/<pid>-<nonce>``).
+directory (``/tmp`` if the temporary directory's path is too long for a socket's), named after
+the database file's real path (``signalbox-<uid>/<hash>/<pid>-<nonce>``).
 After each commit it sends the new head to every other socket there, a few microseconds each.
 
 A datagram is only a hint, as a notification is: the receiver's hub re-reads the log from its
@@ -39,12 +40,24 @@ HELLO = b"hello"
 RELIST_SECONDS = 1.0
 
 
+# A Unix socket's path holds at most 107 bytes on Linux, 103 on macOS; a socket's own name
+# (``<pid>-<nonce>``) takes at most 16 of them.
+SOCKET_PATH_MAX = 103
+SOCKET_NAME_MAX = len(f"{1 << 22}-{'0' * 8}")
+SHORT_TEMP = Path("/tmp")
+
+
 def meeting_place(database: Path, base: Path | None = None) -> Path:
-    """The directory where the processes serving ``database`` meet."""
+    """The directory where the processes serving ``database`` meet: under ``base`` (the
+    temporary directory), or under ``/tmp`` when a socket's path there would be too long (a
+    long ``TMPDIR``); every process of the file makes the same choice."""
     real = os.path.realpath(database)
     digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    root = (base or Path(tempfile.gettempdir())) / f"signalbox-{os.getuid()}"
-    return root / digest
+    for root in (base or Path(tempfile.gettempdir()), SHORT_TEMP):
+        place = root / f"signalbox-{os.getuid()}" / digest
+        if len(os.fsencode(place)) + 1 + SOCKET_NAME_MAX <= SOCKET_PATH_MAX:
+            break
+    return place  # still too long (no usable /tmp): start() warns and polling stands in
 
 
 def _private_directory(path: Path) -> bool:
