@@ -84,6 +84,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None,
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # The protocol's own heartbeat (ping/pong frames) watches the link; no second one.
         ws=websocket_protocol(behind_tls=settings.behind_tls), ws_max_size=1 << 20,
+        ws_per_message_deflate=settings.ws_compression,  # docs/performance.md#websocket-compression
         ws_ping_interval=None, server_header=False, access_log=settings.access_log,
         # The client's address is the TCP peer unless that is one of SIGNALBOX_TRUSTED_PROXIES
         # (SourcePolicy.client_address): uvicorn's own X-Forwarded-For handling, which

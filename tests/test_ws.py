@@ -27,6 +27,7 @@ from tests.support import (
     sqlite_only,
     ws_connect,
 )
+from tests.wsraw import TEXT, RawClient, encode_frame
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 
@@ -138,28 +139,54 @@ async def test_batch_mode_packs_frames(shared_server: ServerProcess,
         await conn.close()
 
 
-@pytest.mark.parametrize("compression", [None, "deflate"])
 async def test_every_event_is_a_message_of_its_own_whatever_its_size(
-        shared_server: ServerProcess, shared_client: httpx.AsyncClient,
-        compression: Literal["deflate"] | None) -> None:
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
     """A page of events goes out in one write per 64 KiB, its frames built by the server when
     the connection has no compression: events of every frame-header size (up to over 64 KiB,
     the raw body of a webhook), in pages larger than a write, arrive one message each, as
-    ``/api/events`` holds them, with and without permessage-deflate."""
-    start = await head_of(shared_client)
+    ``/api/events`` holds them."""
+    await every_event_arrives(shared_server, shared_client, None)
+
+
+async def test_permessage_deflate_is_declined_unless_turned_on(
+        shared_server: ServerProcess) -> None:
+    """Browsers and ``websockets`` clients (ours too) offer permessage-deflate; accepted, it
+    would compress every event for each subscriber alone and hold zlib's state for each."""
+    conn = await websockets.connect(shared_server.ws_url)  # offers it, as by default
+    try:
+        assert conn.protocol.extensions == []
+        await conn.send(hello(token=ADMIN_TOKEN, cursor=None))
+        assert (await next_frame(conn))["op"] == "welcome"
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_with_ws_compression_every_event_arrives_compressed(database_url: str) -> None:
+    server = ServerProcess(database_url, args=["--ws-compression"]).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            await every_event_arrives(server, client, "deflate")
+    finally:
+        server.stop()
+
+
+async def every_event_arrives(server: ServerProcess, client: httpx.AsyncClient,
+                              compression: Literal["deflate"] | None) -> None:
+    start = await head_of(client)
     for size in [1, 90, 500, 20_000, 65_000, 3, 60_000]:
         body = "x" * size  # not an alert: rejected, but received and logged as it came
-        response = await shared_client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
-                                            content=body)
+        response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}", content=body)
         assert response.status_code in (202, 422), response.text
     for i in range(300):
-        await post(shared_client, ticker=f"T{i}")
-    head = await head_of(shared_client)
-    expected = await read_events(shared_client, start, head)
+        await post(client, ticker=f"T{i}")
+    head = await head_of(client)
+    expected = await read_events(client, start, head)
     assert max(len(json.dumps(e)) for e in expected) > 1 << 16
-    conn = await websockets.connect(shared_server.ws_url, compression=compression,
-                                    max_size=None, max_queue=None)
+    conn = await websockets.connect(server.ws_url, compression=compression, max_size=None,
+                                    max_queue=None)
     try:
+        assert bool(conn.protocol.extensions) == (compression is not None)
         await conn.send(hello(token=ADMIN_TOKEN, cursor=start))
         assert (await next_frame(conn))["op"] == "welcome"
         received = await collect_until(conn, head)
@@ -244,11 +271,12 @@ async def test_binary_oversized_and_unknown_frames_close_4400_and_others_go_on(
             await next_frame(conn)  # live
             await conn.send(bad)
             await expect_close(conn, 4400)
-        async with websockets.connect(shared_server.ws_url, max_size=None) as conn:
-            await conn.send("x" * (2 << 20))  # over the protocol layer's limit
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(conn.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        # Over the protocol layer's limit: refused once the frame's header says so. (Sent
+        # whole, without compression, the rest of it would still be arriving when the server
+        # closes, and the reset that follows can overtake the close frame.)
+        raw = await RawClient.connect(shared_server.port)
+        raw.send(encode_frame(TEXT, b"x" * 1000, declared=2 << 20))
+        assert (await raw.until_close()).close_code == 1009
         position = await post(shared_client)
         frames = await collect_until(bystander, position)
         assert frames[-1]["position"] == position

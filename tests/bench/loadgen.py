@@ -119,8 +119,8 @@ async def post_load(url: str, path: str, token: str | None, *, clients: int, sec
 async def subscribe(ws_url: str, token: str | None, cursor: int | None = None,
                     **hello: Any) -> tuple[ClientConnection, dict[str, Any]]:
     """Connect, say hello and return the connection and its welcome."""
-    conn = await websockets.connect(ws_url, max_size=None, compression=None,
-                                    ping_interval=None, open_timeout=60)
+    # permessage-deflate offered, as by browsers and Signalbox's client: the server declines
+    conn = await websockets.connect(ws_url, max_size=None, ping_interval=None, open_timeout=60)
     await conn.send(json.dumps({"op": "hello", "token": token, "cursor": cursor, **hello}))
     welcome = json.loads(await conn.recv())
     if welcome.get("op") != "welcome":

@@ -94,8 +94,8 @@ app = Starlette(routes=[
 
 def serve(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                ws="websockets-sansio", ws_max_size=1 << 20, ws_ping_interval=None,
-                server_header=False)
+                ws="websockets-sansio", ws_max_size=1 << 20, ws_per_message_deflate=False,
+                ws_ping_interval=None, server_header=False)
 
 
 ROW = json.dumps({"ticker": "BTCUSDT", "action": "buy", "quantity": "0.015",
