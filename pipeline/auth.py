@@ -7,6 +7,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,8 @@ from pipeline.errors import BadRequest, Conflict, Forbidden, SourceNotAllowed, U
 from pipeline.instruments import AUTH_FAILURES
 from pipeline.log.model import format_time, utc_now
 from pipeline.log.schema import tokens
+
+log = logging.getLogger("signalbox.auth")
 
 TOKEN_PREFIX = "sbx_"
 ADMIN_ENV_NAME = "env-admin"
@@ -275,7 +278,10 @@ class SourcePolicy:
         if address is None:
             return peer
         forwarded = headers.get("x-forwarded-for")
-        if not forwarded or not self._is_trusted(address):
+        if not forwarded:
+            return str(address)
+        if not self._is_trusted(address):
+            _ignored_forwarding(address)
             return str(address)
         for hop in reversed([h.strip() for h in forwarded.split(",")]):
             hop_address = _parse_address(hop)
@@ -305,6 +311,21 @@ class SourcePolicy:
 
     def _is_trusted(self, address: Address) -> bool:
         return any(address in network for network in self.trusted)
+
+
+_IGNORED_FROM: set[Address] = set()
+IGNORED_WARNINGS = 16  # distinct peers warned about, at most: a client may send the header too
+
+
+def _ignored_forwarding(peer: Address) -> None:
+    """Say once per peer (a reverse proxy not listed, most likely) that its X-Forwarded-For
+    counts for nothing: the client address is the peer's own."""
+    if peer in _IGNORED_FROM or len(_IGNORED_FROM) >= IGNORED_WARNINGS:
+        return
+    _IGNORED_FROM.add(peer)
+    log.warning("X-Forwarded-For from %s ignored: it is not in SIGNALBOX_TRUSTED_PROXIES, so "
+                "its requests count as coming from %s itself; if it is a reverse proxy, list "
+                "it there", peer, peer)
 
 
 def _parse_address(value: str | None) -> Address | None:

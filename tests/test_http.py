@@ -11,7 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers, read_all_events
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    ServerProcess,
+    headers,
+    read_all_events,
+    wait_until,
+)
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 # Most tests share a server (each asserts only about the signals it posts); between them they
@@ -387,5 +394,10 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(database_url: str)
             assert refused.status_code == 429, refused.text
             assert error_of(refused) == "too_many_auth_failures"
             assert "127.0.0.1" in refused.json()["message"]
+        # Said once, for the operator of a proxy not listed: what went unheeded, and what to do.
+        wait_until(lambda: any("X-Forwarded-For from 127.0.0.1 ignored" in line
+                               for line in server.output))
+        warned = [line for line in server.output if "X-Forwarded-For" in line]
+        assert len(warned) == 1 and "SIGNALBOX_TRUSTED_PROXIES" in warned[0]
     finally:
         server.stop()
