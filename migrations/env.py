@@ -1,8 +1,9 @@
 """Alembic environment: async engines, SQLite in batch mode, one migrator at a time.
 
 Run through ``signalbox migrate`` (or ``pipeline.migrate``), which passes the database URL in
-the Alembic config. On PostgreSQL an advisory lock makes instances that start together apply
-each revision exactly once; the others wait and then find nothing left to do.
+the Alembic config. Instances that start together apply each revision exactly once; the others
+wait and then find nothing left to do: on SQLite the one transaction of the upgrade holds the
+write lock, on PostgreSQL an advisory lock is held around it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=metadata,
         render_as_batch=is_sqlite,
+        # One transaction for every revision to apply, SQLite included (Alembic would commit
+        # each revision on its own there): it holds the write lock (BEGIN IMMEDIATE, see
+        # migration_engine) from reading the schema's revision to the end, so instances that
+        # start together apply each revision once. PostgreSQL's advisory lock does the same.
+        transactional_ddl=True,
         transaction_per_migration=False,
     )
     if connection.dialect.name == "postgresql":

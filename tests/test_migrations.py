@@ -11,7 +11,7 @@ import threading
 import asyncpg
 import pytest
 from alembic import command
-from sqlalchemy import text
+from sqlalchemy import Connection, Engine, event, text
 
 from pipeline import migrate
 from pipeline.log.backends import migration_engine
@@ -44,6 +44,27 @@ async def test_instances_starting_together_migrate_exactly_once(database_url: st
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_upgrade_is_one_transaction_on_sqlite(database_url: str) -> None:
+    """Every revision from an empty database to the head in one transaction, which holds the
+    write lock from the reading of the schema's revision to the end: committed a revision at a
+    time, another process could run a revision between two commits, and the first would then
+    run it again ("table ... already exists")."""
+    commits: list[Connection] = []
+
+    def committed(connection: Connection) -> None:
+        commits.append(connection)
+
+    event.listen(Engine, "commit", committed)
+    try:
+        await migrate.upgrade_async(database_url)
+    finally:
+        event.remove(Engine, "commit", committed)
+    assert len(migrate.known_revisions()) > 1 and len(commits) == 1
+    assert await scalar_rows(database_url, "SELECT version_num FROM alembic_version") == [
+        migrate.head_revision()]
 
 
 def signalbox(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
