@@ -31,6 +31,8 @@ from pipeline.errors import (
 
 # Routes that take a token; a refused address gets 429 on these (and on /ws hellos) only.
 AUTHENTICATED_PATHS = ("/api/", "/webhooks/")
+# The client's address as the guard found it, kept in the request's scope for the endpoints.
+CLIENT_ADDRESS = "signalbox.client_address"
 MAX_TRACKED = 10_000
 
 
@@ -200,7 +202,7 @@ class GuardMiddleware:
                 await _deny_websocket(scope, send)
                 return
         elif scope["type"] == "http" and scope["path"].startswith(AUTHENTICATED_PATHS):
-            address = self.guard.address(scope)
+            address = scope[CLIENT_ADDRESS] = self.guard.address(scope)
             try:
                 self.guard.refuse_failing(address)
                 if scope["path"].startswith("/webhooks/"):

@@ -29,8 +29,9 @@ SLOW_POLL = {"SIGNALBOX_POLL_INTERVAL": "60"}
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    """A short directory for the sockets: a Unix socket's path holds at most 107 bytes, which
-    pytest's own temporary directories can pass."""
+    """A short directory of the test's own for the sockets: a Unix socket's path holds at most
+    107 bytes, which pytest's temporary directories can pass, and the processes would then
+    meet in /tmp, shared with everything else."""
     folder = Path(tempfile.mkdtemp(prefix="sbx-", dir="/tmp"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
