@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
@@ -208,7 +208,7 @@ async def _signalbox_error(request: Request, exc: Exception) -> Response:
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     if isinstance(exc, TooManyRequests):
         headers = {"Retry-After": str(exc.retry_after)}
-    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+    return http.JSONAnswer(exc.to_body(), status_code=exc.status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -218,13 +218,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         404: f"no such route: {request.method} {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
-    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code,
-                        headers=exc.headers)
+    return http.JSONAnswer({"error": code, "message": message}, status_code=exc.status_code,
+                           headers=exc.headers)
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
     log.warning("database error on %s: %r", request.url.path, exc)
-    return JSONResponse(
+    return http.JSONAnswer(
         {"error": "log_unavailable", "message": "the database is unavailable: retry later"},
         status_code=503, headers={"Retry-After": "1"},
     )
@@ -233,8 +233,8 @@ async def _database_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     # Answered outside the middleware (by Starlette's outermost layer): add the headers here.
-    return JSONResponse({"error": "internal_error", "message": "an internal error occurred"},
-                        status_code=500, headers=ERROR_HEADERS)
+    return http.JSONAnswer({"error": "internal_error", "message": "an internal error occurred"},
+                           status_code=500, headers=ERROR_HEADERS)
 
 
 _TOKEN_PATH = re.compile(r"(/webhooks/tradingview/)[^/?\s]+")

@@ -28,6 +28,7 @@ from pipeline.processing.reparse import record_renormalized
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.signals import API_JSON, parse_api_signal, parse_tradingview
+from pipeline.textformats import NotJsonValue
 
 MAX_EVENTS_PAGE = 1000
 MAX_SIGNALS_PAGE = 500
@@ -55,6 +56,25 @@ def services(request: Request) -> Services:
 
 class RawJSONResponse(Response):
     media_type = "application/json"
+
+
+class JSONAnswer(JSONResponse):
+    """A JSON answer that cannot fail to encode: text that is not Unicode (a lone surrogate,
+    recorded before such text was refused at the door) is written as an ASCII escape, which
+    UTF-8 as-is cannot carry."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode("utf-8")
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON, UTF-8 as is where it can be (see :class:`JSONAnswer`)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    return text
 
 
 # -- ingestion -----------------------------------------------------------------------------
@@ -108,9 +128,9 @@ async def authenticate(request: Request, secret: str | None, scope: Scope) -> To
     return token
 
 
-def answer(outcome: Outcome) -> JSONResponse:
+def answer(outcome: Outcome) -> JSONAnswer:
     status = 200 if outcome.duplicate else 202 if outcome.status == "accepted" else 422
-    return JSONResponse(outcome.to_body(), status_code=status)
+    return JSONAnswer(outcome.to_body(), status_code=status)
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -286,7 +306,7 @@ async def list_signals(request: Request) -> Response:
         rows = (await conn.execute(stmt)).all()
     found = [signal_summary(r) for r in rows]
     next_before = found[-1]["position"] if len(found) == limit else None
-    return JSONResponse({"signals": found, "next_before": next_before})
+    return JSONAnswer({"signals": found, "next_before": next_before})
 
 
 async def get_signal(request: Request) -> Response:
@@ -306,7 +326,7 @@ async def get_signal(request: Request) -> Response:
             summary["normalized"] = event.data.get("signal")
         elif event.type == EventType.REJECTED:
             summary["errors"] = event.data.get("errors")
-    summary_json = json.dumps(summary, ensure_ascii=False)
+    summary_json = json_text(summary)
     return RawJSONResponse(
         f'{{"signal":{summary_json},"status":{json.dumps(row.status)},'
         f'"events":{events_json(timeline)}}}'
@@ -319,12 +339,14 @@ async def post_status(request: Request) -> Response:
     body, _ = decode_body(await read_body(request, svc.body_limit))
     try:
         value = strict_loads(body)
+    except NotJsonValue as exc:
+        raise BadRequest(f"the body is not plain JSON: {exc}") from None
     except (ValueError, RecursionError):
         raise BadRequest('the body is not JSON (NaN and Infinity are not JSON either): send '
                          '{"status": "processed", "detail": {}}') from None
     report = StatusReport.parse(request.path_params["signal_id"], value)
     outcome = await report_status(svc.log, report, token.name)
-    return JSONResponse(outcome.to_body())
+    return JSONAnswer(outcome.to_body())
 
 
 async def post_renormalize(request: Request) -> Response:
@@ -333,7 +355,7 @@ async def post_renormalize(request: Request) -> Response:
     await authenticate(request, bearer_token(request.headers), Scope.ADMIN)
     outcome, appended = await record_renormalized(
         svc.log, request.path_params["signal_id"], default_max_lag=svc.max_lag)
-    return JSONResponse(outcome.to_body(appended), status_code=201 if appended else 200)
+    return JSONAnswer(outcome.to_body(appended), status_code=201 if appended else 200)
 
 
 async def get_audit_report(request: Request) -> Response:
@@ -342,7 +364,7 @@ async def get_audit_report(request: Request) -> Response:
     params = request.query_params
     query = report_query(params.get("since"), params.get("until"), params.get("stuck_after"),
                          svc.claim_lease, utc_now())
-    return JSONResponse(await build_report(svc.log.engines.reader, query))
+    return JSONAnswer(await build_report(svc.log.engines.reader, query))
 
 
 async def get_consumers(request: Request) -> Response:
@@ -350,18 +372,18 @@ async def get_consumers(request: Request) -> Response:
     await authenticate(request, bearer_token(request.headers), Scope.READ)
     head = await svc.log.head()
     found = await list_positions(svc.log.engines.reader)
-    return JSONResponse({"consumers": [c.to_body(head) for c in found], "head": head})
+    return JSONAnswer({"consumers": [c.to_body(head) for c in found], "head": head})
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONAnswer({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     svc = services(request)
     await svc.log.check_writable()  # LogUnavailable → 503 through the error handler
     head = await svc.log.head()
-    return JSONResponse({"status": "ready", "epoch": svc.log.epoch, "head": head,
+    return JSONAnswer({"status": "ready", "epoch": svc.log.epoch, "head": head,
                          "subscribers_head": svc.hub.head})
 
 

@@ -109,7 +109,9 @@ def json_native(value: object, depth: int = 0) -> Any:
     """
     if depth > MAX_DEPTH:
         raise NotJsonValue(f"nested more than {MAX_DEPTH} levels deep")
-    if value is None or isinstance(value, bool | str):
+    if isinstance(value, str):
+        return unicode_text(value)
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int | float | Decimal):
         return native_number(value)
@@ -120,10 +122,39 @@ def json_native(value: object, depth: int = 0) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise NotJsonValue(f"object key {key!r} is not text")
-            # Text, the common leaf, without a call of its own.
-            out[key] = item if type(item) is str else json_native(item, depth + 1)
+            # Text, the common leaf, without a call of its own: ASCII (a flag) is Unicode.
+            if type(item) is str and item.isascii() and key.isascii():
+                out[key] = item
+            else:
+                out[unicode_text(key)] = json_native(item, depth + 1)
         return out
     raise NotJsonValue(f"a {type(value).__name__} is not a JSON value")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_UNICODE = (
+    "a string holds an escaped lone surrogate (\\ud800 to \\udfff), which is not a "
+    "Unicode character: send text as UTF-8, or escape a character beyond U+FFFF as a pair"
+)
+
+
+def unicode_text(text: str) -> str:
+    """``text``, if it is Unicode: a JSON ``\\ud800`` escape with no partner decodes to a
+    lone surrogate, which cannot be written as UTF-8 (nor answered, nor stored as text)."""
+    if not text.isascii() and _LONE_SURROGATE.search(text):
+        raise NotJsonValue(NOT_UNICODE)
+    return text
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a decoded JSON value holds a string (or key) that is not Unicode."""
+    if isinstance(value, str):
+        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(item) for item in value)
+    return False
 
 
 def native_number(number: int | float | Decimal) -> int | float | str:

@@ -13,6 +13,7 @@ from typing import Any, TypeGuard
 
 from pipeline.log import EventFilter
 from pipeline.log.model import strict_loads
+from pipeline.textformats import NotJsonValue
 
 FILTER_KEYS = ("types", "streams", "tickers", "strategies")
 MAX_FILTER_VALUES = 100
@@ -134,6 +135,8 @@ def parse_filter(value: object) -> EventFilter:
 def decode_frame(text: str) -> dict[str, Any]:
     try:
         frame = strict_loads(text)
+    except NotJsonValue as exc:
+        raise Closing(CloseCode.MALFORMED, str(exc)) from None
     except (ValueError, RecursionError):
         raise Closing(CloseCode.MALFORMED, "frames are JSON objects with an \"op\"") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from pipeline.textformats import NOT_UNICODE, NotJsonValue, has_lone_surrogate
+
 GENESIS_HASH = "0" * 64
 """The "previous hash" of the first event of every log."""
 
@@ -87,10 +89,15 @@ _STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def strict_loads(text: str) -> Any:
-    """``json.loads`` without the ``NaN``/``Infinity`` extensions, which are not JSON: a body
-    that uses them is refused (``ValueError``) rather than stored. The decoder is built once,
-    where ``json.loads`` with a ``parse_constant`` builds one per call."""
-    return _STRICT_JSON.decode(text)
+    """``json.loads`` without the ``NaN``/``Infinity`` extensions, which are not JSON, and
+    without lone surrogates (``"\\ud800"``), which are not Unicode: a body that uses them is
+    refused (``ValueError``; :class:`NotJsonValue` for a surrogate) rather than stored. The
+    decoder is built once, where ``json.loads`` with a ``parse_constant`` builds one per
+    call."""
+    value = _STRICT_JSON.decode(text)
+    if "\\u" in text and has_lone_surrogate(value):  # only an escape makes one
+        raise NotJsonValue(NOT_UNICODE)
+    return value
 
 
 def _plain(text: str) -> str:

@@ -159,11 +159,13 @@ def _new_row(event: Event) -> Row:
 
 
 def _error_text(detail: Any) -> str | None:
+    """The error a failure reported, for its column: text fit for every backend (no NUL, no
+    lone surrogate), bounded, as for every column a sender writes."""
     if isinstance(detail, dict):
         for key in ("error", "message", "reason"):
             if detail.get(key) is not None:
-                return str(detail[key])[:2000]
-    return None if detail is None else str(detail)[:2000]
+                return safe_text(str(detail[key]), 2000)
+    return None if detail is None else safe_text(str(detail), 2000)
 
 
 # What the first event fixes for good; every other column follows the signal's life.
