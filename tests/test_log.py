@@ -20,6 +20,7 @@ from pipeline import migrate
 from pipeline.errors import LogUnavailable, NotFound
 from pipeline.log import GENESIS_HASH, Event, EventFilter, EventLog, NewEvent, Transaction
 from pipeline.log.model import canonical_json, glob_regex, new_id, safe_text
+from pipeline.processing.consumers import stage_position
 
 
 def verify_chain(events: list[Event]) -> None:
@@ -50,6 +51,29 @@ async def test_concurrent_appends_share_commits_and_get_contiguous_positions(
     assert len(events) == 600 and await event_log.head() == 600
     verify_chain(events)
     assert sorted(e.data["i"] for e in events if e.type == "test.one") == list(range(300))
+
+
+async def test_a_unit_whose_write_the_database_refuses_fails_alone(
+        event_log: EventLog) -> None:
+    """One unit staging a value its column cannot hold fails; the others of its group commit
+    are committed all the same, in order, as if it had never been."""
+
+    async def poisoned(tx: Transaction) -> None:
+        tx.append(NewEvent("s-poison", "test.poison", {}))
+        stage_position(tx, "bot", 2**70)  # beyond a BIGINT: refused by the driver
+
+    good = [event_log.append([NewEvent(f"s-{i}", "test.one", {"i": i})]) for i in range(20)]
+    bad = event_log.transact(poisoned)
+    results = await asyncio.gather(*good[:10], bad, *good[10:], return_exceptions=True)
+    assert isinstance(results[10], LogUnavailable), results[10]
+    assert "nothing was recorded" in str(results[10])
+    committed = [r for r in results if not isinstance(r, BaseException)]
+    assert len(committed) == 20, [r for r in results if isinstance(r, BaseException)]
+    events = await read_everything(event_log)
+    assert [e.data["i"] for e in events] == list(range(20))  # the order they were sent in
+    assert await event_log.head() == 20
+    verify_chain(events)
+    assert event_log.failure is None  # the log is writable: /readyz says so
 
 
 async def test_read_after_limit_and_filters(event_log: EventLog) -> None:

@@ -52,6 +52,7 @@ from pipeline.log.writer import (
     INSERT_EVENT,
     SqlAlchemyWriter,
     SqliteWriter,
+    StagedWriteFailed,
     WriterSession,
     compiled,
 )
@@ -344,29 +345,36 @@ class EventLog:
             if stop and self._queue.empty():
                 return
 
-    async def _commit(self, batch: list[_Pending[Any]]) -> None:
+    async def _commit(self, batch: list[_Pending[Any]]) -> bool:
+        """Run and commit ``batch``; settle every unit's future. False when no transaction
+        could even begin (the database is down, say)."""
         results: list[tuple[_Pending[Any], Any, BaseException | None]] = []
         started = time.perf_counter()
+        begun = committing = False
         try:
             position, digest = await self._session.begin()
+            begun = True
             tx = Transaction(self._session, position, digest,
                              [p.hints for p in batch if p.hints is not None])
             for pending in batch:
                 results.append(await _run_unit(tx, pending))
             head = (tx.position, tx.last_hash) if tx.events else None
+            committing = True
             await self._session.commit(tx._grouped_writes(), head)
-        except Exception as exc:  # the database is down, locked, full, or the commit failed
-            log.warning("group commit of %d units failed: %r", len(batch), exc)
+        except Exception as exc:  # the database is down, locked, full, or refused a value
             with contextlib.suppress(Exception):
                 await self._session.abandon()
-            self.failure = _reason(exc)
-            error = LogUnavailable(
-                f"the log could not commit ({self.failure}); nothing was recorded: retry later"
-            )
-            for pending in batch:
-                _settle(pending, None, error)
-            self._forget_answered()
-            return
+            if len(batch) > 1 and begun and (
+                    not committing or isinstance(exc, StagedWriteFailed)):
+                # Nothing was committed, and the cause may be one unit's data (a value the
+                # database refuses): commit each unit on its own, so one cannot fail the rest.
+                log.warning("group commit of %d units failed before its COMMIT (%r): "
+                            "committing them one at a time", len(batch), exc)
+                await self._commit_each(batch)
+                return True
+            log.warning("group commit of %d units failed: %r", len(batch), exc)
+            self._fail(batch, exc)
+            return begun
         self.failure = None
         COMMIT_SECONDS.observe(time.perf_counter() - started)
         BATCH_UNITS.observe(len(batch))
@@ -376,6 +384,24 @@ class EventLog:
         if tx.events:
             for listener in self._listeners:
                 listener(tx.events)
+        return True
+
+    async def _commit_each(self, batch: list[_Pending[Any]]) -> None:
+        for index, pending in enumerate(batch):
+            if not await self._commit([pending]):  # the database went away: no use trying on
+                self._fail(batch[index + 1:], None)
+                return
+
+    def _fail(self, batch: list[_Pending[Any]], exc: BaseException | None) -> None:
+        """Answer ``batch`` that nothing was recorded (``exc``: why; None: as last time)."""
+        if exc is not None:
+            self.failure = _reason(exc)
+        error = LogUnavailable(
+            f"the log could not commit ({self.failure}); nothing was recorded: retry later"
+        )
+        for pending in batch:
+            _settle(pending, None, error)
+        self._forget_answered()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -438,6 +464,8 @@ def _reason(exc: BaseException) -> str:
     """Why a commit failed, in words fit for a client: SQLite says it plainly ("database is
     locked", "database or disk is full"); other drivers' messages may quote SQL, so only the
     kind of error is given."""
+    if isinstance(exc, StagedWriteFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__
     if isinstance(exc, sqlite3.Error) and exc.args:
         return str(exc.args[0])[:200]
     return exc.__class__.__name__

@@ -45,6 +45,11 @@ HEAD_ROW = 1
 INSERT_EVENT = events.insert()
 
 
+class StagedWriteFailed(Exception):
+    """A staged write failed before the ``COMMIT`` was sent: nothing of the batch can have
+    been committed (its cause is in ``__cause__``)."""
+
+
 class WriterSession(Protocol):
     dialect: Dialect
 
@@ -58,7 +63,8 @@ class WriterSession(Protocol):
         """Every row of a query inside the open transaction, as dicts."""
 
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
-        """Execute the staged writes, move the head (when events were appended), commit."""
+        """Execute the staged writes, move the head (when events were appended), commit.
+        Raises :class:`StagedWriteFailed` when a write fails, before the ``COMMIT``."""
 
     async def abandon(self) -> None:
         """After a failure: roll back and drop the connection; the next begin reconnects."""
@@ -207,11 +213,14 @@ class SqliteWriter:
     def _commit(self, batches: list[tuple[str, list[tuple[Any, ...]]]],
                 head: tuple[int, str] | None) -> None:
         db = self._connection()
-        for sql, rows in batches:
-            db.executemany(sql, rows)
-        if head is not None:
-            db.execute("UPDATE log_head SET position = ?, hash = ? WHERE id = ?",
-                       (*head, HEAD_ROW))
+        try:
+            for sql, rows in batches:
+                db.executemany(sql, rows)
+            if head is not None:
+                db.execute("UPDATE log_head SET position = ?, hash = ? WHERE id = ?",
+                           (*head, HEAD_ROW))
+        except Exception as exc:
+            raise StagedWriteFailed(exc) from exc
         db.execute("COMMIT")
 
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
@@ -278,13 +287,16 @@ class SqlAlchemyWriter:
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
         conn = self._conn
         assert conn is not None
-        for statement, rows in writes:
-            sql, names, _ = compiled(statement, self.dialect)
-            await conn.exec_driver_sql(sql, as_tuples(names, rows))
-        if head is not None:
-            await conn.execute(update(log_head).where(log_head.c.id == HEAD_ROW)
-                               .values(position=head[0], hash=head[1]))
-            await conn.execute(NOTIFY, {"head": str(head[0])})  # delivered at commit: a hint
+        try:
+            for statement, rows in writes:
+                sql, names, _ = compiled(statement, self.dialect)
+                await conn.exec_driver_sql(sql, as_tuples(names, rows))
+            if head is not None:
+                await conn.execute(update(log_head).where(log_head.c.id == HEAD_ROW)
+                                   .values(position=head[0], hash=head[1]))
+                await conn.execute(NOTIFY, {"head": str(head[0])})  # delivered at commit
+        except Exception as exc:
+            raise StagedWriteFailed(exc) from exc
         await conn.commit()
 
     async def abandon(self) -> None:
