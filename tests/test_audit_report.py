@@ -202,7 +202,13 @@ async def test_the_route_and_the_command_give_the_same_report(database_url: str)
 @pytest.mark.parametrize("params", [
     {"since": "last tuesday"}, {"until": "2026-13-01"}, {"stuck_after": "soon"},
     {"since": "2026-11-21", "until": "2026-11-20"},
-], ids=["since", "until", "stuck_after", "empty-window"])
+    # Out of the range of a time: each was once answered 500.
+    {"since": "99999999999d"}, {"since": "3000000d"}, {"stuck_after": "9" * 400},
+    {"since": "0001-01-01T00:00:00+01:00"}, {"until": "9999-12-31T23:59:59-01:00"},
+    {"until": "0001-01-01"},
+], ids=["since", "until", "stuck_after", "empty-window", "span-beyond-timedelta",
+        "span-before-year-1", "infinite-span", "before-year-1-in-utc", "after-9999-in-utc",
+        "no-room-for-the-default-span"])
 async def test_bad_parameters_are_refused_with_the_error_body(
         shared_client: httpx.AsyncClient, params: dict[str, str]) -> None:
     response = await shared_client.get("/api/audit/report", params=params, headers=headers())
@@ -272,3 +278,17 @@ async def test_relative_windows_are_taken_back_from_now(client: httpx.AsyncClien
     stuck = (await client.get("/api/audit/report", params={"stuck_after": "0"},
                               headers=headers())).json()["stuck"]
     assert stuck["total"] == 2 and stuck["after_seconds"] == 0
+
+
+async def test_a_window_from_before_the_year_1000_holds_everything_since(
+        client: httpx.AsyncClient) -> None:
+    """Times are compared as text: a year before 1000 is written with four digits too."""
+    posted = await client.post("/api/signals", headers=headers(),
+                               json={"ticker": "AAA", "action": "buy", "quantity": "1"})
+    assert posted.status_code == 202
+    for since in ("0999-01-01", "0001-01-01", "1000-01-01"):
+        report = await client.get("/api/audit/report", params={"since": since},
+                                  headers=headers())
+        assert report.status_code == 200, report.text
+        assert report.json()["signals"] == 1, since
+        assert report.json()["since"] == f"{since}T00:00:00.000000Z"

@@ -42,8 +42,9 @@ def utc_now() -> datetime:
 
 
 def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with microseconds: fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 in UTC with microseconds: fixed width (years before 1000 too, which
+    ``strftime`` does not pad), so text order is time order."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # Floats that orjson writes differently from ``json``: those in exponent form (1e16 against

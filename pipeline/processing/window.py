@@ -25,7 +25,11 @@ def parse_span(text: str, name: str) -> timedelta:
     if match is None:
         raise BadRequest(f"{name}: {text!r} is not a span of time: give {SPAN_FORMS}")
     number, unit = match.groups()
-    return timedelta(seconds=float(number) * UNITS[unit or "s"])
+    try:
+        return timedelta(seconds=float(number) * UNITS[unit or "s"])
+    except OverflowError:
+        raise BadRequest(f"{name}: {text!r} is longer than any span of time this can "
+                         f"measure: give {SPAN_FORMS}") from None
 
 
 def parse_moment(text: str, name: str, now: datetime) -> datetime:
@@ -33,16 +37,19 @@ def parse_moment(text: str, name: str, now: datetime) -> datetime:
     value = text.strip()
     if value.lower() == "now":
         return now
-    if _SPAN.fullmatch(value.lower()) and value[-1:].isalpha():
-        return now - parse_span(value, name)
     try:
+        if _SPAN.fullmatch(value.lower()) and value[-1:].isalpha():
+            return now - parse_span(value, name)
         if len(value) == 10:
             day = date.fromisoformat(value)
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         moment = datetime.fromisoformat(value)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise BadRequest(f"{name}: {text!r} is not a time: give {MOMENT_FORMS}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # before year 1 or after 9999, once in UTC
+        raise BadRequest(f"{name}: {text!r} is out of range: give a time between the years "
+                         "1 and 9999 in UTC") from None
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,11 @@ class Window:
         """Both ends as given; ``until`` defaults to now, ``since`` to ``default_span`` before
         ``until``."""
         end = parse_moment(until, "until", now) if until else now
-        start = parse_moment(since, "since", now) if since else end - default_span
+        try:
+            start = parse_moment(since, "since", now) if since else end - default_span
+        except OverflowError:
+            raise BadRequest(f"until ({end.isoformat()}) leaves no room for the default "
+                             "span before it: give since too") from None
         if start >= end:
             raise BadRequest(f"since ({start.isoformat()}) must be before until "
                              f"({end.isoformat()})")
