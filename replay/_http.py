@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import uuid
@@ -364,8 +365,27 @@ def json_default(value: Any) -> Any:
 
 
 def encode(value: Any) -> bytes:
-    return json.dumps(value, default=json_default, ensure_ascii=False,
-                      separators=(",", ":")).encode()
+    """The request body. Floats that are not finite are not JSON, and the server refuses a
+    body with ``NaN`` or ``Infinity`` in it: they are sent as the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``, which is how the server records TradingView's NaN."""
+    return json.dumps(_finite(value), default=json_default, ensure_ascii=False,
+                      separators=(",", ":"), allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with its non-finite floats spelled out, also those inside what `json_default`
+    turns into JSON (a dataclass's fields, a set's members)."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, dict):
+        return {_finite(k) if isinstance(k, float) else k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return _finite(json_default(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,6 +303,10 @@ def subscribe(url: str, token: str, *, maxsize: int = 100, **options: Any) -> Su
 
 Handler = Callable[[dict[str, Any], Event], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
+# The longest error message a worker reports, in characters: some 12 KB at most as JSON, well
+# inside the server's default body limit (64 KiB). A server set lower still refuses the report,
+# and then gets the outcome without it (see Worker._report).
+MAX_REPORTED_TEXT = 2000
 
 
 class Worker:
@@ -311,7 +315,9 @@ class Worker:
 
     The claim is what makes competing workers safe: the server grants exactly one
     ``processing`` per signal, and a worker whose claim is refused (409) skips the signal.
-    Signals are handled one at a time, in log order.
+    Signals are handled one at a time, in log order. An outcome whose detail the server
+    refuses (a result over its body limit, say) is reported with ``{"unreported": {"error",
+    "message"}}``, the refusal, instead.
     """
 
     def __init__(self, url: str, token: str, *, consumer: str,
@@ -404,7 +410,7 @@ class Worker:
             log.exception("handler failed on signal %s", signal_id)
             self.failed += 1
             await self._report(signal_id, ProcessingStatus.FAILED,
-                               {"error": str(exc), "type": type(exc).__name__})
+                               {"error": _bounded(str(exc)), "type": type(exc).__name__})
             return
         self.processed += 1
         await self._report(signal_id, ProcessingStatus.PROCESSED, {"result": result})
@@ -438,7 +444,28 @@ class Worker:
 
     async def _report(self, signal_id: str, status: ProcessingStatus,
                       detail: dict[str, Any]) -> None:
+        """Report the outcome. When the server refuses the detail itself (over its body
+        limit, or not storable), the outcome is reported again with a small detail saying
+        so: the signal must not stay claimed for ever, nor the worker die of it."""
         try:
             await self._until_reported(signal_id, status, detail)
+            return
         except Conflict as exc:  # e.g. expired meanwhile by an operator: the log says so
             log.warning("could not report %s for %s: %s", status, signal_id, exc)
+            return
+        except BadRequest as exc:
+            log.error("the server refused the detail of %s for %s (%s): reporting %s "
+                      "without it", status, signal_id, exc, status)
+            unreported = {"error": exc.code, "message": _bounded(exc.message)}
+        try:
+            await self._until_reported(signal_id, status, {"unreported": unreported})
+        except (Conflict, BadRequest) as exc:
+            log.error("could not report %s for %s: %s", status, signal_id, exc)
+
+
+def _bounded(text: str) -> str:
+    """``text`` cut to `MAX_REPORTED_TEXT` characters, saying so: an exception's message (a
+    response body quoted whole, say) may be longer than the server takes in a request."""
+    if len(text) <= MAX_REPORTED_TEXT:
+        return text
+    return f"{text[:MAX_REPORTED_TEXT]}… ({len(text)} characters in all)"

@@ -8,6 +8,8 @@ server and then thrown away by the transport.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
 import re
 import signal
@@ -47,7 +49,12 @@ from replay import (
     Worker,
     subscribe,
 )
-from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, read_all_events
+from tests.support import (
+    ADMIN_TOKEN,
+    INGEST_TOKEN,
+    ServerProcess,
+    read_all_events,
+)
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
 FAST = Backoff(base=0.05, cap=0.5)  # quick reconnects, so the tests spend little time waiting
@@ -672,6 +679,49 @@ async def test_worker_processes_each_signal_once_and_reports_failures(
     done = next(e for e in events if e["type"] == "signal.processed")
     assert done["data"]["detail"] == {"result": {"filled": "0.01"}}
     assert done["data"]["consumer"] == "bot-1"
+
+
+@sqlite_only
+async def test_worker_reports_every_outcome_even_those_the_server_refuses_as_they_are(
+        server: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker(server.base_url, ADMIN_TOKEN, consumer="bot-1")
+
+    @worker.handler
+    async def handle(signal: dict[str, Any], event: Event) -> Any:
+        if signal["ticker"] == "BIG":  # over the server's body limit, 64 KiB
+            return {"blob": "x" * 70_000}
+        if signal["ticker"] == "LOUD":
+            raise RuntimeError("y" * 100_000)
+        if signal["ticker"] == "NAN":  # not JSON: the server refuses NaN and Infinity
+            return {"pnl": math.nan, "high": math.inf, "low": -math.inf}
+        return "fine"
+
+    task = await start_worker(worker)
+    ids = dict(zip(["BIG", "LOUD", "NAN", "FINE"], await post_concurrently(
+        server.base_url, [{**BTC, "ticker": t} for t in ("BIG", "LOUD", "NAN", "FINE")]),
+        strict=True))
+    await until(lambda: worker.processed + worker.failed == 4 or task.done())
+    assert not task.done(), "the worker died"
+    worker.stop()
+    await task
+    async with Client(server.base_url, ADMIN_TOKEN) as reader:
+        timelines = {t: await reader.signal(i) for t, i in ids.items()}
+    assert {t: timeline.status for t, timeline in timelines.items()} == {
+        "BIG": "processed", "LOUD": "failed", "NAN": "processed", "FINE": "processed"}
+
+    def detail(ticker: str) -> Any:
+        return timelines[ticker].events[-1].data["detail"]
+
+    assert detail("BIG") == {"unreported": {
+        "error": "payload_too_large",
+        "message": "the body is over 65536 bytes: send a smaller message"}}
+    assert detail("LOUD") == {"error": "y" * 2000 + "… (100000 characters in all)",
+                              "type": "RuntimeError"}
+    assert detail("NAN") == {"result": {"pnl": "NaN", "high": "Infinity", "low": "-Infinity"}}
+    assert detail("FINE") == {"result": "fine"}
+    refused = [r for r in caplog.records if r.levelno == logging.ERROR
+               and ids["BIG"] in r.getMessage()]
+    assert len(refused) == 1 and "payload_too_large" in refused[0].getMessage()
 
 
 async def test_competing_workers_process_each_signal_exactly_once(
