@@ -44,7 +44,7 @@ import signal as signals
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 import httpx
@@ -223,6 +223,8 @@ class Subscription:
         self._queue: asyncio.Queue[Item | Exception | None] = asyncio.Queue(maxsize)
         self._taken: Event | None = None
         self._closed = False
+        self._lock = threading.Lock()  # no call starts on the loop once close has begun
+        self._waiting: set[Future[Any]] = set()  # calls a thread waits for: close wakes it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="signalbox-subscription")
@@ -239,15 +241,33 @@ class Subscription:
             await self._queue.put(exc)
 
     def _call(self, work: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+        """``work`` run on the loop, waited for; `Closed` when the subscription is closed
+        first, or by another thread while this one waits."""
+        with self._lock:
+            if self._closed:
+                work.close()
+                raise Closed
+            future = asyncio.run_coroutine_threadsafe(work, self._loop)
+            self._waiting.add(future)
+        try:
+            return future.result()
+        except CancelledError:  # by close
+            raise Closed from None
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
 
     def __iter__(self) -> Iterator[Event]:
         return self
 
     def __next__(self) -> Event:
-        if self._closed:
-            raise StopIteration
-        self.commit()
+        try:
+            self.commit()
+            return self._next()
+        except Closed:
+            raise StopIteration from None
+
+    def _next(self) -> Event:
         while True:
             item = self._call(self._queue.get())
             if item is None:
@@ -264,8 +284,9 @@ class Subscription:
     def commit(self) -> None:
         """The event last returned is handled: save the checkpoint now."""
         taken, self._taken = self._taken, None
-        if taken is not None and not self._closed:
-            self._call(self.subscriber.mark_handled(taken))
+        if taken is not None:
+            with contextlib.suppress(Closed):  # then what was not saved comes again next time
+                self._call(self.subscriber.mark_handled(taken))
 
     @property
     def state(self) -> SubscriberState:
@@ -276,12 +297,18 @@ class Subscription:
         return self.subscriber.cursor
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """End the subscription; a thread iterating it (or in `commit`) returns at once:
+        iteration ends with StopIteration. Safe to call from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = list(self._waiting)
+        for future in waiting:  # or its thread would wait for ever on a loop that stops
+            future.cancel()
         self._pump.cancel()
         with contextlib.suppress(Exception):
-            self._call(self.subscriber.close())
+            asyncio.run_coroutine_threadsafe(self.subscriber.close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         if not self._thread.is_alive():

@@ -54,6 +54,7 @@ from tests.support import (
     INGEST_TOKEN,
     ServerProcess,
     read_all_events,
+    wait_until,
 )
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
@@ -608,6 +609,39 @@ async def test_sync_client_and_subscribe_work_from_plain_code(server: ServerProc
 
     with pytest.raises(Unauthorized):
         await asyncio.to_thread(refused)
+
+
+@sqlite_only
+async def test_closing_a_subscription_from_another_thread_ends_the_iteration(
+        server: ServerProcess) -> None:
+    async with Client(server.base_url, INGEST_TOKEN) as client:
+        receipt = await client.send_signal(BTC)
+
+    def script() -> tuple[list[int | str], bool]:
+        store = MemoryCursorStore()
+        events = subscribe(server.base_url, ADMIN_TOKEN, cursor=0, store=store)
+        seen: list[int | str] = []
+
+        def read() -> None:
+            try:
+                seen.extend(event.position for event in events)
+                seen.append("ended")
+            except Exception as exc:
+                seen.append(repr(exc))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        # The checkpoint moves over the last event when the reader asks for the next one:
+        # from then on it waits for an event that does not come.
+        wait_until(lambda: store.checkpoint is not None
+                   and store.checkpoint.position == receipt.position)
+        events.close()
+        reader.join(10)
+        return seen, reader.is_alive()
+
+    seen, still_reading = await asyncio.to_thread(script)
+    assert not still_reading
+    assert seen == [receipt.position - 1, receipt.position, "ended"]
 
 
 # -- status reports and the Worker ---------------------------------------------------------
