@@ -472,8 +472,9 @@ class Worker:
     async def _report(self, signal_id: str, status: ProcessingStatus,
                       detail: dict[str, Any]) -> None:
         """Report the outcome. When the server refuses the detail itself (over its body
-        limit, or not storable), the outcome is reported again with a small detail saying
-        so: the signal must not stay claimed for ever, nor the worker die of it."""
+        limit, or not storable), or it cannot be written as JSON at all, the outcome is
+        reported again with a small detail saying so: the signal must not stay claimed for
+        ever, nor the worker die of it."""
         try:
             await self._until_reported(signal_id, status, detail)
             return
@@ -484,6 +485,10 @@ class Worker:
             log.error("the server refused the detail of %s for %s (%s): reporting %s "
                       "without it", status, signal_id, exc, status)
             unreported = {"error": exc.code, "message": _bounded(exc.message)}
+        except (TypeError, ValueError, RecursionError) as exc:  # a cycle, a key not text...
+            log.error("the detail of %s for %s is not JSON (%r): reporting %s without it",
+                      status, signal_id, exc, status)
+            unreported = {"error": "not_json", "message": _bounded(f"{exc!r}")}
         try:
             await self._until_reported(signal_id, status, {"unreported": unreported})
         except (Conflict, BadRequest) as exc:

@@ -728,20 +728,25 @@ async def test_worker_reports_every_outcome_even_those_the_server_refuses_as_the
             raise RuntimeError("y" * 100_000)
         if signal["ticker"] == "NAN":  # not JSON: the server refuses NaN and Infinity
             return {"pnl": math.nan, "high": math.inf, "low": -math.inf}
+        if signal["ticker"] == "LOOP":  # no JSON at all: it holds itself
+            looped: dict[str, Any] = {}
+            looped["self"] = looped
+            return looped
         return "fine"
 
     task = await start_worker(worker)
-    ids = dict(zip(["BIG", "LOUD", "NAN", "FINE"], await post_concurrently(
-        server.base_url, [{**BTC, "ticker": t} for t in ("BIG", "LOUD", "NAN", "FINE")]),
-        strict=True))
-    await until(lambda: worker.processed + worker.failed == 4 or task.done())
+    tickers = ("BIG", "LOUD", "NAN", "LOOP", "FINE")
+    ids = dict(zip(tickers, await post_concurrently(
+        server.base_url, [{**BTC, "ticker": t} for t in tickers]), strict=True))
+    await until(lambda: worker.processed + worker.failed == len(tickers) or task.done())
     assert not task.done(), "the worker died"
     worker.stop()
     await task
     async with Client(server.base_url, ADMIN_TOKEN) as reader:
         timelines = {t: await reader.signal(i) for t, i in ids.items()}
     assert {t: timeline.status for t, timeline in timelines.items()} == {
-        "BIG": "processed", "LOUD": "failed", "NAN": "processed", "FINE": "processed"}
+        "BIG": "processed", "LOUD": "failed", "NAN": "processed", "LOOP": "processed",
+        "FINE": "processed"}
 
     def detail(ticker: str) -> Any:
         return timelines[ticker].events[-1].data["detail"]
@@ -752,6 +757,7 @@ async def test_worker_reports_every_outcome_even_those_the_server_refuses_as_the
     assert detail("LOUD") == {"error": "y" * 2000 + "… (100000 characters in all)",
                               "type": "RuntimeError"}
     assert detail("NAN") == {"result": {"pnl": "NaN", "high": "Infinity", "low": "-Infinity"}}
+    assert detail("LOOP")["unreported"]["error"] == "not_json"
     assert detail("FINE") == {"result": "fine"}
     refused = [r for r in caplog.records if r.levelno == logging.ERROR
                and ids["BIG"] in r.getMessage()]
