@@ -71,8 +71,11 @@ class Settings(BaseSettings):
     handler_concurrency: int = Field(8, ge=1, le=256, description=(
         "tickers handled at once (one ticker's signals always run in order)"))
     handler_timeout: float = Field(30.0, gt=0, description="seconds one handler call may take")
-    handler_lease: float = Field(10.0, gt=0, description=(
-        "seconds an instance holds the handler's lease; a sibling takes over after it lapses"))
+    # At least 1 s: each renewal may take a quarter of the lease, and a group commit that
+    # takes longer than 0.25 s is already a problem (docs/operations.md).
+    handler_lease: float = Field(10.0, ge=1, description=(
+        "seconds an instance holds the handler's lease (at least 1); a sibling takes over "
+        "after it lapses"))
     forward_url: str | None = Field(None, description="where the forward handler POSTs signals")
     forward_secret: SecretStr | None = Field(None, description=(
         "HMAC key of the forward handler's X-Signalbox-Signature"))

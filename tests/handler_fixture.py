@@ -1,7 +1,8 @@
 """Handlers for the runner's tests: the server loads them as ``tests.handler_fixture:NAME``.
 
 Each call appends one JSON line to the file named by SIGNALBOX_TEST_RECORD, so that a test can
-see what ran, in which order and how often. The signal's comment steers the outcome.
+see what ran, in which order and how often; a call cancelled while it sleeps appends another,
+with ``"cancelled": true``. The signal's comment steers the outcome.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from pipeline.signals import Signal
 
 
 async def record(signal: Signal, context: HandlerContext) -> dict[str, Any]:
-    line = json.dumps({"signal_id": context.signal_id, "ticker": signal.ticker,
-                       "pid": os.getpid(),
-                       "position": context.event.position, "attempt": context.attempt,
-                       "comment": signal.comment})
-    with open(os.environ["SIGNALBOX_TEST_RECORD"], "a") as file:  # noqa: ASYNC230 - tiny append
-        file.write(line + "\n")
+    call = {"signal_id": context.signal_id, "ticker": signal.ticker, "pid": os.getpid(),
+            "position": context.event.position, "attempt": context.attempt,
+            "comment": signal.comment}
+    append(call)
     comment = signal.comment or ""
     if comment.startswith("sleep:"):
-        await asyncio.sleep(float(comment.removeprefix("sleep:")))
+        try:
+            await asyncio.sleep(float(comment.removeprefix("sleep:")))
+        except asyncio.CancelledError:
+            append({**call, "cancelled": True})
+            raise
     if comment == "fail-once" and context.attempt == 1:
         raise RuntimeError("broker timed out")
     if comment == "fail-twice" and context.attempt <= 2:
@@ -34,3 +37,8 @@ async def record(signal: Signal, context: HandlerContext) -> dict[str, Any]:
     if comment == "always":
         raise RuntimeError("broker down")
     return {"ok": True, "attempt": context.attempt}
+
+
+def append(line: dict[str, Any]) -> None:
+    with open(os.environ["SIGNALBOX_TEST_RECORD"], "a") as file:
+        file.write(json.dumps(line) + "\n")

@@ -274,8 +274,9 @@ class FastClient:
 
 class TcpProxy:
     """A real TCP proxy on 127.0.0.1 in front of a server (or any port), that can cut every
-    connection through it at once, or refuse all of them for a while: a flaky network or a
-    database that went down, made on demand."""
+    connection through it at once, refuse all of them for a while, or hold everything sent
+    through them: a flaky network, a database that went down or one that hangs, made on
+    demand."""
 
     def __init__(self, target: ServerProcess | int) -> None:
         self.target = target
@@ -284,6 +285,8 @@ class TcpProxy:
         self.down = False
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def base_url(self) -> str:
@@ -295,6 +298,7 @@ class TcpProxy:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.thaw()
         self.cut()
         if self._server is not None:
             self._server.close()
@@ -310,6 +314,14 @@ class TcpProxy:
 
     def recover(self) -> None:
         self.down = False
+
+    def freeze(self) -> None:
+        """Silent: every connection stays open, but nothing passes either way until `thaw`,
+        as in a network partition."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         self.cuts += 1
@@ -332,6 +344,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

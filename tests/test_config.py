@@ -34,6 +34,8 @@ def test_every_setting_but_the_secrets_is_a_serve_flag() -> None:
 def test_bad_values_are_refused_with_the_setting_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="heartbeat"):
         Settings(heartbeat=0)
+    with pytest.raises(ValidationError, match="handler_lease"):  # renewals need the time
+        Settings(handler_lease=0.5)
     monkeypatch.setenv("SIGNALBOX_TRUSTED_PROXIES", "not-an-address")
     with pytest.raises(ValidationError, match="not an IP address"):
         Settings()

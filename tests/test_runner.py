@@ -6,17 +6,18 @@ import asyncio
 import json
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from pipeline.log import format_time, utc_now
 from pipeline.processing.handlers import SIGNATURE_HEADER, sign
-from tests.support import INGEST_TOKEN, FastClient, ServerProcess, read_all_events
+from tests.support import INGEST_TOKEN, FastClient, ServerProcess, TcpProxy, read_all_events
 
 HANDLER = ["--handler", "tests.handler_fixture:record", "--handler-backoff", "0.01",
            "--handler-attempts", "3"]
@@ -28,6 +29,12 @@ def runner_server(database_url: str, record: Path, *extra: str) -> ServerProcess
 
 
 def calls(record: Path) -> list[dict[str, Any]]:
+    """The handler's calls, in the order they started."""
+    return [line for line in journal(record) if not line.get("cancelled")]
+
+
+def journal(record: Path) -> list[dict[str, Any]]:
+    """The handler's calls and cancellations, in the order they happened."""
     if not record.exists():
         return []
     return [json.loads(line) for line in record.read_text().splitlines() if line]
@@ -256,3 +263,61 @@ async def test_three_instances_run_the_handler_once_and_take_over_from_a_dead_on
     made = calls(record)
     assert Counter(c["signal_id"] for c in made) == Counter(first + second)
     assert {c["pid"] for c in made if c["signal_id"] in second} != {holder}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_holder_cut_off_from_the_database_stops_before_a_sibling_takes_over(
+        database_url: str, tmp_path: Path) -> None:
+    """Instance A reaches the database through a proxy that goes silent (a partition: no
+    error, no answer) while A runs a long handler; B reaches it directly. A must have
+    cancelled the handler before B, once the lease lapsed, runs the same signal again."""
+    record = tmp_path / "calls.jsonl"
+    env = {"SIGNALBOX_TEST_RECORD": str(record)}
+    lease = ["--handler-lease", "3"]
+    async with TcpProxy(5432) as proxy:
+        a = ServerProcess(database_url.replace(":5432/", f":{proxy.port}/"), env=env,
+                          args=[*HANDLER, *lease])
+        b = ServerProcess(database_url, env=env, args=[*HANDLER, *lease, "--no-migrate"])
+        try:
+            await asyncio.to_thread(a.start)  # from a thread: the proxy serves on this loop
+            await post_all(a, [{"ticker": "FIRST", "action": "buy"}])
+            await wait_for_outcomes(a, 1)  # A holds the lease: B starts as a stand-by
+            await asyncio.to_thread(b.start)
+            (slow,) = await post_all(b, [{"ticker": "SLOW", "action": "buy",
+                                          "comment": "sleep:60"}])
+            await until(lambda: any(c["signal_id"] == slow for c in calls(record)))
+            # Cut A off just after a renewal committed, so that it holds no lock that B would
+            # wait for: A's next renewal goes unanswered, and so does everything else.
+            await lease_renewed(database_url)
+            proxy.freeze()
+            await until(lambda: sum(c["signal_id"] == slow for c in calls(record)) == 2,
+                        within=30)
+            steps = [(line["pid"], bool(line.get("cancelled")))
+                     for line in journal(record) if line["signal_id"] == slow]
+        finally:
+            proxy.thaw()
+            for server in (b, a):
+                await asyncio.to_thread(server.stop)
+    assert a.process is not None and b.process is not None
+    assert steps[:3] == [(a.process.pid, False), (a.process.pid, True),
+                         (b.process.pid, False)], steps
+
+
+async def until(condition: Callable[[], bool], within: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def lease_renewed(database_url: str) -> None:
+    """Return once the handler's lease has been renewed (polled, with a deadline)."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        query = "SELECT expires_at FROM leases"
+        before = await conn.fetchval(query)
+        deadline = asyncio.get_running_loop().time() + 10
+        while await conn.fetchval(query) == before:
+            assert asyncio.get_running_loop().time() < deadline, "the lease is not renewed"
+    finally:
+        await conn.close()

@@ -1,8 +1,12 @@
 """Leases: one holder at a time for a job that N instances could each run.
 
 A lease is a row with a holder and an expiry, taken or renewed inside a group commit: the
-commit locks the log head first, so two instances can never both see it free. A holder that
-cannot renew in time gives the job up before the lease can pass to another instance.
+commit locks the log head first, so two instances can never both see it free. The expiry
+stored is ``ttl`` after the commit began, hence at least ``ttl`` after the call was made: a
+holder counts its lease from a moment noted before calling, and stops the job before that can
+lapse unless a later call has been confirmed (see ``HandlerRunner._hold`` in
+:mod:`pipeline.processing.runner`). The instances' clocks must agree to well within the
+margin it keeps.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class Lease:
         self.holder = new_id()
 
     async def acquire(self) -> bool:
-        """Take or renew the lease; False while another live holder has it."""
+        """Take or renew the lease; False while another live holder has it. Once True, the
+        lease is ours until at least ``ttl`` after this call was made."""
 
         async def unit(tx: Transaction) -> bool:
             row = await tx.fetch_one(select(leases).where(leases.c.name == self.name))

@@ -16,7 +16,8 @@ Guarantees:
   that receivers can drop a repeat.
 * With several instances on one database, a lease decides which one runs the handler; the
   others stand by and take over (from the checkpoint, re-running the unfinished claims) when
-  the holder stops renewing it.
+  the holder stops renewing it. A holder that cannot renew it in time cancels its handlers
+  and claims nothing more before the lease can pass.
 * A handler error is retried with exponential backoff and full jitter up to ``attempts``;
   :class:`PermanentError` fails at once. A signal past its ``max_lag`` when processing would
   start becomes ``expired`` instead.
@@ -60,6 +61,12 @@ from pipeline.tasks import cancel_all
 log = logging.getLogger("signalbox.runner")
 T = TypeVar("T")
 ACCEPTED = EventFilter(types=("signal.accepted",))
+# Of the handler lease: how often the holder renews it, how long it waits for one renewal,
+# and how long before the lease could lapse it stops running (for the instances' clocks, and
+# for the cancelled handlers to stop).
+RENEW_EVERY = 1 / 3
+RENEW_WITHIN = 1 / 4
+MARGIN = 1 / 10
 
 
 class Decision(Enum):
@@ -112,23 +119,44 @@ class HandlerRunner:
                 await self.lease.release()  # let a sibling take over without waiting
 
     async def _hold(self) -> None:
-        """Keep the lease while running; run only while it is surely ours."""
-        renewed = 0.0
+        """Keep the lease while running; run only while it is surely ours.
+
+        A renewal stores an expiry ``ttl`` after a moment later than the one noted here
+        before sending it, so the runner counts from that note, on its own clock: ``MARGIN``
+        of the lease before the last confirmed renewal could lapse, it stops running (its
+        handlers cancelled, nothing more claimed), whatever a renewal still on its way is
+        doing. Each renewal gets ``RENEW_WITHIN`` of the lease, and no wait outlasts that
+        moment.
+        """
+        ttl = self.lease.ttl
+        until = 0.0  # the loop time by which to have stopped, unless renewed since
         while True:
-            try:
-                held = await self.lease.acquire()
-            except LogUnavailable:
-                held = False
-                if loop_time() - renewed < self.lease.ttl / 2:
-                    held = self.running  # not renewed yet, but not expired either
+            sent = loop_time()
+            if self.running and sent >= until:
+                log.warning("%s: lease not renewed in time, standing by", self.consumer)
+                await self._halt()
+            within = ttl * RENEW_WITHIN
+            held = await self._renew(min(within, until - sent) if self.running else within)
             if held:
-                renewed = loop_time()
+                until = sent + ttl * (1 - MARGIN)
                 if not self.running:
-                    await self._begin()
-            elif self.running:
+                    with contextlib.suppress(TimeoutError):  # too late: tried again below
+                        await asyncio.wait_for(self._begin(), until - loop_time())
+            elif held is False and self.running:
                 log.warning("%s: lease lost, standing by", self.consumer)
                 await self._halt()
-            await asyncio.sleep(self.lease.ttl / 3)
+            wake = sent + ttl * RENEW_EVERY
+            if self.running:
+                wake = min(wake, until)
+            await asyncio.sleep(max(0.0, wake - loop_time()))
+
+    async def _renew(self, within: float) -> bool | None:
+        """Take or renew the lease: True if done, False if another instance holds it, None if
+        the log did not say within ``within`` seconds."""
+        try:
+            return await asyncio.wait_for(self.lease.acquire(), max(0.0, within))
+        except (LogUnavailable, TimeoutError):
+            return None
 
     async def _begin(self) -> None:
         stored = await stored_position(self.log.engines.reader, self.consumer)
