@@ -114,6 +114,33 @@ async def test_only_the_claimer_reports_the_outcome(shared_client: httpx.AsyncCl
     assert stolen.status_code == 409 and "bot-1" in stolen.json()["message"]
 
 
+async def test_an_outcome_naming_no_consumer_cannot_finish_a_named_claim(
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    signal_id = await new_signal(shared_client)
+    await report(shared_client, signal_id, "processing", consumer="bot-1")
+    for status in ("processed", "failed", "expired"):
+        anonymous = await report(shared_client, signal_id, status, detail={"error": "not mine"})
+        assert anonymous.status_code == 409, anonymous.text
+        assert anonymous.json()["error"] == "illegal_transition"
+        assert '"consumer": "bot-1"' in anonymous.json()["message"]
+    timeline = (await shared_client.get(f"/api/signals/{signal_id}", headers=headers())).json()
+    assert timeline["status"] == "processing" and timeline["signal"]["claimed_by"] == "bot-1"
+    conn = await ws_connect(shared_server, cursor=None)  # a connection without a consumer
+    try:
+        await next_frame(conn)
+        await next_frame(conn)  # live
+        await conn.send(frame("status", ref=1, signal_id=signal_id, status="failed"))
+        refused = await next_frame(conn)
+        assert refused["op"] == "status_error" and refused["error"] == "illegal_transition"
+        assert '"consumer": "bot-1"' in refused["message"]
+        await conn.send(frame("status", ref=2, signal_id=signal_id, status="processed",
+                              consumer="bot-1"))
+        answers = [await next_frame(conn) for _ in range(2)]  # the answer, and the event
+        assert any(a["op"] == "status_ok" and a["ref"] == 2 for a in answers), answers
+    finally:
+        await conn.close()
+
+
 async def test_status_errors_use_the_contract_codes(shared_client: httpx.AsyncClient) -> None:
     signal_id = await new_signal(shared_client)
     unknown = await report(shared_client, "no-such-signal", "processing")
@@ -294,7 +321,7 @@ async def test_projection_is_the_fold_of_the_log(database_url: str,
     await client.post("/api/signals", json=BTC,
                       headers=headers(INGEST_TOKEN, **{"Idempotency-Key": "k"}))
     await report(client, ids[0], "processing", consumer="a")
-    await report(client, ids[0], "processed")
+    await report(client, ids[0], "processed", consumer="a")
     await report(client, ids[1], "dispatched")
     await report(client, ids[2], "processing")
     await report(client, ids[2], "failed", detail={"error": "boom"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from enum import StrEnum
 from typing import Any
 
@@ -98,10 +99,12 @@ def check_transition(row: Row, new: Status, consumer: str | None) -> None:
             f"signal {row['signal_id']} is {current.value}: it cannot become {new.value}"
         )
     claimer = row["claimed_by"]
-    if current is Status.PROCESSING and claimer and consumer and consumer != claimer:
+    if current is Status.PROCESSING and claimer and consumer != claimer:
+        reporter = f"not {consumer!r}" if consumer else "and the report names no consumer"
         raise IllegalTransition(
-            f"signal {row['signal_id']} is claimed by {claimer!r}, not {consumer!r}: "
-            "only the claimer reports its outcome"
+            f"signal {row['signal_id']} is claimed by {claimer!r}, {reporter}: only the "
+            "claimer reports its outcome: report it as that consumer "
+            f"(\"consumer\": {json.dumps(claimer, ensure_ascii=False)})"
         )
 
 
