@@ -27,7 +27,7 @@ from pipeline.processing.projection import STEP_COLUMN, EventType, Status, strea
 from pipeline.processing.reparse import record_renormalized
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.status import StatusReport, report_status
-from pipeline.signals import API_JSON, parse_api_signal, parse_tradingview
+from pipeline.signals import API_JSON, parse_api_signal, parse_tradingview, redact_body
 from pipeline.textformats import NotJsonValue
 
 MAX_EVENTS_PAGE = 1000
@@ -133,11 +133,6 @@ def answer(outcome: Outcome) -> JSONAnswer:
     return JSONAnswer(outcome.to_body(), status_code=status)
 
 
-def redact(text: str, secret: str | None) -> str:
-    """The body with the credential that came with it cut out: secrets never reach the log."""
-    return text.replace(secret, "[redacted]") if secret else text
-
-
 def request_facts(request: Request, body: str, valid_utf8: bool) -> dict[str, Any]:
     facts: dict[str, Any] = {"bytes": len(body.encode("utf-8", "replace"))}
     if not valid_utf8:
@@ -165,7 +160,9 @@ async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
     if path_token is not None:
         token = await authenticate(request, path_token, Scope.INGEST)
     body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
-    parsed = parse_tradingview(body, now=utc_now(), default_max_lag=svc.max_lag)
+    credentials = () if path_token is None else (path_token,)
+    parsed = parse_tradingview(body, now=utc_now(), default_max_lag=svc.max_lag,
+                               credentials=credentials)
     secret = path_token if path_token is not None else parsed.secret
     if path_token is None:
         if secret is None:
@@ -176,7 +173,8 @@ async def _ingest_webhook(request: Request, path_token: str | None) -> Response:
             )
         token = await authenticate(request, secret, Scope.INGEST)
     outcome = await svc.ingestor.submit(Submission(
-        source="webhook", raw=redact(redact(body, secret), parsed.secret), parsed=parsed,
+        source="webhook", raw=redact_body(body, (*credentials, *parsed.secrets)),
+        parsed=parsed,
         token_name=token.name,
         remote_addr=client, content_type=request.headers.get("content-type"),
         idempotency_key=parsed.idempotency_key,
@@ -195,7 +193,9 @@ async def webhook_with_passphrase(request: Request) -> Response:
 
 async def post_signal(request: Request) -> Response:
     svc = services(request)
-    token = await authenticate(request, bearer_token(request.headers), Scope.INGEST)
+    bearer = bearer_token(request.headers)
+    token = await authenticate(request, bearer, Scope.INGEST)
+    credentials = () if bearer is None else (bearer,)
     body, valid_utf8 = decode_body(await read_body(request, svc.body_limit))
     try:
         value = API_JSON.decode(body)
@@ -204,10 +204,12 @@ async def post_signal(request: Request) -> Response:
             "the body is not JSON: POST a signal object such as "
             '{"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}'
         ) from None
-    parsed = parse_api_signal(value, now=utc_now(), default_max_lag=svc.max_lag)
+    parsed = parse_api_signal(value, now=utc_now(), default_max_lag=svc.max_lag,
+                              credentials=credentials)
     key = request.headers.get("idempotency-key") or parsed.idempotency_key
     outcome = await svc.ingestor.submit(Submission(
-        source="api", raw=body, parsed=parsed, token_name=token.name,
+        source="api", raw=redact_body(body, (*credentials, *parsed.secrets)), parsed=parsed,
+        token_name=token.name,
         remote_addr=client_address(request),
         content_type=request.headers.get("content-type"), idempotency_key=key,
         facts=request_facts(request, body, valid_utf8),

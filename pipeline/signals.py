@@ -18,11 +18,13 @@ rejected body is still recorded for the audit.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
+from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
 
@@ -87,7 +89,8 @@ class ParsedBody:
     signal: Signal | None
     errors: tuple[SignalError, ...]
     idempotency_key: str | None
-    secret: str | None
+    secret: str | None  # the first passphrase or secret field: what authenticates the body
+    secrets: tuple[str, ...] = ()  # every such field's value, to be cut out of what is kept
 
 
 _JSON_KINDS: dict[type, str] = {
@@ -116,6 +119,7 @@ class _Draft:
     format: BodyFormat
     fields: dict[str, Any]
     secret: str | None = None
+    secrets: tuple[str, ...] = ()
     idempotency_key: str | None = None
     picked: dict[str, _Pick] = field(default_factory=dict)
     # Lenient bodies: each value under its normalized key path ("strategy.order.action").
@@ -156,14 +160,18 @@ def _placeholders(value: Any, path: str = "") -> Iterator[tuple[str, list[str]]]
             yield from _placeholders(item, f"{path}[{index}]")
 
 
-def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool) -> _Draft:
-    """Take the secret out, report placeholders anywhere, read the idempotency key."""
+def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool,
+           credentials: Sequence[str]) -> _Draft:
+    """Take the secrets out, report placeholders anywhere, read the idempotency key."""
     name_of: Callable[[str], str] = norm_word if lenient else str
-    secrets = {key for key in fields if name_of(key) in SECRET_KEYS}
-    draft = _Draft(fmt, {key: value for key, value in fields.items() if key not in secrets})
-    secret = next((v for k, v in fields.items() if k in secrets and not _absent(v)), None)
-    if isinstance(secret, str | int) and not isinstance(secret, bool):
-        draft.secret = str(secret)
+    secret_keys = {key for key in fields if name_of(key) in SECRET_KEYS}
+    draft = _Draft(fmt, {key: value for key, value in fields.items() if key not in secret_keys})
+    draft.secrets = tuple(str(v) for k, v in fields.items() if k in secret_keys
+                          and isinstance(v, str | int) and not isinstance(v, bool)
+                          and not _absent(v))
+    draft.secret = draft.secrets[0] if draft.secrets else None
+    if draft.secrets or credentials:  # a credential is kept in no value either
+        draft.fields = redact_values(draft.fields, (*credentials, *draft.secrets))
     # Extras included: a forwarded "{{plot_0}}" is as wrong as an unsubstituted price.
     for path, found in _placeholders(draft.fields):
         draft.add(SignalErrorCode.UNREPLACED_PLACEHOLDER, path, _placeholder_message(path, found))
@@ -310,6 +318,7 @@ def _finish(
         tuple(draft.errors),
         draft.idempotency_key,
         draft.secret,
+        draft.secrets,
     )
 
 
@@ -345,18 +354,20 @@ def _is_action_word(word: str) -> bool:
 
 
 def parse_tradingview(
-    body: str, *, now: datetime, default_max_lag: int | None = None
+    body: str, *, now: datetime, default_max_lag: int | None = None,
+    credentials: Sequence[str] = (),
 ) -> ParsedBody:
     """Parse a TradingView alert body, whatever its Content-Type said.
 
     A JSON object first; else ``key=value`` pairs or a comma-separated command; else free text.
     ``now`` decides expiry: ``signal_time + max_lag < now`` (``default_max_lag`` when the body
-    has no max_lag) is rejected as ``expired``.
+    has no max_lag) is rejected as ``expired``. ``credentials`` (the request's token) and the
+    body's own secrets are cut out of every value (see :func:`redact_values`).
     """
     decoded = tf.decode_body(body, _is_action_word)
     if decoded.failure is not None:
         return _undecodable(decoded)
-    draft = _start(decoded.format, decoded.fields, lenient=True)
+    draft = _start(decoded.format, decoded.fields, lenient=True, credentials=credentials)
     _pick_lenient(draft)
     values = _read_all(draft, LENIENT_READERS)
     _exit_when_flat(draft, values)
@@ -370,7 +381,8 @@ builds a decoder per call."""
 
 
 def parse_api_signal(
-    obj: object, *, now: datetime, default_max_lag: int | None = None
+    obj: object, *, now: datetime, default_max_lag: int | None = None,
+    credentials: Sequence[str] = (),
 ) -> ParsedBody:
     """Parse a ``POST /api/signals`` body decoded by :data:`API_JSON`: the canonical Signal
     fields, plus "id".
@@ -387,7 +399,78 @@ def parse_api_signal(
     except tf.NotJsonValue as exc:
         message = f"the body is not plain JSON: {exc}"
         return _rejected(BodyFormat.JSON, SignalErrorCode.INVALID_VALUE, message)
-    draft = _start(BodyFormat.JSON, fields, lenient=False)
+    draft = _start(BodyFormat.JSON, fields, lenient=False, credentials=credentials)
     _pick_strict(draft)
     values = _read_all(draft, STRICT_READERS)
     return _finish(draft, values, now, default_max_lag, STRICT_MISSING_HINTS)
+
+
+REDACTED = "[redacted]"
+MIN_SECRET_IN_TEXT = 8
+"""A secret at least this long is cut out of every value that holds it; a shorter one (a
+token set by hand to "1234", say) only out of its own field and the recorded body's text,
+lest a quantity of 1234 become "[redacted]"."""
+
+
+def _redact_text(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_IN_TEXT and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_values(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` (decoded JSON) with every secret cut out of its texts, keys included: a
+    token pasted into a comment is no more to be kept than one in a passphrase field."""
+    if isinstance(value, str):
+        return _redact_text(value, secrets)
+    if isinstance(value, dict):
+        return {_redact_text(k, secrets): redact_values(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_values(item, secrets) for item in value]
+    return value
+
+
+def _holds_secret(value: Any, secrets: Sequence[str]) -> bool:
+    return bool(redact_values(value, secrets) != value)
+
+
+# A JSON string with an escape in it, and a run of URL-encoded text: the forms in which a
+# secret can be sent without its characters appearing as such in the body.
+_ESCAPED_STRING = re.compile(r'"(?:[^"\\\n]*\\.)+[^"\\\n]*"')
+_ENCODED_RUN = re.compile(r"[^\s&=,;]*[%+][^\s&=,;]*")
+WITHHELD_BODY = ("[redacted: the body held a credential in a form that could not be cut out "
+                 "of it, so it is not kept]")
+
+
+def redact_body(body: str, secrets: Sequence[str]) -> str:
+    """The body as it will be recorded: every secret (the request's token, the body's
+    passphrase or secret fields) replaced by ``[redacted]``, wherever and however it was
+    written. A secret escaped in a JSON string (``\\u005f``) or URL-encoded (``%5F``) is
+    found in the decoded text; a body that would still yield one when parsed (there should
+    be none) is not kept at all."""
+    secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+    if not secrets:
+        return body
+    for secret in secrets:
+        body = body.replace(secret, REDACTED)
+    if "\\" not in body and "%" not in body and "+" not in body:
+        return body  # every text of the body is in it as written: none holds a secret now
+
+    def escaped(match: re.Match[str]) -> str:
+        try:
+            text = json.loads(match[0])
+        except ValueError:
+            return match[0]
+        redacted = _redact_text(text, secrets)
+        return match[0] if redacted == text else json.dumps(redacted, ensure_ascii=False)
+
+    def encoded(match: re.Match[str]) -> str:
+        text = unquote_plus(match[0])
+        return REDACTED if _redact_text(text, secrets) != text else match[0]
+
+    body = _ENCODED_RUN.sub(encoded, _ESCAPED_STRING.sub(escaped, body))
+    decoded = tf.decode_body(body, _is_action_word)
+    if decoded.failure is None and _holds_secret(decoded.fields, secrets):
+        return WITHHELD_BODY
+    return body

@@ -31,6 +31,7 @@ from pipeline.signals import (
     _pick_lenient,
     parse_api_signal,
     parse_tradingview,
+    redact_body,
 )
 
 NOW = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
@@ -542,6 +543,44 @@ def test_secret_is_stripped_even_from_a_rejected_body() -> None:
     assert parsed.secret == "hunter2" and parsed.signal is None
     assert "passphrase" not in parsed.fields
     assert all("hunter2" not in error.message for error in parsed.errors)
+
+
+TOKEN = "sbx_" + "k" * 40
+
+
+@pytest.mark.parametrize("body", [
+    '{"ticker":"AAPL","action":"buy","passphrase":"sbx\\u005f' + "k" * 40 + '"}',
+    "ticker=AAPL&action=buy&passphrase=sbx%5F" + "k" * 40,
+    "ticker=AAPL&action=buy&comment=mine+sbx_" + "k" * 40 + "&passphrase=sbx%5F" + "k" * 40,
+    '{"ticker":"AAPL","action":"buy","passphrase":"' + TOKEN + '","secret":"other-secret-9"}',
+    '{"ticker":"AAPL","action":"buy","comment":"my token: ' + TOKEN + '","extras":{"'
+    + TOKEN + '":"' + TOKEN + '"},"passphrase":"' + TOKEN + '"}',
+])
+def test_every_secret_is_cut_out_of_the_kept_body_and_values(body: str) -> None:
+    parsed = tv(body)
+    assert parsed.secret == TOKEN
+    kept = redact_body(body, parsed.secrets)
+    for secret in (TOKEN, "other-secret-9", "k" * 40):
+        assert secret not in kept
+        assert secret not in json.dumps(parsed.fields)
+        assert secret not in json.dumps(accepted(parsed).to_data())
+    assert tv(kept).signal == parsed.signal  # the kept body says all the rest as sent
+
+
+def test_the_request_token_is_cut_out_of_values_too() -> None:
+    body = '{"ticker":"AAPL","action":"buy","comment":"' + TOKEN + '"}'
+    parsed = parse_tradingview(body, now=NOW, credentials=(TOKEN,))
+    assert accepted(parsed).comment == "[redacted]"
+    assert redact_body(body, (TOKEN,)) == body.replace(TOKEN, "[redacted]")
+    from_api = parse_api_signal(json.loads(body), now=NOW, credentials=(TOKEN,))
+    assert accepted(from_api).comment == "[redacted]"
+
+
+def test_a_short_secret_leaves_values_that_merely_equal_it() -> None:
+    """A token set by hand to "25" must not turn a quantity of 25 into "[redacted]"."""
+    parsed = tv('{"ticker":"AAPL","action":"buy","quantity":"25","passphrase":"25"}')
+    assert parsed.secret == "25" and accepted(parsed).quantity == Decimal("25")
+    assert "passphrase" not in parsed.fields
 
 
 # -- key=value, CSV and free text ----------------------------------------------------------
