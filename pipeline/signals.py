@@ -454,7 +454,8 @@ def redact_body(body: str, secrets: Sequence[str]) -> str:
         return body
     for secret in secrets:
         body = body.replace(secret, REDACTED)
-    if "\\" not in body and "%" not in body and "+" not in body:
+    if "\\" not in body and "%" not in body and (
+            "+" not in body or not any(" " in secret for secret in secrets)):
         return body  # every text of the body is in it as written: none holds a secret now
 
     def escaped(match: re.Match[str]) -> str:
