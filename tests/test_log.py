@@ -370,3 +370,19 @@ def test_canonical_json_of_text_that_is_not_unicode_is_ascii_escaped(text: str) 
     encoded = canonical_json({"k": text})
     encoded.encode("utf-8")  # storable
     assert json.loads(encoded) == {"k": text}
+
+
+async def test_a_filter_matches_in_memory_what_it_matches_in_the_log(
+        event_log: EventLog) -> None:
+    """Tickers and strategies are indexed cut to their column's length and without NUL: the
+    in-memory match (live subscribers, the window) compares the same text."""
+    long = "s" * 250
+    appended = await event_log.append([
+        NewEvent("signal-a", "signal.received", {}, {"ticker": "AA\x00PL", "strategy": long}),
+        NewEvent("signal-b", "signal.received", {}, {"ticker": "T" * 120, "strategy": "x"}),
+    ])
+    for found in (EventFilter(strategies=(long[:200],)), EventFilter(tickers=("AAPL",)),
+                  EventFilter(tickers=("T" * 100,)), EventFilter(strategies=(long,))):
+        in_log = [e.position for e in await event_log.read(0, 10, found)]
+        in_memory = [e.position for e in appended if found.matches(e)]
+        assert in_memory == in_log, found

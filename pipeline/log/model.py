@@ -126,6 +126,11 @@ def chain_hash(previous: str, position: int, event_id: str, stream: str, type_: 
     return hashlib.sha256((previous + body).encode("utf-8")).hexdigest()
 
 
+TICKER_LIMIT = 100
+STRATEGY_LIMIT = 200
+"""The longest ticker and strategy the events table indexes (longer ones are cut)."""
+
+
 def safe_text(value: object, limit: int) -> str | None:
     """A string fit for an indexed column on every backend: no NUL, valid UTF-8, bounded."""
     if not isinstance(value, str) or not value:
@@ -302,9 +307,11 @@ class EventFilter:
             return False
         if self.streams and event.stream not in self.streams:
             return False
-        if self.tickers and event.ticker not in self.tickers:
+        # As the events table's columns hold them, so that a subscriber served from memory
+        # gets what one paging from the log (or GET /api/events) gets.
+        if self.tickers and safe_text(event.ticker, TICKER_LIMIT) not in self.tickers:
             return False
-        if self.strategies and event.strategy not in self.strategies:
+        if self.strategies and safe_text(event.strategy, STRATEGY_LIMIT) not in self.strategies:
             return False
         return self.partition is None or partition_of(event, self.partition[1]) == (
             self.partition[0])

@@ -36,6 +36,8 @@ from pipeline.log.backends import (
     sqlite_path,
 )
 from pipeline.log.model import (
+    STRATEGY_LIMIT,
+    TICKER_LIMIT,
     Event,
     EventFilter,
     NewEvent,
@@ -195,8 +197,8 @@ def _event_row(event: Event) -> dict[str, Any]:
         "meta": event.meta_json,
         "time": event.time,
         "hash": event.hash,
-        "ticker": safe_text(event.ticker, 100),
-        "strategy": safe_text(event.strategy, 200),
+        "ticker": safe_text(event.ticker, TICKER_LIMIT),
+        "strategy": safe_text(event.strategy, STRATEGY_LIMIT),
     }
 
 
