@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,13 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(database_url: str)
         assert len(warned) == 1 and "SIGNALBOX_TRUSTED_PROXIES" in warned[0]
     finally:
         server.stop()
+
+
+def test_a_client_that_leaves_before_its_body_costs_a_line_not_a_traceback(
+        server: ServerProcess) -> None:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(f"POST /api/signals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    f"{INGEST_TOKEN}\r\nContent-Length: 1000\r\n\r\n{{\"ticker\"".encode())
+    wait_until(lambda: any("client went away" in line for line in server.output))
+    assert not [line for line in server.output if "Traceback" in line or "unhandled" in line]
