@@ -183,6 +183,8 @@ def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool,
         key = tf.parse_text(value)
         if len(key) > MAX_ID_LENGTH:
             raise BadValue(f"must be at most {MAX_ID_LENGTH} characters")
+        if not key.isprintable():  # as an Idempotency-Key header must be
+            raise BadValue("must be printable: no control characters")
         draft.idempotency_key = key
     except BadValue as exc:
         draft.add(SignalErrorCode.INVALID_VALUE, id_key, f'field "{clip(id_key)}" {exc}')

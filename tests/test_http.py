@@ -108,6 +108,20 @@ async def test_id_field_in_the_body_is_an_idempotency_key(
     assert again.json()["signal_id"] == first.json()["signal_id"]
 
 
+@pytest.mark.parametrize("route", [f"/webhooks/tradingview/{INGEST_TOKEN}", "/api/signals"])
+async def test_an_id_with_a_control_character_is_recorded_and_rejected(
+        shared_client: httpx.AsyncClient, route: str) -> None:
+    """Not refused unrecorded (TradingView does not resend a 4xx): rejected, for the audit."""
+    response = await shared_client.post(route, content=json.dumps({**BTC, "id": "a\u0001b"}),
+                                        headers=headers(INGEST_TOKEN))
+    assert response.status_code == 422, response.text
+    assert [(e["code"], e["field"]) for e in response.json()["errors"]] == [
+        ("invalid_value", "id")]
+    found = await shared_client.get(f"/api/signals/{response.json()['signal_id']}",
+                                    headers=headers())
+    assert found.json()["status"] == "rejected"
+
+
 async def test_invalid_signal_is_recorded_and_answered_422(
         shared_client: httpx.AsyncClient) -> None:
     response = await shared_client.post("/api/signals",
