@@ -64,16 +64,23 @@ class JSONAnswer(JSONResponse):
     UTF-8 as-is cannot carry."""
 
     def render(self, content: Any) -> bytes:
-        return json_text(content).encode("utf-8")
+        try:
+            return _compact(content, ascii_only=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return _compact(content, ascii_only=True).encode("utf-8")
+
+
+def _compact(value: Any, *, ascii_only: bool) -> str:
+    return json.dumps(value, ensure_ascii=ascii_only, allow_nan=False, separators=(",", ":"))
 
 
 def json_text(value: Any) -> str:
     """Compact JSON, UTF-8 as is where it can be (see :class:`JSONAnswer`)."""
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = _compact(value, ascii_only=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = _compact(value, ascii_only=True)
     return text
 
 
@@ -205,7 +212,7 @@ async def post_signal(request: Request) -> Response:
             '{"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}'
         ) from None
     parsed = parse_api_signal(value, now=utc_now(), default_max_lag=svc.max_lag,
-                              credentials=credentials)
+                              credentials=credentials, text=body)
     key = request.headers.get("idempotency-key") or parsed.idempotency_key
     outcome = await svc.ingestor.submit(Submission(
         source="api", raw=redact_body(body, (*credentials, *parsed.secrets)), parsed=parsed,

@@ -161,8 +161,11 @@ def _placeholders(value: Any, path: str = "") -> Iterator[tuple[str, list[str]]]
 
 
 def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool,
-           credentials: Sequence[str]) -> _Draft:
-    """Take the secrets out, report placeholders anywhere, read the idempotency key."""
+           credentials: Sequence[str], text: str | None) -> _Draft:
+    """Take the secrets out, report placeholders anywhere, read the idempotency key.
+
+    ``text``, the body as sent, spares looking for secrets in values when it shows that none
+    can hold one."""
     name_of: Callable[[str], str] = norm_word if lenient else str
     secret_keys = {key for key in fields if name_of(key) in SECRET_KEYS}
     draft = _Draft(fmt, {key: value for key, value in fields.items() if key not in secret_keys})
@@ -170,8 +173,12 @@ def _start(fmt: BodyFormat, fields: dict[str, Any], *, lenient: bool,
                           and isinstance(v, str | int) and not isinstance(v, bool)
                           and not _absent(v))
     draft.secret = draft.secrets[0] if draft.secrets else None
-    if draft.secrets or credentials:  # a credential is kept in no value either
-        draft.fields = redact_values(draft.fields, (*credentials, *draft.secrets))
+    suspects: Sequence[str] = (*credentials, *draft.secrets)
+    if text is not None and suspects and _as_written(text, suspects):
+        # A value holds a secret only if the text does, beside the secret's own field.
+        suspects = [s for s in suspects if text.count(s) > (s in draft.secrets)]
+    if suspects:  # a credential is kept in no value either
+        draft.fields = redact_values(draft.fields, suspects)
     # Extras included: a forwarded "{{plot_0}}" is as wrong as an unsubstituted price.
     for path, found in _placeholders(draft.fields):
         draft.add(SignalErrorCode.UNREPLACED_PLACEHOLDER, path, _placeholder_message(path, found))
@@ -369,7 +376,8 @@ def parse_tradingview(
     decoded = tf.decode_body(body, _is_action_word)
     if decoded.failure is not None:
         return _undecodable(decoded)
-    draft = _start(decoded.format, decoded.fields, lenient=True, credentials=credentials)
+    draft = _start(decoded.format, decoded.fields, lenient=True, credentials=credentials,
+                   text=body)
     _pick_lenient(draft)
     values = _read_all(draft, LENIENT_READERS)
     _exit_when_flat(draft, values)
@@ -384,7 +392,7 @@ builds a decoder per call."""
 
 def parse_api_signal(
     obj: object, *, now: datetime, default_max_lag: int | None = None,
-    credentials: Sequence[str] = (),
+    credentials: Sequence[str] = (), text: str | None = None,
 ) -> ParsedBody:
     """Parse a ``POST /api/signals`` body decoded by :data:`API_JSON`: the canonical Signal
     fields, plus "id".
@@ -401,7 +409,7 @@ def parse_api_signal(
     except tf.NotJsonValue as exc:
         message = f"the body is not plain JSON: {exc}"
         return _rejected(BodyFormat.JSON, SignalErrorCode.INVALID_VALUE, message)
-    draft = _start(BodyFormat.JSON, fields, lenient=False, credentials=credentials)
+    draft = _start(BodyFormat.JSON, fields, lenient=False, credentials=credentials, text=text)
     _pick_strict(draft)
     values = _read_all(draft, STRICT_READERS)
     return _finish(draft, values, now, default_max_lag, STRICT_MISSING_HINTS)
@@ -433,6 +441,13 @@ def redact_values(value: Any, secrets: Sequence[str]) -> Any:
     return value
 
 
+def _as_written(text: str, secrets: Sequence[str]) -> bool:
+    """Whether every text ``text`` decodes to is in it as written: no JSON escape, no URL
+    encoding (and no "+" that could be a secret's space)."""
+    return "\\" not in text and "%" not in text and (
+        "+" not in text or not any(" " in secret for secret in secrets))
+
+
 def _holds_secret(value: Any, secrets: Sequence[str]) -> bool:
     return bool(redact_values(value, secrets) != value)
 
@@ -456,8 +471,7 @@ def redact_body(body: str, secrets: Sequence[str]) -> str:
         return body
     for secret in secrets:
         body = body.replace(secret, REDACTED)
-    if "\\" not in body and "%" not in body and (
-            "+" not in body or not any(" " in secret for secret in secrets)):
+    if _as_written(body, secrets):
         return body  # every text of the body is in it as written: none holds a secret now
 
     def escaped(match: re.Match[str]) -> str:
