@@ -34,11 +34,12 @@ from pipeline.processing.consumers import acknowledge, stored_position
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.tasks import cancel_all
 from pipeline.wsframes import CloseCode, Closing, Hello, decode_frame, is_int, parse_hello
-from pipeline.wsprotocol import SEND_MANY
+from pipeline.wsprotocol import ABORT, SEND_MANY
 
 log = logging.getLogger("signalbox.ws")
 
 MAX_BATCH_BYTES = 1 << 20
+CLOSE_TIMEOUT = 5.0  # seconds to write the error frame and the close; then the link is dropped
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,12 @@ class Session:
                  token_store: TokenStore, connections: Connections,
                  settings: StreamSettings, page_size: int, send: Send | None = None) -> None:
         self.ws = websocket
-        # The ASGI send, when the server takes a page of messages at once (SEND_MANY).
-        self._send_many = send if SEND_MANY in websocket.scope.get("extensions", {}) else None
+        # The ASGI send, when the server takes a page of messages at once (SEND_MANY), and
+        # when it can drop a connection whose socket stays full (ABORT).
+        extensions = websocket.scope.get("extensions", {})
+        self._send_many = send if SEND_MANY in extensions else None
+        self._send_abort = send if ABORT in extensions else None
+        self._stream_task: asyncio.Task[None] | None = None
         self.log = event_log
         self.hub = hub
         self.tokens = token_store
@@ -152,6 +157,7 @@ class Session:
         # The stream runs beside the receive loop; whoever ends first closes the connection,
         # and the receive loop ends when the connection does.
         stream = asyncio.create_task(self._ending_with(self._stream(cursor, hello)))
+        self._stream_task = stream
         self.connections.sessions.add(self)
         try:
             await self._receive_loop()
@@ -364,7 +370,23 @@ class Session:
     async def _close(self, code: CloseCode, message: str, **extra: Any) -> None:
         self.close_code = self.close_code or int(code)
         frame = json.dumps({"op": "error", "code": int(code), "message": message, **extra})
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._send_text(frame), 5)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(int(code), message[:120]), 5)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                with contextlib.suppress(Exception):  # the client may be gone: close all the same
+                    await self._send_text(frame)
+                await self.ws.close(int(code), message[:120])
+        except TimeoutError:
+            await self._abort()
+        except Exception:  # the connection had ended already
+            pass
+
+    async def _abort(self) -> None:
+        """Drop a connection that cannot be closed: a client that reads nothing leaves its
+        socket full, so the stream waits for ever to write, and so would the close frame and
+        the close of the socket (which waits for the buffer to drain). Its session, pages and
+        socket are let go at once; the receive loop ends on the disconnect that follows."""
+        if self._stream_task is not None and self._stream_task is not asyncio.current_task():
+            self._stream_task.cancel()
+        if self._send_abort is not None:
+            with contextlib.suppress(Exception):
+                await self._send_abort({"type": ABORT})

@@ -20,6 +20,12 @@ through the ASGI layers and one write per 64 KiB instead of one of each per even
 connection without permessage-deflate the frames are built here, a two-byte header for most.
 Between writes it waits for the transport's flow control as uvicorn's ``send`` does, so a
 client that does not read still holds at most one chunk beyond the transport's high-water mark.
+
+Such a client cannot be closed politely: neither an error frame nor a close frame gets through
+a socket it leaves full, and ``transport.close()`` waits for the buffer to drain, for ever. The
+session drops it with :data:`ABORT` when its close cannot be written in time, and the close
+timer (the client did not answer a close within ``close_timeout``) aborts the transport
+instead of closing it, so that the socket and everything it holds are let go.
 """
 
 from __future__ import annotations
@@ -38,12 +44,13 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 SEND_MANY = "signalbox.websocket.send_many"  # {"type": SEND_MANY, "texts": [str, ...]}
+ABORT = "signalbox.websocket.abort"  # {"type": ABORT}: drop the connection, unsent data too
 FLUSH_BYTES = 64 * 1024
 
 
 class ServerWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, releasing ended connections and offering
-    :data:`SEND_MANY`."""
+    :data:`SEND_MANY` and :data:`ABORT`."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -53,10 +60,20 @@ class ServerWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if self.response.status_code == 101:  # the application was given this scope
             self.scope["extensions"][SEND_MANY] = {}
+            self.scope["extensions"][ABORT] = {}
 
     async def send(self, message: ASGISendEvent) -> None:
-        if message["type"] != SEND_MANY:
+        kind: str = message["type"]
+        if kind == ABORT:  # not after the writable wait: it is for a socket that stays full
+            self.transport.abort()
+            return
+        if kind != SEND_MANY:
             await super().send(message)
+            if kind == "websocket.close" and self.close_timer is not None:
+                # uvicorn's timer would close, and a close waits for the buffer to drain.
+                self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(self.close_timeout,
+                                                        self.transport.abort)
             return
         texts: Sequence[str] = cast(Mapping[str, Any], message)["texts"]
         plain = not self.conn.extensions

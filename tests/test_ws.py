@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
+from pipeline.ws import CLOSE_TIMEOUT
 from pipeline.wsprotocol import text_frame_header
 from tests.support import (
     ADMIN_TOKEN,
@@ -25,8 +26,10 @@ from tests.support import (
     headers,
     next_frame,
     sqlite_only,
+    wait_until,
     ws_connect,
 )
+from tests.test_metrics import scrape_one
 from tests.wsraw import TEXT, RawClient, encode_frame
 
 BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "0.01"}
@@ -512,5 +515,35 @@ async def test_a_reader_that_stops_reading_holds_a_chunk_not_the_backlog(
             assert positions == list(range(1, head + 1))
         finally:
             await reader.close()
+    finally:
+        server.stop()
+
+
+@sqlite_only("the subject is the server's writes to one socket, after the log was read")
+async def test_a_reader_that_stops_reading_is_dropped_after_twice_the_heartbeat(
+        database_url: str) -> None:
+    """A client that says hello and then neither reads nor sends, behind more than its socket
+    holds: the stream waits in a write that never ends, so the 4408's error frame and close
+    cannot be written, and closing the socket would wait for it to drain. The server drops
+    the connection instead, letting go of its session, pages and socket."""
+    heartbeat = 0.5
+    server = ServerProcess(database_url, env={"SIGNALBOX_WINDOW": "100",
+                                              "SIGNALBOX_PAGE_SIZE": "10"},
+                           args=["--heartbeat", str(heartbeat)]).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(100):  # 6 MB: far more than the two ends' socket buffers take
+                response = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                             content="x" * 60_000)
+                assert response.status_code == 422, response.text
+        raw = await RawClient.connect(server.port, receive_buffer=4096)
+        raw.send(encode_frame(TEXT, hello(token=ADMIN_TOKEN, cursor=0).encode()))
+        assert json.loads(await raw.text())["op"] == "welcome"
+        assert scrape_one(server, "signalbox_subscribers") == 1
+        # Silent for 2 x heartbeat, found so at the next beat, then the close's own timeout.
+        deadline = 3 * heartbeat + CLOSE_TIMEOUT + 5
+        wait_until(lambda: scrape_one(server, "signalbox_subscribers") == 0, deadline, 0.2)
+        # Dropped, not closed: what the client had not read went with the connection.
+        assert (await raw.until_close(deadline)).close_code is None
     finally:
         server.stop()
