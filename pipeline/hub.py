@@ -4,7 +4,8 @@ The hub keeps a window of the most recent committed events (contiguous positions
 of them and up to a 64th more). Subscribers own nothing but their cursor: one inside the
 window is served from memory; one behind it (slow, or resuming from far back) is paged from
 the log until it is back inside. No subscriber has a queue of its own, so nothing is ever
-dropped and memory does not grow with the number or the slowness of readers.
+dropped; what one paged from the log holds of its own is its page, bounded by count and by
+bytes (:data:`PAGE_BYTES`), so memory does not grow with the slowness of readers.
 
 Events committed by this process arrive through the log's commit listener; events committed
 elsewhere (another process or instance) are found by the tailer, which re-reads the log after
@@ -25,6 +26,11 @@ from pipeline.log import Event, EventFilter, EventLog
 from pipeline.tasks import cancel_all
 
 log = logging.getLogger("signalbox.hub")
+
+# A page read from the log for a subscriber holds frames of about this many bytes at most (and
+# always one event, however large): it is held while a slow reader takes it, with the next
+# one read ahead. Events of a webhook's 64 KiB made pages of 500 over 30 MB each.
+PAGE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Hub:
         self.page_size = page_size
         self.poll_interval = poll_interval
         self.head = 0
+        self._frame_size = 0  # mean length of the frames last paged from the log; 0: unknown
         self._events: list[Event] = []
         self._first = 1  # position of self._events[0]
         self._changed = asyncio.Event()
@@ -155,16 +162,34 @@ class Hub:
             events = [e for e in events if filter.matches(e)]
         return Page(events, covered, from_log=True)
 
-    async def frames(self, after: int, filter: EventFilter, limit: int) -> Frames:
-        """:meth:`page` as frames. Unfiltered and behind the window (catch-up), the frames
-        are built from the log's rows, without an ``Event`` each."""
+    async def frames(self, after: int, filter: EventFilter, limit: int,
+                     max_bytes: int = PAGE_BYTES) -> Frames:
+        """:meth:`page` as frames. Behind the window, at most ``max_bytes`` of them (at least
+        one), and only about as many rows are read as that takes, going by the size of the
+        frames paged last. Unfiltered and behind the window (catch-up), the frames are built
+        from the log's rows, without an ``Event`` each."""
         head = self.head
-        if not filter.is_empty or after >= head or (after + 1 >= self._first and self._events):
+        if after >= head or (after + 1 >= self._first and self._events):  # from memory
             page = await self.page(after, filter, limit)
             return Frames([e.frame for e in page.events], page.covered, page.from_log)
-        rows = await self.log.read_frames(after, limit)
-        frames = [frame for position, frame in rows if position <= head]
-        covered = rows[-1][0] if len(frames) >= limit else head
+        rows = limit
+        if self._frame_size:
+            rows = max(1, min(limit, max_bytes // self._frame_size))
+        if not filter.is_empty:
+            page = await self.page(after, filter, rows)
+            frames = [e.frame for e in page.events]
+            positions = [e.position for e in page.events]
+            covered = page.covered
+        else:
+            read = await self.log.read_frames(after, rows)
+            frames = [frame for position, frame in read if position <= head]
+            positions = [position for position, _ in read[:len(frames)]]
+            covered = read[-1][0] if len(frames) >= rows else head
+        if frames:
+            self._frame_size = max(1, sum(map(len, frames)) // len(frames))
+            kept = fitting(frames, max_bytes)
+            if kept < len(frames):
+                frames, covered = frames[:kept], positions[kept - 1]
         return Frames(frames, covered, from_log=True)
 
     def behind_window(self, after: int) -> bool:
@@ -186,3 +211,13 @@ class Hub:
                 if len(matched) >= limit:
                     break
         return Page(matched, covered)
+
+
+def fitting(frames: Sequence[str], max_bytes: int) -> int:
+    """How many of ``frames``, from the first, come to ``max_bytes`` at most (at least one)."""
+    size = 0
+    for count, frame in enumerate(frames):
+        size += len(frame)
+        if size > max_bytes and count:
+            return count
+    return len(frames)

@@ -5,8 +5,9 @@ hub's window or the log, reading the next page while it sends this one) and goes
 has caught up; the connection's own task reads the client's frames. One watcher for all
 connections (:class:`Connections`) pings them, closes silent clients and says goodbye at
 shutdown. A send blocks while the client does not read (TCP back-pressure), which stalls only
-this connection's cursor: nothing is queued for it, so a slow reader costs no memory. The
-client's frames are read by :mod:`pipeline.wsframes`.
+this connection's cursor: nothing is queued for it, so a slow reader costs no more memory than
+the page it is being sent and the one read ahead, each bounded in bytes when read from the log
+(:data:`pipeline.hub.PAGE_BYTES`). The client's frames are read by :mod:`pipeline.wsframes`.
 """
 
 from __future__ import annotations
