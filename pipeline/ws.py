@@ -26,11 +26,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.auth import Scope, Token, TokenStore, bearer_token, hash_secret
 from pipeline.budget import FrameBudget
-from pipeline.errors import BadRequest, SignalboxError, TooManyRequests
+from pipeline.errors import BadRequest, LogUnavailable, SignalboxError, TooManyRequests
 from pipeline.guard import Guard
 from pipeline.hub import Frames, Hub
 from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
 from pipeline.log import EventLog
+from pipeline.log.backends import DATABASE_ERRORS
 from pipeline.processing.consumers import acknowledge, stored_position
 from pipeline.processing.status import StatusReport, report_status
 from pipeline.tasks import cancel_all
@@ -41,6 +42,7 @@ log = logging.getLogger("signalbox.ws")
 
 MAX_BATCH_BYTES = 1 << 20
 CLOSE_TIMEOUT = 5.0  # seconds to write the error frame and the close; then the link is dropped
+UNAVAILABLE: tuple[type[Exception], ...] = (LogUnavailable, *DATABASE_ERRORS)  # closed 1013
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,12 @@ class Session:
             await self._close(closing.code, closing.message, **closing.extra)
         except WebSocketDisconnect:
             pass
+        except UNAVAILABLE as exc:
+            # As HTTP's 503: the database is away (a read, a commit, a token's lookup), which
+            # is nothing the client did and will pass.
+            log.warning("websocket session ended, the log is unavailable: %r", exc)
+            await self._close(CloseCode.OVERLOADED,
+                              "the log is unavailable right now: reconnect later")
         except Exception:
             log.exception("websocket session failed")
             await self._close(CloseCode.INTERNAL_ERROR, "internal error: reconnect")
@@ -211,6 +219,8 @@ class Session:
         try:
             token = await guard.authenticate(self.tokens, secret, guard.address(self.ws.scope))
             token.require(Scope.READ)
+        except LogUnavailable:
+            raise  # not the client's token: closed 1013 as everywhere (_ending_with)
         except SignalboxError as exc:
             codes = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.FORBIDDEN,
                      429: CloseCode.TOO_MANY_REQUESTS}

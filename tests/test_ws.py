@@ -23,12 +23,14 @@ from tests.support import (
     INGEST_TOKEN,
     FastClient,
     ServerProcess,
+    TcpProxy,
     headers,
     next_frame,
     sqlite_only,
     wait_until,
     ws_connect,
 )
+from tests.test_faults import through
 from tests.test_metrics import scrape_one
 from tests.wsraw import TEXT, RawClient, encode_frame
 
@@ -342,6 +344,42 @@ async def test_shutdown_closes_subscribers_with_1001(database_url: str) -> None:
             frames.append(await next_frame(conn))
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert await stopping == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_database_trouble_closes_1013_reconnect_later(database_url: str) -> None:
+    """While the database is away, a hello whose token must be looked up, a subscriber paged
+    from the log and an ack end as the protocol says of trouble that will pass: 1013, to
+    reconnect later, not 1011 and a traceback as for a fault of the server's own."""
+    async with TcpProxy(5432) as proxy:
+        server = ServerProcess(through(proxy, database_url),
+                               env={"SIGNALBOX_COMMIT_TIMEOUT": "1"},
+                               args=["--window", "100", "--page-size", "10",
+                                     "--token-cache", "600", "--heartbeat", "300"])
+        await asyncio.to_thread(server.start)  # from a thread: the proxy serves on this loop
+        try:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                for _ in range(60):  # 120 events: the first ones are behind the window
+                    await post(client)
+            consumer = await ws_connect(server, cursor=None, consumer="bot")  # token cached
+            assert (await next_frame(consumer))["op"] == "welcome"
+            assert (await next_frame(consumer))["op"] == "live"
+            proxy.fail()
+            async with websockets.connect(server.ws_url) as looked_up:
+                await looked_up.send(hello(token="sbx_never_seen", cursor=None))
+                closing = await expect_close(looked_up, 1013)
+                assert closing["message"] == "the log is unavailable right now: reconnect later"
+            paged = await ws_connect(server, cursor=0)
+            assert (await next_frame(paged))["op"] == "welcome"
+            await expect_close(paged, 1013)
+            await consumer.send(json.dumps({"op": "ack", "position": 1}))
+            while (frame := await next_frame(consumer))["op"] == "ping":
+                pass
+            assert frame["op"] == "error" and frame["code"] == 1013, frame
+        finally:
+            proxy.recover()
+            await asyncio.to_thread(server.stop)
+        assert "websocket session failed" not in "".join(server.output)
 
 
 FILTERS = st.sampled_from([
