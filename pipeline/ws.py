@@ -385,7 +385,7 @@ class Session:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 with contextlib.suppress(Exception):  # the client may be gone: close all the same
                     await self._send_text(frame)
-                await self.ws.close(int(code), message[:120])
+                await self.ws.close(int(code), close_reason(message))
         except TimeoutError:
             await self._abort()
         except Exception:  # the connection had ended already
@@ -401,3 +401,9 @@ class Session:
         if self._send_abort is not None:
             with contextlib.suppress(Exception):
                 await self._send_abort({"type": ABORT})
+
+
+def close_reason(message: str) -> str:
+    """``message`` cut to the 123 bytes of UTF-8 a close frame has room for (RFC 6455, 5.5),
+    between two characters: the error frame before it carries the whole message."""
+    return message.encode(errors="replace")[:123].decode(errors="ignore")

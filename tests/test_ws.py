@@ -289,6 +289,22 @@ async def test_binary_oversized_and_unknown_frames_close_4400_and_others_go_on(
         await bystander.close()
 
 
+@pytest.mark.parametrize("op", ["x" * 200, "é" * 200, "€" * 50, "\U0001f680" * 40],
+                         ids=["ascii", "utf8-2-bytes", "utf8-3-bytes", "utf8-4-bytes"])
+async def test_a_message_quoting_the_client_fits_the_close_frame(shared_server: ServerProcess,
+                                                                 op: str) -> None:
+    """The close frame's reason holds 123 bytes of UTF-8: a message quoting what the client
+    sent is cut there, between characters; the error frame has it whole."""
+    async with websockets.connect(shared_server.ws_url) as conn:
+        await conn.send(hello(token=ADMIN_TOKEN, cursor=None))
+        assert (await next_frame(conn))["op"] == "welcome"
+        assert (await next_frame(conn))["op"] == "live"
+        await conn.send(json.dumps({"op": op}))
+        error = await expect_close(conn, 4400)
+        assert op in error["message"]
+        assert conn.close_reason and error["message"].startswith(conn.close_reason)
+
+
 async def test_epoch_mismatch_tells_the_right_epoch(shared_server: ServerProcess,
                                                    shared_client: httpx.AsyncClient) -> None:
     epoch = (await shared_client.get("/readyz")).json()["epoch"]
