@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.auth import Scope, Token, TokenStore, bearer_token, hash_secret
 from pipeline.budget import FrameBudget
-from pipeline.errors import BadRequest, LogUnavailable, SignalboxError, TooManyRequests
+from pipeline.errors import BadRequest, LogUnavailable, NotFound, SignalboxError, TooManyRequests
 from pipeline.guard import Guard
 from pipeline.hub import Frames, Hub
 from pipeline.instruments import PAGED_EVENTS, WEBSOCKET_CLOSES
@@ -43,6 +43,7 @@ log = logging.getLogger("signalbox.ws")
 MAX_BATCH_BYTES = 1 << 20
 CLOSE_TIMEOUT = 5.0  # seconds to write the error frame and the close; then the link is dropped
 UNAVAILABLE: tuple[type[Exception], ...] = (LogUnavailable, *DATABASE_ERRORS)  # closed 1013
+MAX_SIGNAL_ID = 36  # a signal's id is a UUID: a longer one is no signal's
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,14 @@ class Session:
         try:
             if not isinstance(signal_id, str) or not signal_id:
                 raise BadRequest("status needs a signal_id")
+            # Answered as over HTTP, before the database, which may refuse such text (NUL, on
+            # PostgreSQL) or be asked to look up an id as long as the frame.
+            if "\x00" in signal_id:
+                raise BadRequest("the signal_id holds a NUL character, which no id can "
+                                 "contain: remove it")
+            if len(signal_id) > MAX_SIGNAL_ID:
+                raise NotFound(f"no signal has an id of {len(signal_id)} characters: check "
+                               "the id you were given")
             assert self.token is not None
             self.token.require(Scope.REPORT)
             report = StatusReport.parse(

@@ -305,6 +305,33 @@ async def test_a_message_quoting_the_client_fits_the_close_frame(shared_server: 
         assert conn.close_reason and error["message"].startswith(conn.close_reason)
 
 
+async def test_a_status_report_for_an_id_no_signal_has_is_answered_before_the_database(
+        shared_server: ServerProcess, shared_client: httpx.AsyncClient) -> None:
+    """A signal_id holding NUL, which PostgreSQL refuses in text, or longer than any signal's
+    is answered as over HTTP (400 for a NUL in the URL, 404 for an unknown id), without a
+    query; the connection goes on, and so does the database."""
+    posted = await shared_client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+    signal_id = posted.json()["signal_id"]
+    conn = await ws_connect(shared_server, cursor=None)
+    try:
+        assert (await next_frame(conn))["op"] == "welcome"
+        reports = [("abc\x00", "bad_request"), (signal_id + "\x00", "bad_request"),
+                   ("\x00" + signal_id[1:], "bad_request"), ("x" * 10_000, "not_found"),
+                   (signal_id, None)]
+        for ref, (reported, error) in enumerate(reports):
+            await conn.send(json.dumps({"op": "status", "ref": ref, "signal_id": reported,
+                                        "status": "processing"}))
+            while (answer := await next_frame(conn))["op"] not in ("status_ok", "status_error"):
+                pass
+            assert answer["ref"] == ref
+            if error is None:
+                assert answer["op"] == "status_ok", answer
+            else:
+                assert (answer["op"], answer["error"]) == ("status_error", error), answer
+    finally:
+        await conn.close()
+
+
 async def test_epoch_mismatch_tells_the_right_epoch(shared_server: ServerProcess,
                                                    shared_client: httpx.AsyncClient) -> None:
     epoch = (await shared_client.get("/readyz")).json()["epoch"]
