@@ -115,7 +115,9 @@ def parse_filter(value: object) -> EventFilter:
                       f"unknown filter key(s) {sorted(unknown)}: use {list(FILTER_KEYS)}")
     lists: dict[str, tuple[str, ...]] = {}
     for key in FILTER_KEYS:
-        items = value.get(key) or []
+        items = value.get(key)
+        if items is None:  # absent or null: any value; "", 0 or {} is no list, and refused
+            items = []
         if not isinstance(items, list) or len(items) > MAX_FILTER_VALUES or not all(
             isinstance(i, str) and 0 < len(i) <= MAX_FILTER_LENGTH and "\x00" not in i
             for i in items
