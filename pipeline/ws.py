@@ -168,6 +168,7 @@ class Session:
         finally:
             self.connections.sessions.discard(self)
             await cancel_all(stream)
+            self._stream_task = None  # the task holds the session: no cycle left behind
 
     async def _ending_with(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work``; however it ends, end the connection the way the protocol says."""
