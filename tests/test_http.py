@@ -108,7 +108,8 @@ async def test_id_field_in_the_body_is_an_idempotency_key(
     assert again.json()["signal_id"] == first.json()["signal_id"]
 
 
-@pytest.mark.parametrize("route", [f"/webhooks/tradingview/{INGEST_TOKEN}", "/api/signals"])
+@pytest.mark.parametrize("route", [f"/webhooks/tradingview/{INGEST_TOKEN}", "/api/signals"],
+                         ids=["webhook", "api"])
 async def test_an_id_with_a_control_character_is_recorded_and_rejected(
         shared_client: httpx.AsyncClient, route: str) -> None:
     """Not refused unrecorded (TradingView does not resend a 4xx): rejected, for the audit."""
