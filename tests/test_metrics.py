@@ -77,14 +77,16 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     assert (await client.post(webhook, content=json.dumps(BTC))).status_code == 403
 
     head = (await client.get("/readyz")).json()["head"]
-    # A subscriber from the beginning: everything is behind the window, so it is paged.
+    # A subscriber from the beginning: what is behind the window (of 100) is paged from the
+    # log; pages are bounded in bytes, so the last events may come from the window instead.
     reader = await ws_connect(server, cursor=0)
     assert (await next_frame(reader))["op"] == "welcome"
     received = 0
     while (frame := await next_frame(reader))["op"] != "live":
         received += frame["op"] == "event"
     assert received == head
-    assert scrape_one(server, "signalbox_events_paged_from_log_total") == head
+    paged = scrape_one(server, "signalbox_events_paged_from_log_total")
+    assert head - 100 <= paged <= head
     # One that does not read: stuck behind the window, its connection paged from the log.
     stalled = await websockets.connect(server.ws_url, sock=small_window_socket(server.port),
                                        max_size=None, max_queue=1, compression=None)
@@ -130,7 +132,7 @@ async def run_traffic_and_check(server: ServerProcess, client: httpx.AsyncClient
     assert value(samples, "signalbox_commit_seconds_count") == commits
     assert value(samples, "signalbox_commit_seconds_bucket", le="10.0") <= commits
 
-    assert value(samples, "signalbox_events_paged_from_log_total") >= head
+    assert value(samples, "signalbox_events_paged_from_log_total") > paged  # the stalled one's
     assert value(samples, "signalbox_websocket_closes_total", code="4400") == 1
     assert value(samples, "signalbox_websocket_closes_total", code="1000") == 1
     assert value(samples, "signalbox_subscribers_by_state", state="live") == 1  # the reader
