@@ -479,12 +479,12 @@ def redact_body(body: str, secrets: Sequence[str]) -> str:
             text = json.loads(match[0])
         except ValueError:
             return match[0]
-        redacted = _redact_text(text, secrets)
+        redacted = REDACTED if text in secrets else _redact_text(text, secrets)
         return match[0] if redacted == text else json.dumps(redacted, ensure_ascii=False)
 
     def encoded(match: re.Match[str]) -> str:
         text = unquote_plus(match[0])
-        return REDACTED if _redact_text(text, secrets) != text else match[0]
+        return REDACTED if text in secrets or _redact_text(text, secrets) != text else match[0]
 
     body = _ENCODED_RUN.sub(encoded, _ESCAPED_STRING.sub(escaped, body))
     decoded = tf.decode_body(body, _is_action_word)

@@ -577,10 +577,16 @@ def test_the_request_token_is_cut_out_of_values_too() -> None:
 
 
 def test_a_short_secret_leaves_values_that_merely_equal_it() -> None:
-    """A token set by hand to "25" must not turn a quantity of 25 into "[redacted]"."""
+    """A token set by hand to "25" must not turn a quantity of 25 into "[redacted]"; the
+    recorded body loses it all the same, also written escaped."""
     parsed = tv('{"ticker":"AAPL","action":"buy","quantity":"25","passphrase":"25"}')
     assert parsed.secret == "25" and accepted(parsed).quantity == Decimal("25")
     assert "passphrase" not in parsed.fields
+    escaped = '{"ticker":"AAPL","action":"buy","passphrase":"2\\u0035"}'
+    assert tv(escaped).secret == "25"
+    assert redact_body(escaped, ("25",)) == escaped.replace('"2\\u0035"', '"[redacted]"')
+    encoded = "ticker=AAPL&action=buy&passphrase=2%35"
+    assert redact_body(encoded, ("25",)) == "ticker=AAPL&action=buy&passphrase=[redacted]"
 
 
 # -- key=value, CSV and free text ----------------------------------------------------------
