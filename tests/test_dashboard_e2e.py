@@ -37,6 +37,12 @@ SHOTS = repo_root() / "web" / "test-results"
 ROWS = "tr[data-signal-id]"
 WAIT_MS = 30_000
 PAGE = 100  # signals on the first page the dashboard reads (web/src/react/context.tsx)
+# Whether each row's status badge is what the page shows at its center (nothing drawn over it).
+STATUS_IN_SIGHT = f"""() => [...document.querySelectorAll('{ROWS}')].map(row => {{
+  const badge = row.querySelector('.status'), box = badge.getBoundingClientRect();
+  const hit = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+  return hit !== null && badge.contains(hit);
+}})"""
 
 
 def chromium_missing() -> bool:
@@ -206,6 +212,20 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
         await page.select_option("select[aria-label=Status]", "")
         await wait_rows(page, 3)
 
+        # A ticker as long as the server keeps (a rejected signal's) is cut short in its cell:
+        # the table stays inside its card, and every row's status is still in sight.
+        await page.set_viewport_size({"width": 1600, "height": 900})
+        async with httpx.AsyncClient(base_url=shown.base_url, timeout=30) as client:
+            answer = await client.post("/api/signals", headers=headers(INGEST_TOKEN),
+                                       json={"ticker": "W" * 100, "action": "buy"})
+            assert answer.status_code == 422, answer.text
+            wide = answer.json()["signal_id"]
+        await page.wait_for_selector(f'tr[data-signal-id="{wide}"]', timeout=WAIT_MS)
+        assert await page.evaluate(STATUS_IN_SIGHT) == [True] * 4
+        assert await page.get_attribute(
+            f'tr[data-signal-id="{wide}"] td.ticker', "title") == "W" * 100
+        await shot(page, "2-long-ticker")
+
         # Another process keeps sending, through the other instance, while this one dies.
         sender = Sender(other)
         await until(lambda: len(sender.ids) >= 5, 30)
@@ -219,7 +239,7 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
         await wait_state(page, "live")
         await until(lambda: len(sender.ids) >= PAGE + 10, 60)  # more than one page
         sent = sender.stop()
-        everything = set(first) | set(sent)
+        everything = {*first, wide, *sent}
         await wait_rows(page, len(everything))
         await page.wait_for_function(
             "() => document.querySelector('[data-testid=lag]')?.textContent === 'up to date'",

@@ -60,13 +60,21 @@ export function SignalsTable({ selected, onSelect }: {
               onClick={() => onSelect(row.signal_id, row.ticker)}
             >
               <td title={row.received_at}>{shortTime(row.received_at)}</td>
-              <td>{row.ticker ?? "—"}</td>
+              <td className="clip ticker" title={row.ticker ?? undefined}>
+                {row.ticker ?? "—"}
+              </td>
               <td className={`action action-${row.action ?? "none"}`}>{row.action ?? "—"}</td>
-              <td>{row.strategy ?? ""}</td>
+              <td className="clip strategy" title={row.strategy ?? undefined}>
+                {row.strategy ?? ""}
+              </td>
               <td><span className={`status status-${row.status}`}>{row.status}</span></td>
               <td>{row.attempts || ""}</td>
-              <td>{row.claimed_by ?? ""}</td>
-              <td className="last-error">{row.last_error ?? ""}</td>
+              <td className="clip claimed-by" title={row.claimed_by ?? undefined}>
+                {row.claimed_by ?? ""}
+              </td>
+              <td className="clip last-error" title={row.last_error ?? undefined}>
+                {row.last_error ?? ""}
+              </td>
             </tr>
           ))}
           {shown.length === 0 && (
