@@ -15,7 +15,8 @@ from sqlalchemy import select
 from pipeline import migrate
 from pipeline.errors import IllegalTransition
 from pipeline.ingest import Ingestor, Submission
-from pipeline.log import EventLog, utc_now
+from pipeline.log import Event, EventLog, utc_now
+from pipeline.log.model import canonical_json
 from pipeline.log.schema import signals
 from pipeline.processing.projection import Status, fold
 from pipeline.processing.status import StatusReport, report_status
@@ -27,6 +28,7 @@ from tests.support import (
     headers,
     next_frame,
     read_all_events,
+    repo_root,
     ws_connect,
 )
 
@@ -79,6 +81,39 @@ async def test_failed_records_the_error(shared_client: httpx.AsyncClient) -> Non
     assert failed.status_code == 200
     summary = (await shared_client.get(f"/api/signals/{signal_id}", headers=headers())).json()
     assert summary["signal"]["last_error"] == "insufficient margin"
+
+
+async def test_an_error_that_is_no_string_is_recorded_as_the_browser_writes_it(
+        shared_client: httpx.AsyncClient) -> None:
+    """As JSON, keys in the log's order, not as Python's repr (web/src/client/signals.ts)."""
+    signal_id = await new_signal(shared_client)
+    await report(shared_client, signal_id, "failed",
+                 detail={"error": {"where": "broker", "code": 7, "retry": True}})
+    summary = (await shared_client.get(f"/api/signals/{signal_id}", headers=headers())).json()
+    assert summary["signal"]["last_error"] == '{"code":7,"retry":true,"where":"broker"}'
+
+
+FOLD_CASES = json.loads(
+    (repo_root() / "web" / "test" / "fold-cases.json").read_text(encoding="utf-8"))["cases"]
+RECEIVED = {"type": "signal.received", "data": {"signal_id": "s", "source": "api"},
+            "meta": {"ticker": "AAPL", "strategy": "trend"}}
+
+
+@pytest.mark.parametrize("case", FOLD_CASES, ids=[c["name"] for c in FOLD_CASES])
+def test_the_projection_folds_as_the_browser_does(case: dict[str, Any]) -> None:
+    """The cases web/test/signals.test.ts folds with the browser's SignalTable: the same rows.
+    Each event is read back from its canonical encoding, as from the log."""
+    steps = case["events"]
+    if steps[0]["type"] != "signal.received":
+        steps = [RECEIVED, *steps]
+    row = None
+    for position, step in enumerate(steps, 1):
+        event = Event(position, f"e{position}", "signal-s", step["type"],
+                      canonical_json(step["data"]), canonical_json(step.get("meta", {})),
+                      f"2026-01-01T00:00:0{position}.000000Z", "")
+        row = fold(row, event)
+    assert row is not None
+    assert {name: row[name] for name in case["row"]} == case["row"]
 
 
 @pytest.mark.parametrize(("history", "then", "code"), [

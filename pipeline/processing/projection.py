@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import re
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -162,13 +165,64 @@ def _new_row(event: Event) -> Row:
 
 
 def _error_text(detail: Any) -> str | None:
-    """The error a failure reported, for its column: text fit for every backend (no NUL, no
-    lone surrogate), bounded, as for every column a sender writes."""
+    """The error a failure reported, for its column: its ``error`` (else ``message``, else
+    ``reason``), else the whole detail; a string as it is, anything else as the browser's
+    ``JSON.stringify`` writes it (web/src/client/signals.ts folds the same way). Text fit for
+    every backend (no NUL, no lone surrogate), bounded, as for every column a sender writes."""
     if isinstance(detail, dict):
         for key in ("error", "message", "reason"):
             if detail.get(key) is not None:
-                return safe_text(str(detail[key]), 2000)
-    return None if detail is None else safe_text(str(detail), 2000)
+                detail = detail[key]
+                break
+    if detail is None:
+        return None
+    return safe_text(detail if isinstance(detail, str) else js_json(detail), 2000)
+
+
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]{0,9}")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # a pair is one character once decoded
+
+
+def js_json(value: Any) -> str:
+    """``JSON.stringify(value)`` in a browser that read ``value`` from the log's canonical JSON
+    (keys sorted): array-index keys ("0", "7", ...) come first in numeric order, numbers are
+    doubles written as JavaScript writes them, a lone surrogate is escaped."""
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return _js_number(value)
+    if isinstance(value, list):
+        return "[" + ",".join(js_json(item) for item in value) + "]"
+    keys = sorted(sorted(value), key=lambda k: (0, int(k)) if _ARRAY_INDEX.fullmatch(k)
+                  and int(k) < 2**32 - 1 else (1, 0))
+    return "{" + ",".join(f"{js_json(k)}:{js_json(value[k])}" for k in keys) + "}"
+
+
+def _js_number(number: float) -> str:
+    """A JSON number as a double, written as JavaScript's ``Number.prototype.toString``."""
+    try:
+        number = float(number)
+    except OverflowError:  # an integer beyond the doubles: Infinity, which JSON writes null
+        return "null"
+    if not math.isfinite(number):
+        return "null"
+    if number == 0:
+        return "0"
+    shortest = Decimal(repr(abs(number))).normalize().as_tuple()  # the same shortest digits
+    digits = "".join(map(str, shortest.digits))
+    k, n = len(digits), len(digits) + int(shortest.exponent)
+    sign = "-" if number < 0 else ""
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return f"{sign}{digits[:n]}.{digits[n:]}"
+    if -6 < n <= 0:
+        return f"{sign}0.{'0' * -n}{digits}"
+    fraction = f".{digits[1:]}" if k > 1 else ""
+    return f"{sign}{digits[0]}{fraction}e{'+' if n > 0 else '-'}{abs(n - 1)}"
 
 
 # What the first event fixes for good; every other column follows the signal's life.

@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { SignalTable, type SignalboxEvent, type SignalSummary } from "../src/client";
 import { event } from "./fakes";
+import shared from "./fold-cases.json";
 
 function ev(position: number, type: string, signalId: string): SignalboxEvent {
   const frame = event(position, type, signalId) as unknown as SignalboxEvent & { op?: string };
@@ -90,5 +91,39 @@ describe("SignalTable", () => {
     table.apply(ev(1, "signal.received", "a"));
     expect(table.list()).toBe(before);
     expect(calls).toBe(2);
+  });
+});
+
+/** A value as the browser reads it from the server, which sends the log's canonical JSON:
+ * every object's keys sorted. */
+function canonical(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(canonical);
+  if (value === null || typeof value !== "object") return value;
+  const entries = Object.entries(value as Record<string, unknown>);
+  entries.sort(([a], [b]) => (a < b ? -1 : 1));
+  return Object.fromEntries(entries.map(([k, v]) => [k, canonical(v)]));
+}
+
+interface FoldCase {
+  name: string;
+  events: { type: string; data: Record<string, unknown>; meta?: Record<string, unknown> }[];
+  row: Record<string, unknown>;
+}
+
+const RECEIVED = { type: "signal.received", data: { signal_id: "s", source: "api" },
+  meta: { ticker: "AAPL", strategy: "trend" } };
+
+describe("the fold the server's projection does (web/test/fold-cases.json)", () => {
+  it.each((shared.cases as FoldCase[]).map((c) => [c.name, c] as const))("%s", (_, c) => {
+    const steps = c.events[0]!.type === "signal.received" ? c.events : [RECEIVED, ...c.events];
+    const table = new SignalTable();
+    table.merge([], null, true);
+    steps.forEach((step, i) => table.apply({
+      position: i + 1, id: `e${i + 1}`, stream: "signal-s", type: step.type,
+      data: canonical(step.data), meta: canonical(step.meta ?? {}),
+      time: `2026-01-01T00:00:0${i + 1}.000000Z`, hash: "",
+    } as SignalboxEvent));
+    const row = table.get("s") as unknown as Record<string, unknown>;
+    expect(Object.fromEntries(Object.keys(c.row).map((k) => [k, row[k]]))).toEqual(c.row);
   });
 });

@@ -156,9 +156,9 @@ function newRow(event: SignalboxEvent<"signal.received">): SignalRow {
   return {
     signal_id: event.data.signal_id,
     status: "received",
-    source: event.data.source ?? "api",
-    ticker: typeof event.meta.ticker === "string" ? event.meta.ticker : null,
-    strategy: typeof event.meta.strategy === "string" ? event.meta.strategy : null,
+    source: event.data.source || "api",
+    ticker: safeText(event.meta.ticker, TICKER_LIMIT),
+    strategy: safeText(event.meta.strategy, STRATEGY_LIMIT),
     action: null,
     received_at: event.time,
     updated_at: event.time,
@@ -178,8 +178,8 @@ export function fold(row: SignalRow, event: SignalboxEvent): SignalRow {
     const signal = (event as SignalboxEvent<"signal.accepted">).data.signal;
     next.status = "accepted";
     next.action = signal.action ?? null;
-    next.ticker = signal.ticker ?? null;
-    next.strategy = signal.strategy ?? null;
+    next.ticker = safeText(signal.ticker, TICKER_LIMIT);
+    next.strategy = safeText(signal.strategy, STRATEGY_LIMIT);
   } else if (event.type === "signal.rejected") {
     next.status = "rejected";
   } else {
@@ -190,7 +190,7 @@ export function fold(row: SignalRow, event: SignalboxEvent): SignalRow {
       next.steps = { ...row.steps, [status]: event.time };
       if (status === "processing") {
         next.attempts = row.attempts + 1;
-        next.claimed_by = typeof data.consumer === "string" ? data.consumer : null;
+        next.claimed_by = safeText(data.consumer, CONSUMER_LIMIT);
       } else if (status === "failed") {
         next.last_error = errorText(data.detail);
       }
@@ -199,14 +199,37 @@ export function fold(row: SignalRow, event: SignalboxEvent): SignalRow {
   return next;
 }
 
+/** The longest text a column keeps (pipeline/log/model.py and the projection's). */
+const TICKER_LIMIT = 100;
+const STRATEGY_LIMIT = 200;
+const CONSUMER_LIMIT = 200;
+const ERROR_LIMIT = 2000;
+
+/** The failure's `error` (else `message`, else `reason`), else the whole detail: a string as
+ * it is, anything else as JSON; the server's projection writes the same text. */
 function errorText(detail: unknown): string | null {
-  if (detail === null || detail === undefined) return null;
-  if (typeof detail === "object" && !Array.isArray(detail)) {
+  if (detail !== null && typeof detail === "object" && !Array.isArray(detail)) {
     const d = detail as Record<string, unknown>;
-    for (const key of ["error", "message", "reason"]) {
-      if (d[key] !== null && d[key] !== undefined) return String(d[key]);
-    }
-    return null;
+    const key = ["error", "message", "reason"].find((k) => d[k] !== null && d[k] !== undefined);
+    if (key !== undefined) detail = d[key];
   }
-  return String(detail);
+  if (detail === null || detail === undefined) return null;
+  return safeText(typeof detail === "string" ? detail : JSON.stringify(detail), ERROR_LIMIT);
+}
+
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+/** A column's text as the server keeps it (`safe_text`): a non-empty string without NUL, a
+ * lone surrogate as "?", at most `limit` characters (code points); anything else null. */
+export function safeText(value: unknown, limit: number): string | null {
+  if (typeof value !== "string" || !value) return null;
+  let text = value.replace(/\0/g, "").replace(LONE_SURROGATE, "?");
+  if (text.length > limit) {
+    let end = 0;
+    for (let count = 0; count < limit && end < text.length; count++) {
+      end += text.codePointAt(end)! > 0xffff ? 2 : 1;
+    }
+    text = text.slice(0, end);
+  }
+  return text || null;
 }
