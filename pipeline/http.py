@@ -283,11 +283,22 @@ async def get_events(request: Request) -> Response:
         types=list_param(request, "type"), streams=list_param(request, "stream"),
         tickers=list_param(request, "ticker"), strategies=list_param(request, "strategy"),
     )
+    order = request.query_params.get("order") or "oldest"
+    if order not in ("oldest", "newest"):
+        raise BadRequest("order must be oldest or newest")
+    before = int_param(request, "before", 0, 0, 2**62)
     head = await svc.log.head()  # first: every event up to it is visible to the read below
-    events = [e for e in await svc.log.read(after, limit, event_filter) if e.position <= head]
-    # With fewer than `limit` matches, everything up to the head was scanned: a filtered
-    # poller may continue from there instead of re-scanning non-matching events.
-    next_cursor = events[-1].position if len(events) >= limit else max(head, after)
+    if order == "newest":
+        # Down from the head (or from `before`) to `after`: the next page is below the last
+        # event; a page with fewer than `limit` is the last.
+        events = await svc.log.read_newest(after, min(before or head + 1, head + 1), limit,
+                                           event_filter)
+        next_cursor = events[-1].position if len(events) >= limit else after
+    else:
+        events = [e for e in await svc.log.read(after, limit, event_filter) if e.position <= head]
+        # With fewer than `limit` matches, everything up to the head was scanned: a filtered
+        # poller may continue from there instead of re-scanning non-matching events.
+        next_cursor = events[-1].position if len(events) >= limit else max(head, after)
     return RawJSONResponse(
         f'{{"epoch":"{svc.log.epoch}","events":{events_json(events)},'
         f'"next":{next_cursor},"head":{head}}}'

@@ -245,6 +245,10 @@ PATHS: dict[str, Schema] = {
         "security": BEARER,
         "parameters": [
             query("after", CURSOR, "the last position seen (0: from the beginning)"),
+            query("order", {"enum": ["oldest", "newest"], "default": "oldest"},
+                  "newest: newest first, from the head down to after"),
+            query("before", CURSOR, "with order=newest: only positions below it (the previous "
+                  "page's next; 0: from the head)"),
             query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                   "page size"),
             query("type", NAMES, "type patterns, globs * and ?"),

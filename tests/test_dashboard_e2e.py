@@ -292,3 +292,39 @@ async def test_dashboard_live_in_place_and_exactly_once_across_a_restart(
         await page.close()
         other.stop()
         shown.stop()
+
+
+async def test_the_chart_shows_a_busy_tickers_newest_signals(
+        browser: Browser, tmp_path: Path) -> None:
+    """More accepted signals than the chart holds (5000, web/src/app/PriceChart.tsx): it shows
+    the newest ones, read newest first, not the oldest 5000."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    held = 5000
+    limit = asyncio.Semaphore(16)
+
+    async def send(client: httpx.AsyncClient, n: int) -> int:
+        async with limit:
+            answer = await client.post("/api/signals", headers=headers(INGEST_TOKEN), json={
+                "ticker": "BUSY", "action": "buy", "quantity": "1", "price": str(1 + n)})
+        assert answer.status_code == 202, answer.text
+        position: int = answer.json()["position"]  # that of its signal.accepted
+        return position
+
+    page = await browser.new_page(viewport={"width": 1600, "height": 900})
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            positions = await asyncio.gather(*(send(client, n) for n in range(held + 10)))
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        await page.wait_for_function(
+            f"() => document.querySelector('[data-testid=chart-points]').textContent === '{held}'",
+            timeout=WAIT_MS)
+        newest = await page.get_attribute("[data-testid=chart-points]", "data-newest")
+        assert newest == str(max(positions))
+        await shot(page, "7-busy-ticker")
+    finally:
+        await page.close()
+        server.stop()

@@ -244,6 +244,36 @@ async def test_events_paging_filters_and_next_cursor(shared_client: httpx.AsyncC
     assert bad.status_code == 400 and error_of(bad) == "bad_request"
 
 
+async def test_events_newest_first_page_down_from_the_head(
+        shared_client: httpx.AsyncClient) -> None:
+    """order=newest: the end of a ticker's history without reading the rest of it."""
+    positions = []
+    for ticker in ["NWA", "NWB", "NWA", "NWA", "NWA"]:  # tickers of this test alone
+        response = await shared_client.post("/api/signals", json={**BTC, "ticker": ticker},
+                                            headers=headers(INGEST_TOKEN))
+        assert response.status_code == 202
+        if ticker == "NWA":
+            positions.append(response.json()["position"])  # its signal.accepted
+    query: dict[str, str | int] = {"order": "newest", "type": "signal.accepted", "ticker": "NWA",
+                                    "limit": 3}
+    first = (await shared_client.get("/api/events", params=query, headers=headers())).json()
+    assert [e["position"] for e in first["events"]] == positions[:0:-1]
+    assert first["next"] == positions[1]
+    second = (await shared_client.get("/api/events", params={**query, "before": first["next"]},
+                                      headers=headers())).json()
+    assert [e["position"] for e in second["events"]] == positions[:1]
+    assert second["next"] == 0  # fewer than limit: the last page
+    above = (await shared_client.get("/api/events", params={**query, "after": positions[1]},
+                                     headers=headers())).json()
+    assert [e["position"] for e in above["events"]] == positions[:1:-1]
+    everything = (await shared_client.get("/api/events", params={"order": "newest", "limit": 2},
+                                          headers=headers())).json()
+    head = everything["head"]
+    assert [e["position"] for e in everything["events"]] == [head, head - 1]
+    bad = await shared_client.get("/api/events", params={"order": "up"}, headers=headers())
+    assert bad.status_code == 400 and error_of(bad) == "bad_request"
+
+
 async def test_signals_list_filters_and_pages(shared_client: httpx.AsyncClient) -> None:
     ids = []
     for ticker in ["SLA", "SLB", "SLA", "SLC"]:  # tickers of this test alone

@@ -425,6 +425,21 @@ class EventLog:
             raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
         return [Event(*row) for row in rows]
 
+    async def read_newest(self, after: int, before: int, limit: int = 500,
+                          filter: EventFilter | None = None) -> list[Event]:
+        """Committed events with ``after < position < before``, newest first, at most
+        ``limit``: the end of a long history without reading the rest of it."""
+        clauses = [] if filter is None else filter_clauses(filter)
+        stmt = (select(*EVENT_COLUMNS)
+                .where(events.c.position > after, events.c.position < before, *clauses)
+                .order_by(events.c.position.desc()).limit(limit))
+        try:
+            async with self.engines.reader.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+        except DATABASE_ERRORS as exc:
+            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+        return [Event(*row) for row in rows]
+
     async def read_frames(self, after: int, limit: int = 500) -> list[tuple[int, str]]:
         """:meth:`read` without a filter, as each event's position and WebSocket frame,
         built from its row without an ``Event``: what catch-up reads, a million at a time."""

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { chartData, pricePoint } from "../src/app/points";
+import { chartData, newestPoints, pricePoint, type PricePoint } from "../src/app/points";
 import type { SignalboxEvent } from "../src/client";
 import { matcher } from "../src/react/context";
 
@@ -45,5 +45,15 @@ describe("event matcher", () => {
     expect(matcher({ tickers: ["AAPL"], strategies: ["trend"] })(event)).toBe(true);
     expect(matcher({ tickers: ["AAPL"], strategies: ["other"] })(event)).toBe(false);
     expect(matcher({ streams: ["signal-y"] })(event)).toBe(false);
+  });
+});
+
+describe("the newest points", () => {
+  it("keep the newest by log position, whatever order the pages came in", () => {
+    const point = (position: number): PricePoint => ({ position, time: position, price: 1, action: "buy" });
+    const newestPage = [9, 8, 7].map(point);
+    const olderPage = [6, 5, 4].map(point);
+    const held = newestPoints(newestPoints([point(10)], 4).concat(newestPage), 4);
+    expect(newestPoints([...held, ...olderPage], 4).map((p) => p.position)).toEqual([7, 8, 9, 10]);
   });
 });

@@ -12,7 +12,7 @@ import {
 import { useEffect, useMemo, useRef, useState } from "react";
 import type { SignalboxEvent } from "../client";
 import { useSignalbox, useSignals } from "../react";
-import { chartData, pricePoint, type PricePoint } from "./points";
+import { chartData, newestPoints, pricePoint, type PricePoint } from "./points";
 
 const HISTORY_PAGES = 5;
 const MAX_POINTS = 5000;
@@ -42,20 +42,22 @@ export function PriceChart({ ticker, onTicker }: {
       const fresh = events.map(pricePoint).filter((p): p is PricePoint => p !== null && !seen.has(p.position));
       if (!fresh.length) return;
       for (const p of fresh) seen.add(p.position);
-      setPoints((old) => [...old, ...fresh].slice(-MAX_POINTS));
+      setPoints((old) => newestPoints([...old, ...fresh], MAX_POINTS));
     };
     // Live first, so nothing falls between the history read and the subscription.
     const stop = client.on("signal.accepted", (event) => {
       if (event.data.signal.ticker === shown) add([event]);
     });
+    // The history newest first: a ticker with years of signals costs the same few pages.
     void (async () => {
-      let after = 0;
+      let before = 0;
       try {
         for (let page = 0; page < HISTORY_PAGES && current; page++) {
-          const found = await api.events({ after, limit: 1000, type: ["signal.accepted"], ticker: [shown] });
+          const found = await api.events({ order: "newest", before, limit: 1000,
+            type: ["signal.accepted"], ticker: [shown] });
           if (current) add(found.events);
           if (found.events.length < 1000) break;
-          after = found.next;
+          before = found.next;
         }
       } catch (failure) {
         if (current) setError(failure instanceof Error ? failure.message : String(failure));
@@ -80,7 +82,9 @@ export function PriceChart({ ticker, onTicker }: {
       {error && <p className="error" role="alert">{error}</p>}
       <Chart points={points} />
       <p className="caption">
-        <span data-testid="chart-points">{points.length}</span> priced signals
+        <span data-testid="chart-points" data-newest={points[points.length - 1]?.position}>
+          {points.length}
+        </span> priced signals
         {shown ? ` of ${shown}` : ""}; ▲ buy, ▼ sell. Charts by{" "}
         <a href="https://www.tradingview.com/" target="_blank" rel="noreferrer">TradingView</a>{" "}
         Lightweight Charts.

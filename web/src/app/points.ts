@@ -21,6 +21,11 @@ export function pricePoint(event: SignalboxEvent): PricePoint | null {
   return { position: event.position, time: Math.floor(millis / 1000), price, action: signal.action };
 }
 
+/** The newest `max` of `points` (by log position), oldest first. */
+export function newestPoints(points: PricePoint[], max: number): PricePoint[] {
+  return [...points].sort((a, b) => a.position - b.position).slice(-max);
+}
+
 export interface ChartData {
   line: { time: number; value: number }[];
   markers: { time: number; position: "aboveBar" | "belowBar" | "inBar";

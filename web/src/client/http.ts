@@ -21,6 +21,10 @@ export interface SignalQuery {
 
 export interface EventQuery {
   after?: number;
+  /** "newest": newest first, from the head (or from below `before`) down to `after`. */
+  order?: "oldest" | "newest";
+  /** With order "newest": only events below this position (a full page's `next`). */
+  before?: number;
   limit?: number;
   type?: string[];
   stream?: string[];
@@ -57,6 +61,8 @@ export class SignalboxApi {
     const params = new URLSearchParams();
     if (query.after !== undefined) params.set("after", String(query.after));
     if (query.limit !== undefined) params.set("limit", String(query.limit));
+    if (query.order !== undefined) params.set("order", query.order);
+    if (query.before) params.set("before", String(query.before));
     for (const key of ["type", "stream", "ticker", "strategy"] as const) {
       const values = query[key];
       if (values && values.length) params.set(key, values.join(","));
