@@ -7,6 +7,7 @@ import random
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import websockets
@@ -14,9 +15,12 @@ import websockets
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
+    PG_ADMIN_DSN,
     FastClient,
     ServerProcess,
     TcpProxy,
+    create_pg_database,
+    drop_pg_database,
     headers,
     next_frame,
     read_all_events,
@@ -200,3 +204,27 @@ async def until_acked(http: httpx.AsyncClient, name: str, position: int) -> None
             return
         assert asyncio.get_running_loop().time() < deadline, consumers
         await asyncio.sleep(0.02)
+
+
+async def test_the_first_signal_after_postgresql_dropped_the_writers_connection_lands() -> None:
+    """The writer keeps one connection between commits; when the server closes it meanwhile
+    (a restart, an idle timeout, a proxy's), the next signal is committed on a new one, not
+    answered 503 while the database is up."""
+    url, name = await create_pg_database()
+    server = ServerProcess(url).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(3):
+                posted = await client.post("/api/signals", json=BTC, headers=headers())
+                assert posted.status_code == 202, posted.text
+                admin = await asyncpg.connect(PG_ADMIN_DSN)
+                try:
+                    dropped = await admin.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = $1", name)
+                finally:
+                    await admin.close()
+                assert dropped >= 1
+    finally:
+        server.stop()
+        await drop_pg_database(name)

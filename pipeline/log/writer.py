@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import Dialect, Executable, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pipeline.log.backends import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
@@ -269,6 +270,18 @@ class SqlAlchemyWriter:
         self._conn: AsyncConnection | None = None
 
     async def begin(self) -> tuple[int, str]:
+        """Begin on the writer's connection, kept between commits (the pool's pre-ping never
+        sees it): one the server closed meanwhile (a restart, an idle timeout, a proxy's) is
+        replaced once, since nothing was sent on it yet."""
+        try:
+            return await self._begin()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        await self.abandon()
+        return await self._begin()
+
+    async def _begin(self) -> tuple[int, str]:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = await self.engine.connect()
         await self._conn.begin()
