@@ -177,8 +177,12 @@ class TokenStore:
         secret = secret or new_secret()
         async with self.engine.begin() as conn:
             existing = (await conn.execute(
-                select(tokens.c.name).where(tokens.c.name == name)
-            )).scalar_one_or_none()
+                select(tokens.c.revoked_at).where(tokens.c.name == name)
+            )).one_or_none()
+            if existing is not None and existing.revoked_at is not None:
+                raise Conflict(f"a token named {name!r} was revoked at {existing.revoked_at}; "
+                               "a name is never given to another token, so that the events "
+                               "it recorded name one token: choose another name")
             if existing is not None:
                 raise Conflict(f"a token named {name!r} exists: revoke it or choose another name")
             insert = tokens.insert().values(

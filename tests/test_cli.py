@@ -127,6 +127,10 @@ def test_revoked_token_is_refused_with_401(shared_database_url: str,
     listing = signalbox(shared_database_url, "token", "list").stdout
     assert "revoked-bot\tread\trevoked " in listing
     assert status_with(uncached, ADMIN_TOKEN) == 200
+    # Its name is not given to another token, and the refusal does not advise revoking it.
+    again = signalbox(shared_database_url, "token", "create", "revoked-bot", "--scope", "read")
+    assert_clean_failure(again, "was revoked")
+    assert "revoke it" not in again.stderr
 
 
 def test_revoking_an_unknown_name_fails_on_stderr(
