@@ -23,8 +23,19 @@ CHANNEL = "signalbox_log"
 log = logging.getLogger("signalbox.notify")
 
 
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+# Query options of the URL that SQLAlchemy's asyncpg adapter takes for itself rather than pass
+# to ``asyncpg.connect`` (see ``AsyncAdapt_asyncpg_dbapi.connect``).
+_ADAPTER_OPTIONS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func",
+                              "async_fallback", "async_creator_fn"})
+
+
+def asyncpg_connect_args(url: str) -> dict[str, Any]:
+    """The keyword arguments of ``asyncpg.connect`` for the URL, read as the engines read it:
+    ``?ssl=require`` or ``?command_timeout=30`` are connection options, not server settings
+    (which is what asyncpg makes of a DSN's unknown query keys)."""
+    parsed = make_url(url)
+    _, options = parsed.get_dialect()().create_connect_args(parsed)
+    return {k: v for k, v in options.items() if k not in _ADAPTER_OPTIONS}
 
 
 class Wakeups:
@@ -33,7 +44,7 @@ class Wakeups:
 
     def __init__(self, url: str, wake: Callable[[int | None], None], *,
                  retry: float = 1.0) -> None:
-        self.dsn = asyncpg_dsn(url)
+        self.connect_args = asyncpg_connect_args(url)
         self.wake = wake
         self.retry = retry
         self.connected = asyncio.Event()
@@ -59,7 +70,7 @@ class Wakeups:
         self.wake(int(payload) if payload.isdigit() else None)
 
     async def _listen_once(self) -> None:
-        conn: Any = await asyncpg.connect(self.dsn)
+        conn: Any = await asyncpg.connect(**self.connect_args)
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
