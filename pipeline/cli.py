@@ -6,19 +6,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
 from pipeline.errors import SignalboxError
 from pipeline.log import EventLog
-from pipeline.log.backends import create_engines, redacted_url
+from pipeline.log.backends import DATABASE_ERRORS, create_engines, redacted_url
 
 if TYPE_CHECKING:
     from pipeline.processing.rebuild import RebuildReport
@@ -162,9 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SignalboxError as exc:
         print(f"signalbox: {exc.message}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, OSError) as exc:
-        # Unreachable server, wrong credentials, missing tables: say so in one line.
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): nothing to blame, nothing more to say,
+        # and nothing left to flush to it at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except DATABASE_ERRORS as exc:
+        # Unreachable server, wrong credentials, no such database, missing tables: say so in
+        # one line.
+        cause = getattr(exc, "orig", None) or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         print(f"signalbox: the database at {redacted_url(settings.database_url)} failed: "
               f"{reason}. Check --database-url, and run `signalbox migrate` on a new database",
               file=sys.stderr)

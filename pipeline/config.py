@@ -7,8 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./signalbox.db"
+DATABASE_URL_FORMS = "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
 
 # The addresses TradingView documents as the senders of webhook alerts.
 TRADINGVIEW_SENDERS = ("52.89.214.238", "34.212.75.30", "54.218.53.128", "52.32.178.7")
@@ -22,8 +25,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SIGNALBOX_", extra="ignore")
 
-    database_url: str = Field(DEFAULT_DATABASE_URL, description=(
-        "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"))
+    database_url: str = Field(DEFAULT_DATABASE_URL, description=DATABASE_URL_FORMS)
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
     migrate: bool = Field(True, description="upgrade the schema before serving")
@@ -126,6 +128,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # `SIGNALBOX_ADMIN_TOKEN=` means "no token", not a token whose secret is "".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        # Never echo the value: it may hold a password.
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(f"not a database URL: use {DATABASE_URL_FORMS}") from None
+        if url.drivername == "sqlite+aiosqlite":
+            if not url.database or url.database == ":memory:":
+                raise ValueError("SQLite needs a file: use sqlite+aiosqlite:///PATH")
+        elif url.drivername != "postgresql+asyncpg":
+            raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use "
+                             f"{DATABASE_URL_FORMS}")
+        return value
 
     @field_validator("allowed_sources", "trusted_proxies", "ws_origins", "cors_origins",
                      mode="before")

@@ -7,6 +7,7 @@ checks the effect through a real server.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from pipeline.errors import LogUnavailable
 from pipeline.log import EventLog
@@ -244,6 +246,68 @@ def test_serve_without_migrate_on_an_empty_database_says_to_run_migrate(
                      "--port", "0")
     assert_clean_failure(done, "signalbox migrate")
     assert "Uvicorn running" not in done.stdout + done.stderr
+
+
+def assert_one_line_failure(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert_clean_failure(done, *words)
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("foo://bar", "unsupported database URL scheme 'foo'"),
+    ("notaurl", "not a database URL"),
+    ("sqlite+aiosqlite:///:memory:", "SQLite needs a file"),
+    ("sqlite+aiosqlite:///", "SQLite needs a file"),
+    ("sqlite:///signalbox.db", "unsupported database URL scheme 'sqlite'"),
+    ("postgresql://postgres@127.0.0.1/signalbox", "unsupported database URL scheme"),
+])
+@pytest.mark.parametrize("command", [["migrate"], ["token", "list"]])
+def test_a_database_url_of_the_wrong_form_is_refused_in_one_line(
+        url: str, says: str, command: list[str]) -> None:
+    done = signalbox(url, *command)
+    assert_one_line_failure(done, "--database-url", says, "use sqlite+aiosqlite:///PATH")
+    assert done.returncode == 2
+
+
+def pg_url(database: str, username: str | None = None, password: str | None = None) -> str:
+    url = make_url(PG_ADMIN_DSN).set(drivername="postgresql+asyncpg", database=database)
+    if username is not None:
+        url = url.set(username=username, password=password)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("command", [
+    ["migrate"], ["serve", "--port", "0"], ["serve", "--no-migrate", "--port", "0"],
+    ["token", "list"], ["audit", "export"], ["rebuild"],
+])
+@pytest.mark.parametrize(("url", "says"), [
+    (pg_url(database="sbx_no_such_database"), 'database "sbx_no_such_database" does not exist'),
+    (pg_url(username="sbx_no_such_user", password="sekrit", database="x"),
+     'role "sbx_no_such_user" does not exist'),
+])
+def test_a_database_that_refuses_the_connection_is_named_in_one_line(
+        url: str, says: str, command: list[str]) -> None:
+    done = signalbox(url, *command)
+    assert_one_line_failure(done, "the database at postgresql+asyncpg://", says)
+    assert "sekrit" not in done.stderr
+    assert "Uvicorn running" not in done.stdout + done.stderr
+
+
+def test_a_closed_stdout_is_not_blamed_on_the_database(database_url: str) -> None:
+    """`signalbox token create … | head -0`: the reader went away before the secret came."""
+    assert signalbox(database_url, "migrate").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the command writes anything
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "token", "create", "piped", "--scope", "read",
+             "--database-url", database_url],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, cwd=repo_root(),
+            check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode != 0
+    assert done.stderr == ""
 
 
 @sqlite_only("which of flag, environment and default wins is settled before the database")
