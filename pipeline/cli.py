@@ -179,8 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
+    from pipeline.processing.handlers import load_handler  # noqa: PLC0415
     from pipeline.serving import run_server, run_workers  # noqa: PLC0415
 
+    if settings.handler:
+        # Fail here with one line, before the database is touched, not from inside uvicorn's
+        # lifespan (where the application loads it again).
+        try:
+            load_handler(settings.handler)
+        except ValueError as exc:
+            print(f"signalbox: --handler / SIGNALBOX_HANDLER: {exc}", file=sys.stderr)
+            return 2
     if settings.migrate:
         upgrade(settings.database_url)
     # Fail here with one line, not with a traceback from inside uvicorn's lifespan.

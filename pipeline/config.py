@@ -115,7 +115,8 @@ class Settings(BaseSettings):
         "header in which the TLS terminator reports the client certificate check"))
     client_cert_value: str | None = Field(None, description=(
         "the value client_cert_header must have for a webhook to be taken"))
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error")
     log_format: Literal["text", "json"] = Field("text", description=(
         "text, or json: one JSON object per line with time, level, logger, message, "
         "request_id and fields"))
@@ -144,6 +145,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use "
                              f"{DATABASE_URL_FORMS}")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("allowed_sources", "trusted_proxies", "ws_origins", "cors_origins",
                      mode="before")

@@ -310,6 +310,29 @@ def test_a_closed_stdout_is_not_blamed_on_the_database(database_url: str) -> Non
     assert done.stderr == ""
 
 
+@pytest.mark.parametrize(("args", "env", "says"), [
+    (["--log-level", "bogus"], {}, "--log-level / SIGNALBOX_LOG_LEVEL: Input should be 'debug'"),
+    ([], {"SIGNALBOX_LOG_LEVEL": "bogus"}, "--log-level / SIGNALBOX_LOG_LEVEL"),
+    (["--handler", "sbx_no_such_module:handle"], {},
+     "--handler / SIGNALBOX_HANDLER: cannot load handler 'sbx_no_such_module:handle'"),
+    (["--handler", "sbx_no_such_name"], {}, "no handler named 'sbx_no_such_name'"),
+    (["--handler", "json:__doc__"], {}, "handler 'json:__doc__' is not callable"),
+])
+def test_serve_refuses_a_bad_log_level_or_handler_in_one_line_before_the_database(
+        tmp_path: Path, args: list[str], env: dict[str, str], says: str) -> None:
+    database = tmp_path / "signalbox.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "serve", "--port", "0", *args,
+         "--database-url", f"sqlite+aiosqlite:///{database}"],
+        capture_output=True, text=True, timeout=60, cwd=repo_root(), check=False,
+        env={**os.environ, **env})
+    assert_one_line_failure(done, says)
+    assert done.returncode == 2
+    assert "Uvicorn running" not in done.stdout + done.stderr
+    assert not database.exists()
+
+
+
 @sqlite_only("which of flag, environment and default wins is settled before the database")
 @pytest.mark.parametrize(("env", "args", "expected"), [
     ({"SIGNALBOX_HEARTBEAT": "7"}, ["--heartbeat", "3"], 3),

@@ -39,3 +39,9 @@ def test_bad_values_are_refused_with_the_setting_named(monkeypatch: pytest.Monke
     monkeypatch.setenv("SIGNALBOX_TRUSTED_PROXIES", "not-an-address")
     with pytest.raises(ValidationError, match="not an IP address"):
         Settings()
+
+
+def test_log_level_is_one_of_four_in_any_case() -> None:
+    assert Settings(log_level=" WARNING ").log_level == "warning"
+    with pytest.raises(ValidationError, match="'debug', 'info', 'warning' or 'error'"):
+        Settings(log_level="bogus")

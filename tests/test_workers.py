@@ -218,12 +218,12 @@ async def test_the_supervisor_stops_its_workers_gracefully_and_they_do_not_outli
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_exit_code(
         database_url: str) -> None:
-    server = ServerProcess(database_url, args=["--workers", "2", "--handler",
-                                               "no_such_module:handle"])
+    spec = "tests.handler_fixture:unloadable_in_workers"
+    server = ServerProcess(database_url, args=["--workers", "2", "--handler", spec])
     with pytest.raises(RuntimeError, match="server did not start"):
         server.start()
     assert server.process is not None
     assert server.process.wait(30) == 3  # as a single process exits
     output = "".join(server.output)
-    assert "cannot load handler 'no_such_module:handle'" in output
+    assert f"cannot load handler {spec!r}" in output
     assert "could not start; stopping" in output
