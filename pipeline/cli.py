@@ -16,9 +16,15 @@ from pydantic import ValidationError
 
 from pipeline.auth import Scope, TokenStore
 from pipeline.config import Settings
-from pipeline.errors import SignalboxError
+from pipeline.errors import SchemaMismatch, SignalboxError
 from pipeline.log import EventLog
-from pipeline.log.backends import DATABASE_ERRORS, create_engines, redacted_url
+from pipeline.log.backends import (
+    DATABASE_ERRORS,
+    backend_kind,
+    create_engines,
+    redacted_url,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:
     from pipeline.processing.rebuild import RebuildReport
@@ -205,11 +211,21 @@ def upgrade(url: str) -> None:
     migrate.upgrade(url)
 
 
-async def _check_log(url: str) -> None:
-    """Raise (with a message that says what to do) unless the log is there, at our schema."""
+async def _check_schema(url: str) -> None:
+    """Raise (with a message that says what to do) unless the database is there, at our
+    schema: a mistyped SQLite path is not created, a newer schema is not written to."""
     from pipeline import migrate  # noqa: PLC0415
 
+    path = sqlite_path(url) if backend_kind(url) == "sqlite" else None
+    if path is not None and not path.exists():
+        raise SchemaMismatch(f"there is no database at {path}: check --database-url, or "
+                             "create one with `signalbox migrate`")
     migrate.check_revision(await migrate.current_revision(url), exact=True)
+
+
+async def _check_log(url: str) -> None:
+    """Raise (with a message that says what to do) unless the log is there, at our schema."""
+    await _check_schema(url)
     event_log = await EventLog.open(url)
     await event_log.close()
 
@@ -259,6 +275,7 @@ async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def token_command(args: argparse.Namespace, settings: Settings) -> int:
+    await _check_schema(settings.database_url)
     engines = create_engines(settings.database_url)
     store = TokenStore(engines.reader, cache_seconds=0)
     try:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -77,7 +78,8 @@ async def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> Non
     await migrate.upgrade_async(database_url)
     await execute(database_url, "UPDATE alembic_version SET version_num = 'ffff'")
     for args in (["serve", "--port", "0"], ["serve", "--no-migrate", "--port", "0"],
-                 ["migrate"]):
+                 ["migrate"], ["token", "list"], ["token", "create", "bot", "--scope", "read"],
+                 ["rebuild"]):
         done = signalbox(database_url, *args)
         assert done.returncode != 0
         assert "newer than this Signalbox understands" in done.stderr, done.stderr
@@ -110,3 +112,13 @@ async def execute(url: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+def test_a_mistyped_sqlite_path_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.db"
+    for args in (["token", "list"], ["token", "create", "bot", "--scope", "read"],
+                 ["rebuild"]):
+        done = signalbox(f"sqlite+aiosqlite:///{missing}", *args)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert f"there is no database at {missing}" in done.stderr, done.stderr
+        assert not missing.parent.exists()
