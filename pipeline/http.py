@@ -83,12 +83,7 @@ def _compact(value: Any, *, ascii_only: bool) -> str:
 
 def json_text(value: Any) -> str:
     """Compact JSON, UTF-8 as is where it can be (see :class:`JSONAnswer`)."""
-    text = _compact(value, ascii_only=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = _compact(value, ascii_only=True)
-    return text
+    return JSONAnswer.encode(value).decode("utf-8")
 
 
 # -- ingestion -----------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def json_native(value: object, depth: int = 0) -> Any:
     raise NotJsonValue(f"a {type(value).__name__} is not a JSON value")
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a pair is one character once decoded
 NOT_UNICODE = (
     "a string holds an escaped lone surrogate (\\ud800 to \\udfff), which is not a "
     "Unicode character: send text as UTF-8, or escape a character beyond U+FFFF as a pair"
@@ -141,7 +141,7 @@ NOT_UNICODE = (
 def unicode_text(text: str) -> str:
     """``text``, if it is Unicode: a JSON ``\\ud800`` escape with no partner decodes to a
     lone surrogate, which cannot be written as UTF-8 (nor answered, nor stored as text)."""
-    if not text.isascii() and _LONE_SURROGATE.search(text):
+    if not text.isascii() and LONE_SURROGATE.search(text):
         raise NotJsonValue(NOT_UNICODE)
     return text
 
@@ -149,7 +149,7 @@ def unicode_text(text: str) -> str:
 def has_lone_surrogate(value: object) -> bool:
     """Whether a decoded JSON value holds a string (or key) that is not Unicode."""
     if isinstance(value, str):
-        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+        return not value.isascii() and LONE_SURROGATE.search(value) is not None
     if isinstance(value, dict):
         return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
     if isinstance(value, list):

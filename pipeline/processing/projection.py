@@ -22,6 +22,7 @@ from pipeline.errors import IllegalTransition
 from pipeline.log import Event, Transaction
 from pipeline.log.model import safe_text
 from pipeline.log.schema import signals
+from pipeline.textformats import LONE_SURROGATE
 
 Row = dict[str, Any]
 
@@ -180,7 +181,6 @@ def _error_text(detail: Any) -> str | None:
 
 
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]{0,9}")
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # a pair is one character once decoded
 
 
 def js_json(value: Any) -> str:
@@ -189,7 +189,7 @@ def js_json(value: Any) -> str:
     doubles written as JavaScript writes them, a lone surrogate is escaped."""
     if isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
-        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+        return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
     if value is None or isinstance(value, bool):
         return json.dumps(value)
     if isinstance(value, int | float):
