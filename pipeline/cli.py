@@ -91,13 +91,10 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         if name in _ENV_ONLY:
             continue
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool and field.default:
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name,
-                                action="store_const", const=False,
-                                help=f"do not {field.description}")
-        elif field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True,
-                                help=field.description)
+        if field.annotation is bool:  # --x and --no-x: either beats the environment
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                help=f"{field.description} (default "
+                                     f"{'on' if field.default else 'off'})")
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(),
                                 help=f"{field.description} (default {field.default!r})")

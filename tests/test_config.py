@@ -31,6 +31,22 @@ def test_every_setting_but_the_secrets_is_a_serve_flag() -> None:
         build_parser().parse_args(["serve", "--admin-token", "x"])
 
 
+def test_a_flag_turns_a_switch_either_way_whatever_the_environment_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every on/off setting has a flag for each way, so that a command line can turn off
+    what the environment turned on (and the reverse), as flags beat the environment."""
+    switches = [name for name, field in Settings.model_fields.items() if field.annotation is bool]
+    assert len(switches) >= 4
+    for name in switches:
+        flag = name.replace("_", "-")
+        for env_value, words, expected in (("true", [f"--no-{flag}"], False),
+                                           ("false", [f"--{flag}"], True),
+                                           ("true", [], True), ("false", [], False)):
+            monkeypatch.setenv(f"SIGNALBOX_{name.upper()}", env_value)
+            settings = settings_from(build_parser().parse_args(["serve", *words]))
+            assert getattr(settings, name) is expected, (name, env_value, words)
+
+
 def test_bad_values_are_refused_with_the_setting_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="heartbeat"):
         Settings(heartbeat=0)
