@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         check_revision(await current_revision(settings.database_url), exact=True)
         event_log = await EventLog.open(settings.database_url, reader_pool=settings.pool_size,
                                         commit_timeout=settings.commit_timeout)
-        hub = Hub(event_log, window=settings.window, page_size=settings.page_size,
+        hub = Hub(event_log, window=settings.window, window_bytes=settings.window_bytes,
+                  page_size=settings.page_size,
                   poll_interval=settings.poll_interval)
         tokens = TokenStore(event_log.engines.reader, cache_seconds=settings.token_cache)
         runner: HandlerRunner | None = None

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     commit_timeout: float = Field(5.0, gt=0, description=(
         "seconds to wait for a commit before answering 503"))
     window: int = Field(10_000, ge=100, description="recent events kept in memory for subscribers")
+    window_bytes: int = Field(32 * 2**20, ge=2**20, description=(
+        "at most this many bytes of their JSON in that window (big events hold it to fewer)"))
     page_size: int = Field(500, ge=10, le=10_000, description=(
         "events per page when a subscriber is paged from the log"))
     ws_max_message: int = Field(64 * 1024, ge=1024, description=(

@@ -1,11 +1,12 @@
 """Live fan-out: one tailer of the log feeds every subscriber, in bounded memory.
 
 The hub keeps a window of the most recent committed events (contiguous positions, ``window``
-of them and up to a 64th more). Subscribers own nothing but their cursor: one inside the
-window is served from memory; one behind it (slow, or resuming from far back) is paged from
-the log until it is back inside. No subscriber has a queue of its own, so nothing is ever
-dropped; what one paged from the log holds of its own is its page, bounded by count and by
-bytes (:data:`PAGE_BYTES`), so memory does not grow with the slowness of readers.
+of them and no more than ``window_bytes`` of their JSON, each up to a 64th more).
+Subscribers own nothing but their cursor: one inside the window is served from memory; one
+behind it (slow, or resuming from far back) is paged from the log until it is back inside.
+No subscriber has a queue of its own, so nothing is ever dropped; what one paged from the
+log holds of its own is its page, bounded by count and by bytes (:data:`PAGE_BYTES`), so
+memory does not grow with the slowness of readers.
 
 Events committed by this process arrive through the log's commit listener; events committed
 elsewhere (another process or instance) are found by the tailer, which re-reads the log after
@@ -53,13 +54,17 @@ class Frames:
 
 
 class Hub:
-    def __init__(self, event_log: EventLog, *, window: int = 10_000, page_size: int = 500,
+    def __init__(self, event_log: EventLog, *, window: int = 10_000,
+                 window_bytes: int = 32 * 2**20, page_size: int = 500,
                  poll_interval: float = 1.0) -> None:
         self.log = event_log
         self.window = window
+        self.window_bytes = window_bytes
         # The window is cut back once it is a 64th over, by that much: freeing half the window
         # at once (10,000 events) held the loop for over 10 ms; a 64th takes a fraction of one.
         self._slack = max(1, window // 64)
+        self._byte_slack = window_bytes // 64
+        self._bytes = 0  # of the window's events' JSON (see _size)
         self.page_size = page_size
         self.poll_interval = poll_interval
         self.head = 0
@@ -96,6 +101,12 @@ class Hub:
     def memory_events(self) -> int:
         return len(self._events)
 
+    @property
+    def memory_bytes(self) -> int:
+        """The JSON of the window's events: what bounds the memory it holds (each event's
+        frame and decoded data, once made, come to about as much again each)."""
+        return self._bytes
+
     # -- feeding -----------------------------------------------------------------------------
 
     def _on_commit(self, events: Sequence[Event]) -> None:
@@ -111,12 +122,24 @@ class Hub:
         if not self._events:
             self._first = fresh[0].position
         self._events.extend(fresh)
+        self._bytes += sum(map(_size, fresh))
         self.head = fresh[-1].position
-        if len(self._events) > self.window + self._slack:
-            drop = len(self._events) - self.window
-            del self._events[:drop]
-            self._first += drop
+        if (len(self._events) > self.window + self._slack
+                or self._bytes > self.window_bytes + self._byte_slack):
+            self._trim()
         self._publish()
+
+    def _trim(self) -> None:
+        """Drop the oldest events until the window holds ``window`` and ``window_bytes`` at
+        most, keeping the newest event whatever its size."""
+        drop = max(0, len(self._events) - self.window)
+        dropped = sum(map(_size, self._events[:drop]))
+        while self._bytes - dropped > self.window_bytes and drop < len(self._events) - 1:
+            dropped += _size(self._events[drop])
+            drop += 1
+        del self._events[:drop]
+        self._first += drop
+        self._bytes -= dropped
 
     def _publish(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -211,6 +234,10 @@ class Hub:
                 if len(matched) >= limit:
                     break
         return Page(matched, covered)
+
+
+def _size(event: Event) -> int:
+    return len(event.data_json) + len(event.meta_json)
 
 
 def fitting(frames: Sequence[str], max_bytes: int) -> int:

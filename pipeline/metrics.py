@@ -44,6 +44,9 @@ class Metrics:
                                  "instance", registry=self.registry)
         self.window = Gauge("signalbox_hub_window_events", "events held in memory for "
                             "subscribers by this instance", registry=self.registry)
+        self.window_bytes = Gauge("signalbox_hub_window_bytes", "bytes of JSON of the events "
+                                  "held in memory for subscribers by this instance",
+                                  registry=self.registry)
         self.states = Gauge(
             "signalbox_subscribers_by_state", "open WebSocket connections of this instance by "
             "state: opening (before welcome), replaying (catching up from memory), paging "
@@ -87,6 +90,7 @@ async def metrics_endpoint(request: Request) -> Response:
     others = await siblings.ask() if siblings is not None else []
     metrics.subscribers.set(sum(f["subscribers"] for f in (own, *others)))
     metrics.window.set(sum(f["window"] for f in (own, *others)))
+    metrics.window_bytes.set(sum(f["window_bytes"] for f in (own, *others)))
     for state in SUBSCRIBER_STATES:
         metrics.states.labels(state).set(sum(f["states"].get(state, 0) for f in (own, *others)))
     metrics.instruments.others = [f["instruments"] for f in others]
@@ -100,4 +104,5 @@ def own_figures(connections: Connections, hub: Hub) -> dict[str, Any]:
     """What this process alone knows, as JSON: for its own scrape, and for another worker's
     (:mod:`pipeline.siblings`) to add to its own."""
     return {"subscribers": connections.open, "window": hub.memory_events,
+            "window_bytes": hub.memory_bytes,
             "states": subscriber_states(connections, hub), "instruments": snapshot()}

@@ -170,3 +170,39 @@ def scrape_one(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+async def test_the_window_in_memory_is_bounded_in_bytes_and_readers_miss_nothing(
+        database_url: str) -> None:
+    """Big signals (a webhook body may be 64 KiB) fill the window's bytes long before its
+    count: the window keeps no more than ``--window-bytes`` of events' JSON (and a 64th more
+    before it is cut back), and a reader from the start still gets every event once, in
+    order, the older ones paged from the log."""
+    limit = 1024 * 1024
+    server = ServerProcess(database_url, args=["--window-bytes", str(limit)]).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for n in range(40):  # two events of over 60 KB each: about 5 MB in all
+                answer = await client.post("/api/signals", headers=headers(INGEST_TOKEN),
+                                           json={**BTC, "extras": {"n": n, "pad": "x" * 60_000}})
+                assert answer.status_code == 202
+            samples, types = await scrape(client)
+            assert types["signalbox_hub_window_bytes"] == "gauge"
+            held = value(samples, "signalbox_hub_window_bytes")
+            assert 0 < held <= limit + limit // 64
+            assert 0 < value(samples, "signalbox_hub_window_events") < 20
+            head = int(value(samples, "signalbox_log_head"))
+            assert head == 80
+        conn = await ws_connect(server, cursor=0)
+        try:
+            assert (await next_frame(conn))["op"] == "welcome"
+            positions: list[int] = []
+            while len(positions) < head:
+                frame = await next_frame(conn)
+                if frame["op"] == "event":
+                    positions.append(frame["position"])
+            assert positions == list(range(1, head + 1))
+        finally:
+            await conn.close()
+    finally:
+        server.stop()
