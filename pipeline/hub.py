@@ -32,6 +32,8 @@ log = logging.getLogger("signalbox.hub")
 # always one event, however large): it is held while a slow reader takes it, with the next
 # one read ahead. Events of a webhook's 64 KiB made pages of 500 over 30 MB each.
 PAGE_BYTES = 512 * 1024
+# Rows read for a first page from the log, before the size of frames is known.
+FIRST_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,13 @@ class Hub:
                      max_bytes: int = PAGE_BYTES) -> Frames:
         """:meth:`page` as frames. Behind the window, at most ``max_bytes`` of them (at least
         one), and only about as many rows are read as that takes, going by the size of the
-        frames paged last. Unfiltered and behind the window (catch-up), the frames are built
-        from the log's rows, without an ``Event`` each."""
+        frames paged last (:data:`FIRST_ROWS` before any). Unfiltered and behind the window
+        (catch-up), the frames are built from the log's rows, without an ``Event`` each."""
         head = self.head
         if after >= head or (after + 1 >= self._first and self._events):  # from memory
             page = await self.page(after, filter, limit)
             return Frames([e.frame for e in page.events], page.covered, page.from_log)
-        rows = limit
+        rows = min(limit, FIRST_ROWS)
         if self._frame_size:
             rows = max(1, min(limit, max_bytes // self._frame_size))
         if not filter.is_empty:
