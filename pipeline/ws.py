@@ -379,9 +379,12 @@ class Session:
         if text is None:
             raise Closing(CloseCode.MALFORMED, "binary frames are not part of the protocol: "
                                                "send JSON text frames")
-        if len(text) > self.settings.max_message:
+        limit = self.settings.max_message
+        # The limit is in bytes of UTF-8, as received (a character takes up to 4); only a
+        # text that could be over it is encoded to count them.
+        if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
             raise Closing(CloseCode.MALFORMED,
-                          f"frame over {self.settings.max_message} characters")
+                          f"message over {limit} bytes: send smaller frames")
         return str(text)
 
     async def _send_text(self, text: str) -> None:

@@ -292,6 +292,26 @@ async def test_binary_oversized_and_unknown_frames_close_4400_and_others_go_on(
         await bystander.close()
 
 
+async def test_the_message_limit_counts_bytes_not_characters(
+        shared_server: ServerProcess) -> None:
+    """SIGNALBOX_WS_MAX_MESSAGE (64 KiB) is in bytes: 30,000 characters of 3 bytes each are
+    over it, though fewer than 65,536 characters; 21,000 of them are within it."""
+    conn = await ws_connect(shared_server, cursor=None)
+    await next_frame(conn)  # welcome
+    await next_frame(conn)  # live
+    await conn.send(json.dumps({"op": "ping", "padding": "€" * 21_000}, ensure_ascii=False))
+    while (frame := await next_frame(conn))["op"] != "pong":
+        assert frame["op"] in ("event", "ping"), frame
+    await conn.send(json.dumps({"op": "ping", "padding": "€" * 30_000}, ensure_ascii=False))
+    while (frame := await next_frame(conn))["op"] in ("event", "ping"):
+        pass
+    assert frame["op"] == "error" and frame["code"] == 4400, frame
+    assert "65536 bytes" in frame["message"]
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(conn.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4400
+
+
 @pytest.mark.parametrize("op", ["x" * 200, "é" * 200, "€" * 50, "\U0001f680" * 40],
                          ids=["ascii", "utf8-2-bytes", "utf8-3-bytes", "utf8-4-bytes"])
 async def test_a_message_quoting_the_client_fits_the_close_frame(shared_server: ServerProcess,
