@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
+from annotated_types import Ge, Gt, Le
 from pydantic import ValidationError
 
 from pipeline.cli import build_parser, settings_from
@@ -16,6 +18,45 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     readme = (repo_root() / "README.md").read_text()
     documented = set(re.findall(r"`SIGNALBOX_([A-Z_]+)`", readme))
     assert documented >= {name.upper() for name in Settings.model_fields}
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _range(name: str) -> str:
+    """A setting's bounds as the README's table writes them: `1 to 64`, `> 0`, `≥ 1024`."""
+    low = high = above = None
+    for bound in Settings.model_fields[name].metadata:
+        if isinstance(bound, Ge):
+            low = _number(bound.ge)
+        elif isinstance(bound, Le):
+            high = _number(bound.le)
+        elif isinstance(bound, Gt):
+            above = _number(bound.gt)
+    if low is not None and high is not None:
+        return f"{low} to {high}"
+    if above is not None:
+        return f"> {above}"
+    return f"≥ {low}" if low is not None else ""
+
+
+def test_readme_configuration_table_gives_each_default_and_range() -> None:
+    readme = (repo_root() / "README.md").read_text()
+    rows = re.findall(r"^\|.*\| `SIGNALBOX_([A-Z_]+)` \| (.*?) \| (.*?) ?\|$", readme, re.M)
+    assert {name.lower() for name, _, _ in rows} == set(Settings.model_fields)
+    for name, default, bounds in rows:
+        field = Settings.model_fields[name.lower()]
+        assert bounds.strip() == _range(name.lower()), name
+        written = default.split(";")[0].strip("`")
+        if field.default is None or field.default == []:
+            assert not default.startswith("`"), name  # none, any, everyone, no limit
+        elif isinstance(field.default, bool):
+            assert written == str(field.default).lower(), name
+        elif isinstance(field.default, int | float):
+            assert written == _number(field.default), name
+        else:
+            assert written == field.default, name
 
 
 def test_every_setting_but_the_secrets_is_a_serve_flag() -> None:
