@@ -117,8 +117,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _at_capacity(self) -> bool:
+        """Whether N (the limit) other connections are open, or N other requests in flight.
+        `connections` holds this request's own too: counted, a limit of 1 would refuse a
+        lone client on an idle server."""
         limit = self.limits.concurrency
-        return limit is not None and (len(self.connections) >= limit
+        return limit is not None and (len(self.connections) - 1 >= limit
                                       or len(self.tasks) >= limit)
 
     def handle_websocket_upgrade(self) -> None:

@@ -123,6 +123,20 @@ async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_recorded(
     assert (await client.get("/readyz")).json()["head"] == 0
 
 
+async def test_limit_concurrency_serves_that_many_connections_at_once(database_url: str) -> None:
+    """--limit-concurrency 1 serves one client, and refuses a second while the first is open."""
+    server = ServerProcess(database_url, args=["--limit-concurrency", "1"]).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            assert (await http.get("/healthz")).status_code == 200  # kept open (keep-alive)
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as second:
+                answer = await second.get("/healthz")
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"] == "server_busy"
+    finally:
+        server.stop()
+
+
 async def test_limit_concurrency_answers_503_beyond_it(database_url: str) -> None:
     server = ServerProcess(database_url, args=["--limit-concurrency", "3"]).start()
     try:
