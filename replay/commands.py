@@ -48,7 +48,8 @@ def add_commands(commands: Any) -> None:
     tail.add_argument("--cursor", type=int, help="print events after this position")
     tail.add_argument("--cursor-file", type=Path,
                       help="resume from, and save the position to, this file")
-    tail.add_argument("--consumer", help="a durable consumer name (the server keeps its position)")
+    tail.add_argument("--consumer", help="with --follow: a durable consumer name (the server "
+                                         "keeps its position)")
     tail.add_argument("--type", action="append", default=[], dest="types",
                       help="event type glob, e.g. signal.* (repeatable)")
     for name in ("ticker", "strategy", "stream"):
@@ -118,6 +119,13 @@ def event_line(event: Event) -> str:
 
 
 async def tail(args: argparse.Namespace, out: TextIO) -> int:
+    if args.consumer is not None and not args.follow:
+        # The server keeps a consumer's position over the stream alone: without --follow the
+        # name would be ignored, the events printed from the beginning and nothing stored.
+        print("signalbox: --consumer needs --follow (the server keeps a consumer's position "
+              "for a stream that follows the log); without it, use --cursor-file",
+              file=sys.stderr)
+        return 2
     store = FileCursorStore(args.cursor_file) if args.cursor_file else MemoryCursorStore()
     saved = await store.load()
     cursor = args.cursor if args.cursor is not None else (saved.position if saved else None)

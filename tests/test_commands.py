@@ -73,6 +73,14 @@ async def test_tail_prints_the_log_and_resumes_from_a_cursor_file(
         ("signal.accepted", "BBB")]
 
 
+def test_tail_with_a_consumer_but_without_follow_is_refused(server: ServerProcess) -> None:
+    """Without --follow, tail reads pages over HTTP, where no consumer position is kept:
+    the name is refused rather than ignored."""
+    refused = signalbox(server, ADMIN_TOKEN, "tail", "--consumer", "bot")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "--consumer needs --follow" in refused.stderr
+
+
 async def test_tail_follow_prints_new_events_as_they_come(
         server: ServerProcess, client: httpx.AsyncClient) -> None:
     env = {**os.environ, "SIGNALBOX_TOKEN": ADMIN_TOKEN, "SIGNALBOX_URL": server.base_url}
