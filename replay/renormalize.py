@@ -66,6 +66,11 @@ class Renormalize:
         self.applier = applier
         self.out = out
         self.pairs = Pairs()
+        # A received event whose verdict is in the next page (or whose change the server
+        # refused) is kept in the checkpoint: the run goes on after it, not before it.
+        for row in resume.get("waiting") or []:
+            received = Event(*row)
+            self.pairs.waiting[received.stream] = received
         self.read = int(resume.get("read", 0))
         self.kinds: Counter[str] = Counter(resume.get("kinds") or {})
         self.appended = int(resume.get("appended", 0))
@@ -78,19 +83,26 @@ class Renormalize:
         pair = self.pairs.feed(event)
         if pair is None:
             return
-        self.read += 1
         change = compare(*pair, default_max_lag=self.default_max_lag)
         if change is None:
+            self.read += 1
             return
-        self.kinds[change.kind] += 1
         line = change.to_data()
         if self.applier is not None:
-            answer = await self.applier.apply(change)
+            try:
+                answer = await self.applier.apply(change)
+            except BaseException:
+                # Not done: the checkpoint keeps the received event, so that the run told to
+                # go on with the same --checkpoint applies this change first.
+                self.pairs.waiting[pair[0].stream] = pair[0]
+                raise
             if answer.get("appended"):
                 self.appended += 1
             elif answer.get("changed"):
                 self.already += 1
             line["renormalized_position"] = answer.get("position")
+        self.read += 1
+        self.kinds[change.kind] += 1
         if self.report is not None:
             self.report.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
         self.out.write(describe(change) + "\n")
@@ -98,8 +110,11 @@ class Renormalize:
     def state(self) -> dict[str, Any]:
         saved = self.report.state() if self.report is not None else {}
         self.out.flush()
+        waiting = [[e.position, e.id, e.stream, e.type, e.data_json, e.meta_json, e.time,
+                    e.hash] for e in sorted(self.pairs.waiting.values(),
+                                            key=lambda e: e.position)]
         return {**saved, "read": self.read, "kinds": dict(sorted(self.kinds.items())),
-                "appended": self.appended, "already": self.already}
+                "appended": self.appended, "already": self.already, "waiting": waiting}
 
     def summary(self) -> str | None:
         changed = sum(self.kinds.values())

@@ -25,6 +25,7 @@ from pipeline.log import EventLog
 from pipeline.signals import parse_tradingview
 from replay.audit import Head, ServerSource, verify
 from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers
+from tests.test_cli import create_token
 from tests.test_signals import EMBEDDED_ALERTS
 
 NOW = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
@@ -206,3 +207,33 @@ async def test_renormalize_reads_only_the_selection_and_refuses_bad_usage(
     assert "--apply goes with --renormalize and --url" in err
     code, out, err = await renormalize("--database-url", database_url, "--type", "signal.*")
     assert code == 2
+
+
+async def test_a_change_the_server_refused_is_applied_when_the_run_goes_on(
+        database_url: str, tmp_path: Path) -> None:
+    """A run stopped by a refused --apply says to run again with the same --checkpoint: that
+    run records every change, the refused one too, and counts each once."""
+    forged = await record_forged(database_url)
+    expected = {sid for sid, kind in forged.items() if kind != "unchanged"}
+    reader = create_token(database_url, "reader", "--scope", "read")
+    checkpoint, report = tmp_path / "cp.json", tmp_path / "changes.jsonl"
+    server = ServerProcess(database_url).start()
+    try:
+        flags = ("--url", server.base_url, "--apply", "--checkpoint", str(checkpoint),
+                 "--report", str(report))
+        code, out, err = await renormalize(*flags, token=reader)  # read, not admin
+        assert code == 1
+        assert "HTTP 403" in err
+        code, out, err = await renormalize(*flags, token=ADMIN_TOKEN)
+        assert code == 0, err
+        assert (f"re-read {len(forged)} signals: {len(expected)} read differently today"
+                in out)
+        assert f"appended {len(expected)} signal.renormalized events (0 recorded before)" in out
+        assert sorted(read_report(report)) == sorted(expected)
+        assert len(report.read_text().splitlines()) == len(expected)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            page = (await client.get("/api/events", headers=headers(), params={
+                "type": "signal.renormalized", "limit": 100})).json()
+        assert sorted(e["data"]["signal_id"] for e in page["events"]) == sorted(expected)
+    finally:
+        server.stop()
