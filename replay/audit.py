@@ -36,8 +36,12 @@ from typing import Any
 from pipeline.log.model import GENESIS_HASH, Event
 from replay.sources import DatabaseSource, ServerSource, Source
 
-__all__ = ["DatabaseSource", "Finding", "Head", "Report", "ServerSource", "run_verify",
-           "verify"]
+__all__ = ["AuditError", "DatabaseSource", "Finding", "Head", "Report", "ServerSource",
+           "run_verify", "verify"]
+
+
+class AuditError(Exception):
+    """A one-line reason for ``signalbox audit`` to exit with 1."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,13 @@ class Head:
 
     @classmethod
     def load(cls, path: Path) -> Head:
-        value = json.loads(path.read_text())
-        return cls(int(value["position"]), str(value["hash"]))
+        text = path.read_text()
+        try:
+            value = json.loads(text)
+            return cls(int(value["position"]), str(value["hash"]))
+        except (KeyError, TypeError, ValueError):
+            raise AuditError(f"{path} is not a verified head (a file that --save wrote): give "
+                             "that file to --from") from None
 
 
 @dataclass(frozen=True)

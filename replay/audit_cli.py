@@ -25,16 +25,12 @@ from pipeline.log.backends import create_engines
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.window import parse_moment
 from replay import export
-from replay.audit import run_verify
+from replay.audit import AuditError, run_verify
 from replay.report_text import render_report
 from replay.sources import Selection
 from replay.timeline import build_timeline, from_database, render
 
 COMMANDS = ("verify", "timeline", "report", "export")
-
-
-class AuditError(Exception):
-    """A one-line reason to exit with 1."""
 
 
 def rewrite_argv(argv: Sequence[str]) -> list[str]:
@@ -119,6 +115,10 @@ async def run(args: argparse.Namespace, database_url: str, claim_lease: float) -
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and let nothing flush to it at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # the database's (a refused connection): the caller says so
+        print(f"signalbox: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
     return 1
 
 

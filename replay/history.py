@@ -132,6 +132,12 @@ def run(args: argparse.Namespace, database_url: str) -> int:
     except ReplayError as exc:
         print(f"signalbox replay: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # the database's (a refused connection): the caller says so
+        # A file of ours (--output, --report, --checkpoint), not the database.
+        print(f"signalbox replay: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def selection_of(args: argparse.Namespace) -> Selection:

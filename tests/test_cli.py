@@ -351,3 +351,30 @@ async def test_flag_beats_environment_beats_default(
         assert welcome["op"] == "welcome" and welcome["heartbeat"] == expected
     finally:
         assert server.stop() == 0
+
+
+@sqlite_only("which file a command could not open is told before any backend is involved")
+@pytest.mark.parametrize(("args", "named"), [
+    (["replay", "--output", "{missing}/out.jsonl"], "{missing}/out.jsonl"),
+    (["replay", "--checkpoint", "{missing}/cp.json"], "{missing}/cp.json"),
+    (["replay", "--output", "{folder}"], "{folder}"),
+    (["audit", "export", "--output", "{missing}/out.csv"], "{missing}/out.csv"),
+    (["audit", "verify", "--save", "{missing}/head.json"], "{missing}/head.json"),
+    (["audit", "verify", "--from", "{missing}/head.json"], "{missing}/head.json"),
+    (["audit", "verify", "--from", "{folder}/other.json"], "is not a verified head"),
+])
+def test_a_file_a_command_cannot_use_is_named_not_the_database(
+        server: ServerProcess, tmp_path: Path, args: list[str], named: str) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "other.json").write_text('{"epoch": "e", "position": 3}\n')
+    places = {"missing": str(tmp_path / "missing"), "folder": str(folder)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *(a.format(**places) for a in args),
+         "--url", server.base_url],
+        capture_output=True, text=True, timeout=60, cwd=repo_root(), check=False,
+        env={**os.environ, "SIGNALBOX_TOKEN": ADMIN_TOKEN})
+    assert_clean_failure(done, named.format(**places))
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "database" not in done.stderr
