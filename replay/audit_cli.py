@@ -21,13 +21,12 @@ from urllib.parse import quote
 import httpx
 
 from pipeline.log import EventFilter, format_time, utc_now
-from pipeline.log.backends import create_engines
 from pipeline.processing.report import build_report, report_query
 from pipeline.processing.window import parse_moment
 from replay import export
 from replay.audit import AuditError, run_verify
 from replay.report_text import render_report
-from replay.sources import Selection
+from replay.sources import Selection, reader_engines
 from replay.timeline import build_timeline, from_database, render
 
 COMMANDS = ("verify", "timeline", "report", "export")
@@ -165,7 +164,7 @@ async def run_report(args: argparse.Namespace, url: str, claim_lease: float) -> 
         report: dict[str, Any] = response.json()
     else:
         query = report_query(args.since, args.until, args.stuck_after, claim_lease, utc_now())
-        engines = create_engines(url, reader_pool=1)
+        engines = reader_engines(url)
         try:
             report = await build_report(engines.reader, query)
         finally:

@@ -15,11 +15,10 @@ from typing import Any, TextIO
 import httpx
 import orjson
 
-from pipeline.log.backends import create_engines
 from pipeline.log.model import canonical_json
 from pipeline.log.schema import events, signals
 from pipeline.processing.projection import STEP_COLUMN
-from replay.sources import Selection, keyset_pages
+from replay.sources import Selection, keyset_pages, reader_engines
 
 SERVER_EVENTS_PAGE = 1000
 SERVER_SIGNALS_PAGE = 500
@@ -54,7 +53,7 @@ async def database_signals(url: str, selection: Selection) -> AsyncIterator[list
 
 async def _pages(url: str, columns: Sequence[Any], key: Any,
                  where: list[Any]) -> AsyncIterator[list[Row]]:
-    engines = create_engines(url, reader_pool=1)
+    engines = reader_engines(url)
     try:
         async for rows in keyset_pages(engines.reader, columns, key, where):
             yield [tuple(row) for row in rows]

@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Row, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pipeline.errors import SignalboxError
-from pipeline.log.backends import create_engines
+from pipeline.log.backends import Engines, backend_kind, create_engines, sqlite_path
 from pipeline.log.model import Event, EventFilter, canonical_json
 from pipeline.log.schema import events, log_head
 from pipeline.log.store import EVENT_COLUMNS, filter_clauses
@@ -96,6 +96,15 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
+def reader_engines(url: str) -> Engines:
+    """Engines that read the log at ``url``: a mistyped SQLite path is told, not created as an
+    empty database (these commands only read)."""
+    path = sqlite_path(url) if backend_kind(url) == "sqlite" else None
+    if path is not None and not path.exists():
+        raise SourceError(f"there is no database at {path}: check --database-url")
+    return create_engines(url, reader_pool=1)
+
+
 async def keyset_pages(engine: AsyncEngine, columns: Sequence[Any], key: Any,
                        where: Sequence[ColumnElement[bool]],
                        after: Any = 0) -> AsyncIterator[Sequence[Row[Any]]]:
@@ -124,7 +133,7 @@ class DatabaseSource:
     """The log's tables, read with SELECTs only (safe while a server writes to them)."""
 
     def __init__(self, url: str) -> None:
-        self.engines = create_engines(url, reader_pool=1)
+        self.engines = reader_engines(url)
 
     async def epoch(self) -> str:
         async with self.engines.reader.connect() as conn:

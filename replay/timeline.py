@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import select
 
 from pipeline.log import Event
-from pipeline.log.backends import create_engines
 from pipeline.log.schema import events, signals
 from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import EventType, stream_of
+from replay.sources import reader_engines
 
 MAX_EVENTS = 10_000
 """As many events of one signal as the API returns (a signal has a handful)."""
@@ -105,7 +105,7 @@ def render(timeline: dict[str, Any]) -> str:
 
 async def from_database(url: str, signal_id: str) -> tuple[str | None, list[dict[str, Any]]]:
     """The signal's status and events, read with SELECTs only (no events: unknown id)."""
-    engines = create_engines(url, reader_pool=1)
+    engines = reader_engines(url)
     try:
         async with engines.reader.connect() as conn:
             rows = (await conn.execute(

@@ -378,3 +378,17 @@ def test_a_file_a_command_cannot_use_is_named_not_the_database(
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert "database" not in done.stderr
+
+
+@pytest.mark.parametrize("words", [
+    ["replay"], ["replay", "--renormalize"], ["audit", "verify"], ["audit", "export"],
+    ["audit", "report"], ["audit", "timeline", "some-signal"], ["audit", "some-signal"],
+])
+def test_reading_commands_on_a_mistyped_sqlite_path_create_nothing(
+        tmp_path: Path, words: list[str]) -> None:
+    database = tmp_path / "signalbx.db"
+    done = signalbox(f"sqlite+aiosqlite:///{database}", *words)
+    assert_clean_failure(done, f"there is no database at {database}", "--database-url")
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert not database.exists()
