@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpx
+
 from replay.client import (
     Checkpoint,
     Client,
@@ -70,23 +72,43 @@ def token() -> str:
     return value
 
 
+class CommandError(Exception):
+    """A one-line reason for ``send`` or ``tail`` to exit with 1."""
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if not args.url.startswith(("http://", "https://")):
+            raise CommandError(f"--url {args.url!r} is not an http(s) URL: give the server's "
+                               f"address, e.g. {DEFAULT_URL}")
         if args.command == "send":
             return asyncio.run(send(args))
         return asyncio.run(tail(args, sys.stdout))
     except KeyboardInterrupt:
         return 130
-    except SignalboxClientError as exc:
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and let nothing flush to it at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (SignalboxClientError, CommandError) as exc:
         print(f"signalbox: {exc}", file=sys.stderr)
+        return 1
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # what no retry can mend
+        print(f"signalbox: the server at {args.url} cannot be asked: {exc}", file=sys.stderr)
         return 1
 
 
 def read_signal(args: argparse.Namespace) -> dict[str, Any]:
     signal: dict[str, Any] = {}
     if args.file is not None:
-        text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
-        loaded = json.loads(text)
+        try:
+            text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as exc:
+            raise CommandError(f"{args.file} is not JSON: {exc}") from None
         if not isinstance(loaded, dict):
             raise SystemExit("signalbox: the file must hold one JSON object")
         signal.update(loaded)
@@ -127,7 +149,10 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
               file=sys.stderr)
         return 2
     store = FileCursorStore(args.cursor_file) if args.cursor_file else MemoryCursorStore()
-    saved = await store.load()
+    try:
+        saved = await store.load()
+    except ValueError as exc:  # not a cursor file: what to do is in the message
+        raise CommandError(str(exc)) from None
     cursor = args.cursor if args.cursor is not None else (saved.position if saved else None)
     epoch = saved.epoch if saved else None
     event_filter = Filter(types=args.types, streams=args.streams, tickers=args.tickers,

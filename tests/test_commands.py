@@ -102,3 +102,45 @@ async def test_tail_follow_prints_new_events_as_they_come(
     finally:
         follower.terminate()
         await follower.wait()
+
+
+def test_send_and_tail_fail_in_one_line_without_a_traceback(server: ServerProcess,
+                                                            tmp_path: Path) -> None:
+    not_json, not_cursor = tmp_path / "signal.json", tmp_path / "cursor.json"
+    not_json.write_text("{ticker: BTCUSDT")
+    not_cursor.write_text('{"position": "x"}')
+    for token, args, says in (
+            (INGEST_TOKEN, ["send", "--file", str(tmp_path / "missing.json")],
+             str(tmp_path / "missing.json")),
+            (INGEST_TOKEN, ["send", "--file", str(not_json)], f"{not_json} is not JSON"),
+            (ADMIN_TOKEN, ["tail", "--cursor-file", str(not_cursor)],
+             f"{not_cursor} is not a cursor file"),
+            (ADMIN_TOKEN, ["tail", "--follow", "--cursor-file", str(not_cursor)],
+             f"{not_cursor} is not a cursor file"),
+            (ADMIN_TOKEN, ["tail", "--url", "localhost:8000"], "localhost:8000"),
+            (ADMIN_TOKEN, ["tail", "--follow", "--url", "localhost:8000"], "localhost:8000"),
+            (INGEST_TOKEN, ["send", "--url", "localhost:8000", "--ticker", "X"],
+             "localhost:8000")):
+        done = signalbox(server, token, *args)
+        assert done.returncode == 1, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and says in done.stderr, (args, done.stderr)
+
+
+def test_tail_into_a_closed_pipe_stops_quietly(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for _ in range(40):
+            client.post("/api/signals", json={"ticker": "P", "action": "buy"},
+                        headers=headers(INGEST_TOKEN)).raise_for_status()
+    env = {**os.environ, "SIGNALBOX_TOKEN": ADMIN_TOKEN, "SIGNALBOX_URL": server.base_url}
+    for follow in ([], ["--follow"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line: `signalbox tail | head -0`
+        try:
+            done = subprocess.run([sys.executable, "-m", "pipeline", "tail", "--cursor", "0",
+                                   *follow], env=env, stdout=write, stderr=subprocess.PIPE,
+                                  text=True, timeout=60, check=False)
+        finally:
+            os.close(write)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
