@@ -98,8 +98,9 @@ class TooManyRequests(SignalboxClientError):
 
 
 class Unavailable(SignalboxClientError):
-    """503 (``log_unavailable``) or no connection (``unreachable``), still so after every
-    retry. Nothing was acknowledged: sending again with the same idempotency key is safe."""
+    """503 (``log_unavailable``), a proxy's 502 or 504, or no connection (``unreachable``),
+    still so after every retry. Nothing was acknowledged: sending again with the same
+    idempotency key is safe."""
 
 
 class EpochChanged(SignalboxClientError):
@@ -119,8 +120,13 @@ class ProtocolError(SignalboxClientError):
 
 
 _BY_STATUS: dict[int, type[SignalboxClientError]] = {
-    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable,
+    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
+    502: Unavailable, 503: Unavailable, 504: Unavailable,
 }
+# Answers that say the server could not answer now: its own 503 (the log could not commit),
+# and a reverse proxy's 502 and 504 (nothing behind it, or no answer in time: a server that
+# is down or restarting). Nothing was acknowledged: the request may be sent again.
+UNAVAILABLE = frozenset({502, 503, 504})
 
 
 def raise_for_answer(response: httpx.Response) -> NoReturn:
@@ -542,11 +548,12 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
     None, the answer is final (return it); a number, wait that many seconds and send again;
     or raise the error the outcome stands for.
 
-    Sent again, ``retries`` times at most: after a lost connection or a 503 (nothing was
-    acknowledged), following `Backoff`; after a 429, following its ``Retry-After`` (the backoff
-    when it has none). A 429 is raised at once when it is the address's failed
-    authentications (waiting does not mend a wrong token) or when it asks for a wait over
-    ``max_retry_after`` seconds (the caller would rather know now than wait that long).
+    Sent again, ``retries`` times at most: after a lost connection, a 503 or a proxy's 502 or
+    504 (nothing was acknowledged), following `Backoff`; after a 429, following its
+    ``Retry-After`` (the backoff when it has none). A 429 is raised at once when it is the
+    address's failed authentications (waiting does not mend a wrong token) or when it asks
+    for a wait over ``max_retry_after`` seconds (the caller would rather know now than wait
+    that long).
     """
     wait: float | None = None
     if isinstance(outcome, httpx.Response):
@@ -557,7 +564,7 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
             if wait is not None and wait > max_retry_after:
                 refusal.message += f" (not waited for: over {max_retry_after:g} s)"
                 raise refusal
-        elif outcome.status_code != 503:
+        elif outcome.status_code not in UNAVAILABLE:
             return None
     if attempt >= retries:
         raise give_up(outcome, attempt + 1, url)
@@ -565,8 +572,9 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
 
 
 def may_have_landed(outcome: httpx.Response | Exception) -> bool:
-    """Whether a retried attempt may have been recorded after all: a lost answer or a 503 (a
-    slow commit) may; a 429 refused it before anything was recorded."""
+    """Whether a retried attempt may have been recorded after all: a lost answer, a 503 (a
+    slow commit) or a proxy's 504 (an answer too slow for it) may; a 429 refused it before
+    anything was recorded."""
     return not isinstance(outcome, httpx.Response) or outcome.status_code != 429
 
 
@@ -622,7 +630,8 @@ class Client:
     """Typed calls of the HTTP API.
 
     Retries (``retries`` in all, see `retry_delay`): a 503 (the log could not commit, nothing
-    acknowledged) and a lost connection after `Backoff`; a 429 (the ingestion rate's, not
+    acknowledged), a reverse proxy's 502 or 504 (the server is down or restarting) and a lost
+    connection after `Backoff`; a 429 (the ingestion rate's, not
     the failed authentications') after the ``Retry-After`` it carries, unless that is over
     ``max_retry_after`` seconds. No other answer is retried. `send_signal` always sends an
     idempotency key, so a retry whose first attempt did land is answered as a repeat instead

@@ -5,7 +5,7 @@ The public surface (also exported by ``replay``):
 - `Subscriber`: ``async for event in Subscriber(url, token, …)``: replay from a cursor, then
   live; reconnects forever with full-jitter backoff and resumes without a gap or a repeat;
   saves its checkpoint to a `CursorStore` once the caller has handled an event.
-- `Client` / `SyncClient`: typed HTTP calls, retried on 503 and lost connections (with
+- `Client` / `SyncClient`: typed HTTP calls, retried on 502/503/504 and lost connections (with
   backoff) and on the ingestion rate's 429 (after its Retry-After) only.
 - `Worker`: the bot side: claim each accepted signal, run a handler, report the outcome.
 - `subscribe`: a blocking iterator for scripts without asyncio.
@@ -23,13 +23,15 @@ Every error is one of these (``code`` is the server's stable code, or the client
     ├── TooManyRequests                 too_many_requests,                429, after the
     │                                   too_many_auth_failures            retries (at once
     │                                   (+ retry_after)                   for auth failures)
-    ├── Unavailable                     log_unavailable, unreachable      503 or no connection,
-    │                                                                     after the retries
+    ├── Unavailable                     log_unavailable, unreachable      502, 503, 504 or no
+    │                                                                     connection, after
+    │                                                                     the retries
     ├── EpochChanged                    epoch_changed (+ old_epoch,       4409, another epoch
     │                                   new_epoch)
     └── ProtocolError                   malformed, bad_frame, bad_answer  4400 / unreadable
 
-Retried, never raised: 503 and lost connections on HTTP (up to ``retries`` times), 429
+Retried, never raised: 503 (and a proxy's 502 and 504) and lost connections on HTTP (up to
+``retries`` times), 429
 ``too_many_requests`` within those retries when its Retry-After is at most
 ``max_retry_after``, and on the WebSocket every close but 4400/4401/4403/4409 (1001, 1006,
 1011, 1013, 4408, 4429, network errors), 4429 after the ``retry_after`` it carries.

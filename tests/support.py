@@ -7,6 +7,7 @@ are SQLite files in a temporary folder and databases created on the machine's Po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -278,8 +279,10 @@ class TcpProxy:
     through them: a flaky network, a database that went down or one that hangs, made on
     demand."""
 
-    def __init__(self, target: ServerProcess | int) -> None:
+    def __init__(self, target: ServerProcess | int, *, gateway: bool = False) -> None:
         self.target = target
+        self.gateway = gateway  # answer as a reverse proxy (nginx) does when its server is away
+        self.bad_gateways = 0  # 502s answered
         self.port = 0
         self.cuts = 0
         self.down = False
@@ -336,10 +339,24 @@ class TcpProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
+            if self.gateway:
+                await self._bad_gateway(reader, writer)
             writer.transport.abort()
             return
         self._open.update((writer, up_writer))
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _bad_gateway(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """nginx's answer when nothing listens behind it: 502 with an HTML page."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            page = b"<html><head><title>502 Bad Gateway</title></head></html>\r\n"
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx\r\n"
+                         b"Content-Type: text/html\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(page), page))
+            await writer.drain()
+            self.bad_gateways += 1
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -53,6 +53,7 @@ from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
     ServerProcess,
+    TcpProxy,
     read_all_events,
     wait_until,
 )
@@ -520,6 +521,33 @@ async def test_503_is_retried_until_the_log_commits(database_url: str) -> None:
         releaser.join()
         lock.close()
         server.stop()
+
+
+@sqlite_only
+async def test_a_gateway_502_while_the_server_restarts_is_retried_as_unavailable(
+        server: ServerProcess) -> None:
+    """Behind a reverse proxy, a server that is down or restarting answers 502 (or 504): the
+    signal is sent again until it is back, and once the retries are spent the error is
+    `Unavailable`, which a worker waits out as it does a 503."""
+    async with TcpProxy(server, gateway=True) as proxy:
+        server.stop()
+        async with Client(proxy.base_url, INGEST_TOKEN, retries=50,
+                          backoff=Backoff(0.05, 0.3)) as client:
+            sending = asyncio.create_task(client.send_signal(BTC, idempotency_key="gw-1"))
+            await until(lambda: proxy.bad_gateways >= 1 or sending.done())
+            await asyncio.to_thread(server.restart)
+            receipt = await sending
+        assert proxy.bad_gateways >= 1
+        assert [e["data"]["signal_id"] for e in await log_of(server)
+                if e["type"] == "signal.received"] == [receipt.signal_id]
+
+        server.stop()
+        async with Client(proxy.base_url, INGEST_TOKEN, retries=2,
+                          backoff=Backoff(0.01, 0.01)) as client:
+            with pytest.raises(Unavailable) as spent:
+                await client.send_signal(BTC)
+        assert spent.value.status == 502
+        server.restart()
 
 
 @sqlite_only
