@@ -26,7 +26,7 @@ from pipeline.processing.window import parse_moment
 from replay import export
 from replay.audit import AuditError, run_verify
 from replay.report_text import render_report
-from replay.sources import Selection, reader_engines
+from replay.sources import Selection, get_patiently, reader_engines
 from replay.timeline import build_timeline, from_database, render
 
 COMMANDS = ("verify", "timeline", "report", "export")
@@ -135,7 +135,8 @@ async def run_timeline(args: argparse.Namespace, url: str) -> int:
     signal_id = args.signal_id
     if args.url:
         async with server(args.url) as http:
-            response = await http.get(f"/api/signals/{quote(signal_id, safe='')}")
+            response = await get_patiently(http, f"/api/signals/{quote(signal_id, safe='')}",
+                                           None)
         if response.status_code == 404:
             raise AuditError(f"no signal {signal_id!r} on {args.url}: check the id (the "
                              "signal_id a POST answered with)")
@@ -158,7 +159,7 @@ async def run_report(args: argparse.Namespace, url: str, claim_lease: float) -> 
         params = {k: v for k, v in (("since", args.since), ("until", args.until),
                                     ("stuck_after", args.stuck_after)) if v}
         async with server(args.url) as http:
-            response = await http.get("/api/audit/report", params=params)
+            response = await get_patiently(http, "/api/audit/report", params)
         if response.status_code != 200:
             raise AuditError(export.error_text(response))
         report: dict[str, Any] = response.json()

@@ -18,7 +18,7 @@ import orjson
 from pipeline.log.model import canonical_json
 from pipeline.log.schema import events, signals
 from pipeline.processing.projection import STEP_COLUMN
-from replay.sources import Selection, keyset_pages, reader_engines
+from replay.sources import Selection, get_patiently, keyset_pages, reader_engines
 
 SERVER_EVENTS_PAGE = 1000
 SERVER_SIGNALS_PAGE = 500
@@ -115,7 +115,7 @@ class ServerError(Exception):
 
 
 async def _get(http: httpx.AsyncClient, path: str, params: dict[str, Any]) -> dict[str, Any]:
-    response = await http.get(path, params=params)
+    response = await get_patiently(http, path, params)
     if response.status_code != 200:
         raise ServerError(error_text(response))
     body: dict[str, Any] = response.json()

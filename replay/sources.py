@@ -22,10 +22,12 @@ from pipeline.log.backends import Engines, backend_kind, create_engines, sqlite_
 from pipeline.log.model import Event, EventFilter, canonical_json
 from pipeline.log.schema import events, log_head
 from pipeline.log.store import EVENT_COLUMNS, filter_clauses
-from replay._http import USER_AGENT, Backoff
+from replay._http import UNAVAILABLE, USER_AGENT, Backoff, retry_after
 
 PAGE = 2000
 SERVER_PAGE = 1000  # the most the API gives at once
+READ_RETRIES = 8
+READ_BACKOFF = Backoff(base=0.5, cap=5.0)  # 8 tries wait some 14 s in all: a restart's time
 STATUS_TYPES = ("signal.dispatched", "signal.processing", "signal.processed", "signal.failed",
                 "signal.expired")
 
@@ -175,11 +177,33 @@ class DatabaseSource:
         await self.engines.dispose()
 
 
+async def get_patiently(http: httpx.AsyncClient, path: str, params: Any, *,
+                        retries: int = READ_RETRIES) -> httpx.Response:
+    """``GET path``, tried again after a lost connection, a 503 or a reverse proxy's 502 or
+    504 (a server restarting behind it), after the answer's ``Retry-After`` when it has one:
+    a long read should not fail for a moment's absence. The last answer is returned (the
+    caller reads its error); the last lost connection is raised."""
+    for attempt in range(retries + 1):
+        try:
+            response = await http.get(path, params=params)
+        except httpx.TransportError:
+            if attempt == retries:
+                raise
+            wait = READ_BACKOFF.delay(attempt)
+        else:
+            if response.status_code not in UNAVAILABLE or attempt == retries:
+                return response
+            asked = retry_after(response)
+            wait = READ_BACKOFF.delay(attempt) if asked is None else min(asked, 30.0)
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class ServerSource:
     """A server's ``GET /api/events`` (scope read). Its events come decoded; their canonical
     encoding, which the hash covers, is computed again."""
 
-    def __init__(self, url: str, token: str, *, retries: int = 4) -> None:
+    def __init__(self, url: str, token: str, *, retries: int = READ_RETRIES) -> None:
         self.url = url.rstrip("/")
         self.http = httpx.AsyncClient(base_url=self.url, timeout=30, headers={
             "Authorization": f"Bearer {token}", "User-Agent": USER_AGENT})
@@ -230,21 +254,15 @@ class ServerSource:
         return found
 
     async def _page(self, params: list[tuple[str, Any]]) -> dict[str, Any]:
-        """One ``GET /api/events``; a lost connection or a 503 is tried again a few times."""
-        backoff = Backoff(base=0.2, cap=5.0)
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self.http.get("/api/events", params=params)
-            except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise SourceError(f"could not reach {self.url}: {exc!r}") from exc
-            else:
-                if response.status_code == 200:
-                    return self._read(response.json())
-                if response.status_code != 503 or attempt == self.retries:
-                    raise _refusal(self.url, response)
-            await asyncio.sleep(backoff.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One ``GET /api/events`` (see `get_patiently` for what is tried again)."""
+        try:
+            response = await get_patiently(self.http, "/api/events", params,
+                                           retries=self.retries)
+        except httpx.TransportError as exc:
+            raise SourceError(f"could not reach {self.url}: {exc!r}") from exc
+        if response.status_code != 200:
+            raise _refusal(self.url, response)
+        return self._read(response.json())
 
     def _read(self, page: dict[str, Any]) -> dict[str, Any]:
         epoch = str(page["epoch"])

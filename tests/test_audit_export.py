@@ -4,10 +4,13 @@ database and from a server."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,14 @@ import httpx
 import pytest
 
 from replay.export import EVENT_COLUMNS, SIGNAL_COLUMNS
-from tests.support import ADMIN_TOKEN, ServerProcess, headers, read_all_events, repo_root
+from tests.support import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    TcpProxy,
+    headers,
+    read_all_events,
+    repo_root,
+)
 
 API_KEYS = ("position", "id", "stream", "type", "data", "meta", "time", "hash")
 AWKWARD = 'he said "buy, now"\nthen left; ünïcode, tab\there'
@@ -164,3 +174,38 @@ def test_signals_and_event_filters_do_not_mix(tmp_path: Path) -> None:
                           check=False, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert "--type and --stream select events" in done.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("words", [["audit", "export"], ["audit", "verify"], ["replay"],
+                                   ["audit", "report"]])
+async def test_reading_over_http_waits_out_a_server_restarting_behind_a_proxy(
+        server: ServerProcess, tmp_path: Path, words: list[str]) -> None:
+    """A server that restarts behind a reverse proxy answers 502 for a moment: the export, the
+    verification and the replay wait for it, and then read every event once."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        await recorded(client)
+        expected = await read_all_events(client)
+    out = tmp_path / "out.jsonl"
+    extra = ["--output", str(out)] if words in (["audit", "export"], ["replay"]) else []
+    async with TcpProxy(server, gateway=True) as proxy:
+        server.stop()
+        reading = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", *words, "--url", proxy.base_url, *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=repo_root(),
+            env={**os.environ, "SIGNALBOX_TOKEN": ADMIN_TOKEN})
+        deadline = time.monotonic() + 30
+        while proxy.bad_gateways == 0 and reading.returncode is None:
+            assert time.monotonic() < deadline, "the command never asked"
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(server.restart)
+        stdout, stderr = await reading.communicate()
+    assert reading.returncode == 0, stderr.decode()
+    assert proxy.bad_gateways >= 1
+    if extra:
+        assert [json.loads(line)["position"] for line in out.read_text().splitlines()] == [
+            e["position"] for e in expected]
+    elif words == ["audit", "verify"]:
+        assert f"verified {len(expected)} events" in stdout.decode()
+    else:
+        assert "by status: accepted 2, rejected 1, processed 1" in stdout.decode()
