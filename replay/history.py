@@ -185,10 +185,13 @@ def _time(value: str | None, flag: str) -> str | None:
         return None
     try:
         moment = datetime.fromisoformat(value)
+        return format_time(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
     except ValueError:
         raise ReplayError(f"{flag} {value!r} is not an ISO 8601 time, e.g. "
                           "2025-01-15T14:45:00Z", 2) from None
-    return format_time(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except OverflowError:  # before year 1 or after 9999, once in UTC
+        raise ReplayError(f"{flag} {value!r} is out of range: give a time between the years "
+                          "1 and 9999 in UTC", 2) from None
 
 
 def identity(args: argparse.Namespace, selection: Selection) -> dict[str, Any]:

@@ -399,6 +399,8 @@ def test_a_server_source_with_a_bad_token_says_so(server: ServerProcess) -> None
     (["--speed", "0"], "--speed"),
     (["--since", "yesterday"], "--since 'yesterday' is not an ISO 8601 time"),
     (["--since", "2025-01-02", "--until", "2025-01-01"], "--until must be after --since"),
+    (["--since", "0001-01-01T00:00:00+01:00"], "--since '0001-01-01T00:00:00+01:00' is out of"),
+    (["--until", "9999-12-31T23:00:00-05:00"], "--until '9999-12-31T23:00:00-05:00' is out of"),
     (["--from-position", "5", "--to-position", "4"], "--to-position"),
     (["--handler", HANDLER], "--handler needs --report"),
     (["--report", "r.jsonl"], "--report goes with --handler"),
