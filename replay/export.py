@@ -37,10 +37,20 @@ Row = tuple[Any, ...]
 
 
 async def database_events(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
-    """Rows in EVENT_COLUMNS order, ``data`` and ``meta`` as stored (canonical JSON)."""
-    columns = [events.c[name] for name in EVENT_COLUMNS]
+    """Rows in EVENT_COLUMNS order, ``data`` and ``meta`` as stored (canonical JSON).
+
+    ``ticker`` and ``strategy`` are read from ``meta``: the table's columns of those names are
+    copies made for filtering, cut to their width (100 and 200 characters) and without NUL."""
+    stored = [name for name in EVENT_COLUMNS if name not in ("ticker", "strategy")]
+    columns = [events.c[name] for name in stored]
     async for page in _pages(url, columns, events.c.position, selection.clauses()):
-        yield page
+        yield [(*row[:6], *_copies(orjson.loads(row[7])), *row[6:]) for row in page]
+
+
+def _copies(meta: dict[str, Any]) -> list[str | None]:
+    """The ``ticker`` and ``strategy`` columns: those of ``meta`` when they are text."""
+    return [value if isinstance(value := meta.get(k), str) else None
+            for k in ("ticker", "strategy")]
 
 
 async def database_signals(url: str, selection: Selection) -> AsyncIterator[list[Row]]:
@@ -82,10 +92,8 @@ async def server_events(http: httpx.AsyncClient,
 
 def _event_row(event: dict[str, Any]) -> Row:
     meta = event["meta"]
-    text = [meta.get(k) if isinstance(meta.get(k), str) else None
-            for k in ("ticker", "strategy")]
     return (event["position"], event["id"], event["stream"], event["type"], event["time"],
-            event["hash"], *text, canonical_json(event["data"]), canonical_json(meta))
+            event["hash"], *_copies(meta), canonical_json(event["data"]), canonical_json(meta))
 
 
 async def server_signals(http: httpx.AsyncClient,

@@ -209,3 +209,21 @@ async def test_reading_over_http_waits_out_a_server_restarting_behind_a_proxy(
         assert f"verified {len(expected)} events" in stdout.decode()
     else:
         assert "by status: accepted 2, rejected 1, processed 1" in stdout.decode()
+
+
+async def test_ticker_and_strategy_are_those_of_meta_however_long(server: ServerProcess,
+                                                                  tmp_path: Path) -> None:
+    """The events table keeps a strategy cut to 200 characters for filtering; the export's
+    column is the one in ``meta``, whole, from the database as from the API."""
+    strategy = "-".join(["mean-reversion"] * 20)  # 299 characters
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        posted = await client.post("/api/signals", headers=headers(), json={
+            "ticker": "BTCUSDT", "action": "buy", "quantity": "1", "strategy": strategy})
+        assert posted.status_code == 202
+    for i, source in enumerate((["--database-url", server.database_url],
+                                ["--url", server.base_url])):
+        lines = jsonl(tmp_path / f"e{i}.jsonl", "--type", "signal.accepted", *source)
+        assert [line["strategy"] for line in lines] == [strategy], source
+        assert [line["ticker"] for line in lines] == ["BTCUSDT"]
+        (row,) = csv_rows(tmp_path / f"e{i}.csv", "--type", "signal.accepted", *source)
+        assert row["strategy"] == strategy
