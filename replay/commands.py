@@ -19,6 +19,7 @@ import httpx
 from replay.client import (
     Checkpoint,
     Client,
+    CursorStore,
     EpochChanged,
     Event,
     FileCursorStore,
@@ -47,7 +48,9 @@ def add_commands(commands: Any) -> None:
 
     tail = commands.add_parser("tail", help="print events as JSON lines")
     _connection_flags(tail)
-    tail.add_argument("--cursor", type=int, help="print events after this position")
+    tail.add_argument("--cursor", type=int,
+                      help="print events after this position (rather than after the one in "
+                           "--cursor-file)")
     tail.add_argument("--cursor-file", type=Path,
                       help="resume from, and save the position to, this file")
     tail.add_argument("--consumer", help="with --follow: a durable consumer name (the server "
@@ -148,7 +151,8 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
               "for a stream that follows the log); without it, use --cursor-file",
               file=sys.stderr)
         return 2
-    store = FileCursorStore(args.cursor_file) if args.cursor_file else MemoryCursorStore()
+    store: CursorStore = (FileCursorStore(args.cursor_file) if args.cursor_file
+                          else MemoryCursorStore())
     try:
         saved = await store.load()
     except ValueError as exc:  # not a cursor file: what to do is in the message
@@ -160,9 +164,10 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
     if not args.follow:
         return await _print_until_head(args, cursor or 0, epoch=epoch,
                                        event_filter=event_filter, store=store, out=out)
+    if args.cursor is not None:  # asked for: it wins over the file, as without --follow
+        store = _StartingAt(Checkpoint(epoch, args.cursor), store)
     subscriber = Subscriber(args.url, token(), filter=event_filter, consumer=args.consumer,
-                            cursor=cursor,
-                            epoch=epoch, store=store)
+                            cursor=cursor, epoch=epoch, store=store)
     try:
         async with subscriber:
             async for event in subscriber:
@@ -172,6 +177,20 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+class _StartingAt:
+    """A cursor store whose first checkpoint is the --cursor given; saved to ``store``."""
+
+    def __init__(self, start: Checkpoint, store: CursorStore) -> None:
+        self.start = start
+        self.store = store
+
+    async def load(self) -> Checkpoint | None:
+        return self.start
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        await self.store.save(checkpoint)
 
 
 async def _print_until_head(args: argparse.Namespace, cursor: int, *, epoch: str | None,

@@ -144,3 +144,30 @@ def test_tail_into_a_closed_pipe_stops_quietly(server: ServerProcess) -> None:
             os.close(write)
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+
+async def test_a_cursor_flag_wins_over_the_cursor_file_with_and_without_follow(
+        server: ServerProcess, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    for ticker in ("AAA", "BBB"):
+        await client.post("/api/signals", json={"ticker": ticker, "action": "buy"},
+                          headers=headers(INGEST_TOKEN))
+    cursor_file = tmp_path / "cursor.json"
+    assert signalbox(server, ADMIN_TOKEN, "tail", "--cursor-file", str(cursor_file)
+                     ).returncode == 0  # the file is at the head now: 4
+    again = signalbox(server, ADMIN_TOKEN, "tail", "--cursor", "2",
+                      "--cursor-file", str(cursor_file))
+    assert [e["position"] for e in lines(again.stdout)] == [3, 4]
+    env = {**os.environ, "SIGNALBOX_TOKEN": ADMIN_TOKEN, "SIGNALBOX_URL": server.base_url}
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "tail", "--follow", "--cursor", "2",
+        "--cursor-file", str(cursor_file), env=env, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert follower.stdout is not None
+        await client.post("/api/signals", json={"ticker": "CCC", "action": "buy"},
+                          headers=headers(INGEST_TOKEN))
+        seen = [json.loads(await asyncio.wait_for(follower.stdout.readline(), 30))["position"]
+                for _ in range(4)]
+        assert seen == [3, 4, 5, 6]
+    finally:
+        follower.terminate()
+        await follower.wait()
