@@ -4,15 +4,13 @@ The hierarchy::
 
     SignalboxError                      code            HTTP
     ├── BadRequest                      bad_request      400
-    │   └── InvalidCursor               invalid_cursor   400
     ├── Unauthorized                    unauthorized     401
     ├── Forbidden                       forbidden        403
     │   ├── SourceNotAllowed            source_not_allowed 403
     │   └── ClientCertificateRequired   client_certificate_required 403
     ├── NotFound                        not_found        404
     ├── Conflict                        conflict         409
-    │   ├── IllegalTransition           illegal_transition 409
-    │   └── EpochMismatch               epoch_mismatch   409
+    │   └── IllegalTransition           illegal_transition 409
     ├── RequestTimeout                  request_timeout  408
     ├── PayloadTooLarge                 payload_too_large 413
     ├── TooManyRequests                 too_many_requests 429
@@ -46,10 +44,6 @@ class BadRequest(SignalboxError):
     status = 400
 
 
-class InvalidCursor(BadRequest):
-    code = "invalid_cursor"
-
-
 class Unauthorized(SignalboxError):
     code = "unauthorized"
     status = 401
@@ -80,10 +74,6 @@ class Conflict(SignalboxError):
 
 class IllegalTransition(Conflict):
     code = "illegal_transition"
-
-
-class EpochMismatch(Conflict):
-    code = "epoch_mismatch"
 
 
 class PayloadTooLarge(SignalboxError):
