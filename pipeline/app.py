@@ -216,9 +216,10 @@ async def _signalbox_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = HTTP_CODES.get(exc.status_code, "bad_request")
+    path = redact_token(request.url.path)  # a webhook's URL holds its token
     message = {
-        404: f"no such route: {request.method} {request.url.path}",
-        405: f"{request.method} is not allowed on {request.url.path}",
+        404: f"no such route: {request.method} {path}",
+        405: f"{request.method} is not allowed on {path}",
     }.get(exc.status_code, str(exc.detail))
     return http.JSONAnswer({"error": code, "message": message}, status_code=exc.status_code,
                            headers=exc.headers)
@@ -249,15 +250,18 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 _TOKEN_PATH = re.compile(r"(/webhooks/tradingview/)[^/?\s]+")
 
 
+def redact_token(text: str) -> str:
+    """``text`` without the token of a webhook URL in it (TradingView can only send it there)."""
+    return _TOKEN_PATH.sub(r"\1[redacted]", text)
+
+
 class RedactTokens(logging.Filter):
-    """Keeps webhook tokens (which TradingView can only send in the URL) out of access logs."""
+    """Keeps webhook tokens out of access logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                _TOKEN_PATH.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
-            )
+            record.args = tuple(redact_token(a) if isinstance(a, str) else a
+                                for a in record.args)
         return True
 
 

@@ -201,6 +201,12 @@ async def test_unknown_route_and_method_are_json_errors(shared_client: httpx.Asy
     assert response.status_code == 404 and error_of(response) == "not_found"
     response = await shared_client.delete("/api/signals")
     assert response.status_code == 405 and error_of(response) == "method_not_allowed"
+    # A webhook's URL holds its token: an answer about that URL names it without the token.
+    for method, path in (("GET", f"/webhooks/tradingview/{INGEST_TOKEN}"),
+                         ("POST", f"/webhooks/tradingview/{INGEST_TOKEN}/x")):
+        response = await shared_client.request(method, path)
+        assert response.status_code in (404, 405) and INGEST_TOKEN not in response.text
+        assert "/webhooks/tradingview/[redacted]" in response.json()["message"]
 
 
 async def test_unknown_signal_is_404(shared_client: httpx.AsyncClient) -> None:
