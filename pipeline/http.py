@@ -411,6 +411,14 @@ async def get_consumers(request: Request) -> Response:
     return JSONAnswer({"consumers": [c.to_body(head) for c in found], "head": head})
 
 
+async def stream_without_upgrade(request: Request) -> Response:
+    """``GET /ws`` without a WebSocket upgrade (a browser's address bar, curl)."""
+    return JSONAnswer({"error": "upgrade_required",
+                       "message": "the event stream is a WebSocket: open /ws with a WebSocket "
+                                  "client (see docs/protocol.md)"},
+                      status_code=426, headers={"Upgrade": "websocket"})
+
+
 async def healthz(request: Request) -> Response:
     return JSONAnswer({"status": "ok"})
 
@@ -435,6 +443,7 @@ routes = [
     Route("/api/consumers", get_consumers, methods=["GET"]),
     Route("/api/audit/report", get_audit_report, methods=["GET"]),
     Route("/api/events", get_events, methods=["GET"]),
+    Route("/ws", stream_without_upgrade, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

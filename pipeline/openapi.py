@@ -27,6 +27,7 @@ ERROR_TEXT = {
     409: "the transition is not allowed from the signal's current status",
     408: "the body did not arrive within SIGNALBOX_BODY_TIMEOUT",
     413: "the body is over the limit (SIGNALBOX_BODY_LIMIT)",
+    426: "not a WebSocket upgrade: the stream is for a WebSocket client (docs/protocol.md)",
     429: "the token is over its ingestion rate (too_many_requests: send again after "
          "Retry-After seconds), or this address failed to authenticate too often "
          "(too_many_auth_failures: refused for Retry-After seconds, whatever the token)",
@@ -257,6 +258,11 @@ PATHS: dict[str, Schema] = {
         ],
         "responses": {"200": answer("a page of events", ref("EventPage")),
                       **errors(400, 401, 403, 503)}}},
+    "/ws": {"get": {
+        "summary": "the event stream, a WebSocket: its frames are in docs/protocol.md (a plain "
+                   "GET is answered 426)", "operationId": "stream", "security": [],
+        "responses": {"101": {"description": "switching to the WebSocket protocol"},
+                      **errors(426)}}},
     "/healthz": {"get": {
         "summary": "the process is alive", "operationId": "healthz", "security": [],
         "responses": {"200": answer("alive", obj(["status"], {"status": {"const": "ok"}}))}}},

@@ -209,6 +209,15 @@ async def test_unknown_route_and_method_are_json_errors(shared_client: httpx.Asy
         assert "/webhooks/tradingview/[redacted]" in response.json()["message"]
 
 
+async def test_a_plain_get_of_the_stream_says_to_upgrade(
+        shared_client: httpx.AsyncClient) -> None:
+    """A browser's address bar or curl on /ws: the stream is there, for a WebSocket client."""
+    response = await shared_client.get("/ws")
+    assert response.status_code == 426 and error_of(response) == "upgrade_required"
+    assert response.headers["upgrade"] == "websocket"
+    assert "WebSocket" in response.json()["message"]
+
+
 async def test_unknown_signal_is_404(shared_client: httpx.AsyncClient) -> None:
     response = await shared_client.get(f"/api/signals/{uuid.uuid4()}", headers=headers())
     assert response.status_code == 404 and error_of(response) == "not_found"
