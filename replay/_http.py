@@ -549,7 +549,8 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
     or raise the error the outcome stands for.
 
     Sent again, ``retries`` times at most: after a lost connection, a 503 or a proxy's 502 or
-    504 (nothing was acknowledged), following `Backoff`; after a 429, following its
+    504 (nothing was acknowledged), following `Backoff`, but not before the answer's
+    ``Retry-After`` when it has one (up to ``max_retry_after``); after a 429, following its
     ``Retry-After`` (the backoff when it has none). A 429 is raised at once when it is the
     address's failed authentications (waiting does not mend a wrong token) or when it asks
     for a wait over ``max_retry_after`` seconds (the caller would rather know now than wait
@@ -566,6 +567,10 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
                 raise refusal
         elif outcome.status_code not in UNAVAILABLE:
             return None
+        elif (asked := retry_after(outcome)) is not None:
+            # At least what the server asked, with the backoff's jitter on top (not a herd
+            # of clients back at the same instant), and never over max_retry_after.
+            wait = min(max_retry_after, asked + backoff.delay(attempt))
     if attempt >= retries:
         raise give_up(outcome, attempt + 1, url)
     return backoff.delay(attempt) if wait is None else wait

@@ -356,3 +356,24 @@ def test_a_429_without_retry_after_follows_the_backoff() -> None:
     with pytest.raises(TooManyRequests) as spent:
         retry_delay(bare, 5, retries=5, backoff=Backoff(1, 4), max_retry_after=30, url="u")
     assert spent.value.retry_after is None and "after 6 attempts" in spent.value.message
+
+
+def test_a_503_or_proxy_answer_with_retry_after_waits_at_least_that() -> None:
+    """A server at its connection limit answers 503 ``server_busy`` with ``Retry-After: 1``:
+    sending again sooner (the backoff's first waits are under a second) only spends the
+    retries. A wait over ``max_retry_after`` is capped there; without one, the backoff."""
+    request = httpx.Request("POST", "http://127.0.0.1/api/signals")
+    for status in (503, 502, 504):
+        busy = httpx.Response(status, json={"error": "server_busy", "message": "busy"},
+                              headers={"Retry-After": "2"}, request=request)
+        delays = [retry_delay(busy, 0, retries=5, backoff=Backoff(0.5, 30),
+                              max_retry_after=30, url="u") for _ in range(50)]
+        assert all(d is not None and 2 <= d <= 2.5 for d in delays), (status, delays)
+        capped = retry_delay(busy, 0, retries=5, backoff=Backoff(0.5, 30), max_retry_after=1,
+                             url="u")
+        assert capped is not None and capped <= 1
+    bare = httpx.Response(503, json={"error": "log_unavailable", "message": "down"},
+                          request=request)
+    delays = [retry_delay(bare, 0, retries=5, backoff=Backoff(0.5, 30), max_retry_after=30,
+                          url="u") for _ in range(50)]
+    assert all(d is not None and 0 <= d <= 0.5 for d in delays) and len(set(delays)) > 1
