@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from replay._files import write_atomically
 from replay._http import (
     Backoff,
     Conflict,
@@ -105,27 +105,8 @@ class FileCursorStore:
         return Checkpoint(epoch, position)
 
     def write(self, checkpoint: Checkpoint) -> None:
-        body = json.dumps({"epoch": checkpoint.epoch, "position": checkpoint.position})
-        folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.",
-                                         suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(body)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        with contextlib.suppress(OSError):  # not every platform can fsync a folder
-            folder_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(folder_fd)
-            finally:
-                os.close(folder_fd)
+        write_atomically(self.path, json.dumps({"epoch": checkpoint.epoch,
+                                                "position": checkpoint.position}))
 
 
 # -- the subscriber ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.log.model import GENESIS_HASH, Event
+from replay._files import write_atomically
 from replay.sources import DatabaseSource, ServerSource, Source
 
 __all__ = ["AuditError", "DatabaseSource", "Finding", "Head", "Report", "ServerSource",
@@ -52,7 +53,7 @@ class Head:
     hash: str
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)) + "\n")
+        write_atomically(path, json.dumps(asdict(self)) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Head:

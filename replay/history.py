@@ -41,6 +41,7 @@ from pipeline.errors import SignalboxError
 from pipeline.log.model import EventFilter, format_time
 from pipeline.processing.attempts import AttemptPolicy
 from pipeline.processing.handlers import Handler, load_handler
+from replay._files import write_atomically
 from replay._sinks import DryRun, Emit, LineFile, Post, ReplayError, Sink
 from replay.renormalize import TYPES, Applier, Renormalize
 from replay.sources import DatabaseSource, Selection, ServerSource, Source
@@ -240,12 +241,7 @@ class Checkpoint:
             return
         body = {"epoch": self.epoch, "options": self.options, "position": self.position,
                 "sink": sink.state()}
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with temporary.open("w") as file:
-            file.write(json.dumps(body, indent=1) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        write_atomically(self.path, json.dumps(body, indent=1) + "\n")
 
 
 def open_source(args: argparse.Namespace, database_url: str) -> Source:
