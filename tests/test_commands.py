@@ -52,11 +52,16 @@ def test_send_from_flags_and_file_with_a_safe_retry(server: ServerProcess,
     assert no_token.returncode != 0 and "SIGNALBOX_TOKEN" in no_token.stderr
 
 
+async def post_two_signals(client: httpx.AsyncClient) -> None:
+    for ticker in ("AAA", "BBB"):
+        answer = await client.post("/api/signals", json={"ticker": ticker, "action": "buy"},
+                                   headers=headers(INGEST_TOKEN))
+        assert answer.status_code == 202
+
+
 async def test_tail_prints_the_log_and_resumes_from_a_cursor_file(
         server: ServerProcess, client: httpx.AsyncClient, tmp_path: Path) -> None:
-    for ticker in ("AAA", "BBB"):
-        await client.post("/api/signals", json={"ticker": ticker, "action": "buy"},
-                          headers=headers(INGEST_TOKEN))
+    await post_two_signals(client)  # four events
     cursor_file = tmp_path / "cursor.json"
     first = signalbox(server, ADMIN_TOKEN, "tail", "--cursor-file", str(cursor_file))
     assert first.returncode == 0, first.stderr
@@ -148,9 +153,7 @@ def test_tail_into_a_closed_pipe_stops_quietly(server: ServerProcess) -> None:
 
 async def test_a_cursor_flag_wins_over_the_cursor_file_with_and_without_follow(
         server: ServerProcess, client: httpx.AsyncClient, tmp_path: Path) -> None:
-    for ticker in ("AAA", "BBB"):
-        await client.post("/api/signals", json={"ticker": ticker, "action": "buy"},
-                          headers=headers(INGEST_TOKEN))
+    await post_two_signals(client)  # four events
     cursor_file = tmp_path / "cursor.json"
     assert signalbox(server, ADMIN_TOKEN, "tail", "--cursor-file", str(cursor_file)
                      ).returncode == 0  # the file is at the head now: 4
