@@ -290,6 +290,9 @@ class TcpProxy:
         self._open: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._marker: bytes | None = None
+        self._held = asyncio.Event()
+        self._released = asyncio.Event()
 
     @property
     def base_url(self) -> str:
@@ -325,6 +328,17 @@ class TcpProxy:
 
     def thaw(self) -> None:
         self._flowing.set()
+        self._released.set()
+
+    def hold_at(self, marker: bytes) -> asyncio.Event:
+        """The next connection to send ``marker`` to the target is held from there on, until
+        `thaw`: what it sends stops at the proxy (``marker`` included), what the target sends
+        still reaches it, as for a client cut off just before it sent ``marker``. Returns an
+        event that is set once that happened."""
+        self._marker = marker
+        self._held.clear()
+        self._released.clear()
+        return self._held
 
     def cut(self) -> None:
         self.cuts += 1
@@ -344,7 +358,8 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._open.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
+                             self._pipe(up_reader, writer))
 
     async def _bad_gateway(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -358,10 +373,15 @@ class TcpProxy:
             await writer.drain()
             self.bad_gateways += 1
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    upstream: bool = False) -> None:
         try:
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if upstream and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    self._held.set()
+                    await self._released.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

@@ -228,3 +228,48 @@ async def test_the_first_signal_after_postgresql_dropped_the_writers_connection_
     finally:
         server.stop()
         await drop_pg_database(name)
+
+
+async def test_an_instance_cut_off_inside_its_commit_does_not_stop_the_others() -> None:
+    """An instance that loses the database between locking the log and its COMMIT (a network
+    partition, a paused VM, a host that lost power) holds the log's row lock for as long as
+    PostgreSQL believes its session alive: hours, by TCP keepalive. Every other instance's
+    appends wait for that lock; they must get it back within a commit timeout or so, not
+    answer 503 until then."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_COMMIT_TIMEOUT": "1"}
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            cut_off = ServerProcess(through(proxy, url), env=env)
+            other = ServerProcess(url, env=env).start()
+            try:
+                await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
+                held = proxy.hold_at(b"COMMIT;")
+                lost = asyncio.create_task(http.post(f"{cut_off.base_url}/api/signals",
+                                                     json=BTC, headers=headers()))
+                await asyncio.wait_for(held.wait(), 10)  # its COMMIT never reaches the server
+                assert (await lost).status_code == 503
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:
+                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
+                                             headers=headers())
+                    if posted.status_code == 202:
+                        break
+                    assert posted.status_code == 503, posted.text
+                    assert asyncio.get_running_loop().time() < deadline, \
+                        "the other instance cannot append while one is cut off"
+                proxy.thaw()  # and back: it appends again, without a restart
+                again = await http.post(f"{cut_off.base_url}/api/signals", json=BTC,
+                                        headers=headers())
+                assert again.status_code == 202, again.text
+                async with httpx.AsyncClient(base_url=other.base_url) as reader:
+                    events = await read_all_events(reader)
+                verify_chain(events)
+                positions = {e["position"] for e in events}
+                assert {posted.json()["position"], again.json()["position"]} <= positions
+            finally:
+                proxy.thaw()
+                for server in (other, cut_off):  # from a thread: the proxy serves on this loop
+                    await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)

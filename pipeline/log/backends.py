@@ -64,7 +64,10 @@ def backend_kind(url: str | URL) -> str:
     )
 
 
-def create_engines(url: str | URL, *, reader_pool: int = 5) -> Engines:
+def create_engines(url: str | URL, *, reader_pool: int = 5,
+                   writer_idle: float = 5.0) -> Engines:
+    """``writer_idle``: on PostgreSQL, how long the writer's session may sit in a transaction
+    waiting for the writer (see :func:`_end_abandoned_transactions`)."""
     kind = backend_kind(url)
     url = make_url(url)
     if kind == "sqlite":
@@ -72,9 +75,26 @@ def create_engines(url: str | URL, *, reader_pool: int = 5) -> Engines:
             raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = create_async_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+    _end_abandoned_transactions(writer, writer_idle)
     reader = create_async_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
                                  pool_pre_ping=True)
     return Engines(kind, url, writer, reader)
+
+
+def _end_abandoned_transactions(writer: AsyncEngine, idle: float) -> None:
+    """Have PostgreSQL end a transaction of the writer that waits longer than ``idle`` for
+    its next statement, and so free the ``log_head`` row it locked. A writer's transaction
+    never waits for anything but the database, for milliseconds; one that waits longer was
+    cut off mid-commit (a network partition, a paused VM, a host that lost power), and until
+    the server noticed (by TCP keepalive: two hours by default) no instance could append.
+    Its callers have been answered 503 by then (``idle`` is the commit timeout). A ``SET``
+    on each new connection rather than a startup parameter, which poolers refuse."""
+    milliseconds = max(1, round(idle * 1000))
+
+    @event.listens_for(writer.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.run_async(lambda conn: conn.execute(
+            f"SET idle_in_transaction_session_timeout = {milliseconds}"))
 
 
 def migration_engine(url: str | URL) -> AsyncEngine:

@@ -237,7 +237,8 @@ class EventLog:
 
     @classmethod
     async def open(cls, url: str, *, reader_pool: int = 5, **options: Any) -> EventLog:
-        engines = create_engines(url, reader_pool=reader_pool)
+        engines = create_engines(url, reader_pool=reader_pool,
+                                 writer_idle=options.get("commit_timeout", 5.0))
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
