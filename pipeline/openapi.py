@@ -31,7 +31,8 @@ ERROR_TEXT = {
     429: "the token is over its ingestion rate (too_many_requests: send again after "
          "Retry-After seconds), or this address failed to authenticate too often "
          "(too_many_auth_failures: refused for Retry-After seconds, whatever the token)",
-    503: "the log is unavailable or could not confirm a commit: nothing was recorded; retry",
+    503: "the log is unavailable or could not confirm a commit: nothing was acknowledged; "
+         "retry (with the same idempotency key: a commit that landed is answered as a repeat)",
 }
 
 

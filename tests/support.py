@@ -290,7 +290,7 @@ class TcpProxy:
         self._open: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._marker: bytes | None = None
+        self._trap: tuple[bytes, bool] | None = None
         self._held = asyncio.Event()
         self._released = asyncio.Event()
 
@@ -330,12 +330,13 @@ class TcpProxy:
         self._flowing.set()
         self._released.set()
 
-    def hold_at(self, marker: bytes) -> asyncio.Event:
-        """The next connection to send ``marker`` to the target is held from there on, until
-        `thaw`: what it sends stops at the proxy (``marker`` included), what the target sends
-        still reaches it, as for a client cut off just before it sent ``marker``. Returns an
-        event that is set once that happened."""
-        self._marker = marker
+    def hold_at(self, marker: bytes, *, answers: bool = False) -> asyncio.Event:
+        """The next connection to send ``marker`` to the target is held until `thaw`: what it
+        sends stops at the proxy from ``marker`` on, while what the target sends still reaches
+        it, as for a client cut off just before it sent ``marker``; or, with ``answers``,
+        ``marker`` reaches the target but nothing the target sends from then on reaches the
+        client, as for a link lost just after. Returns an event set once that happened."""
+        self._trap = (marker, answers)
         self._held.clear()
         self._released.clear()
         return self._held
@@ -358,8 +359,10 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._open.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
-                             self._pipe(up_reader, writer))
+        answers = asyncio.Event()  # cleared while this connection's answers are held
+        answers.set()
+        await asyncio.gather(self._pipe(reader, up_writer, answers=answers),
+                             self._pipe(up_reader, writer, gate=answers))
 
     async def _bad_gateway(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -374,14 +377,21 @@ class TcpProxy:
             self.bad_gateways += 1
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    upstream: bool = False) -> None:
+                    answers: asyncio.Event | None = None,
+                    gate: asyncio.Event | None = None) -> None:
         try:
             while data := await reader.read(65536):
                 await self._flowing.wait()
-                if upstream and self._marker is not None and self._marker in data:
-                    self._marker = None
-                    self._held.set()
+                if gate is not None and not gate.is_set():
                     await self._released.wait()
+                trap = self._trap
+                if answers is not None and trap is not None and trap[0] in data:
+                    self._trap = None
+                    self._held.set()
+                    if trap[1]:
+                        answers.clear()
+                    else:
+                        await self._released.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

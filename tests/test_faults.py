@@ -273,3 +273,44 @@ async def test_an_instance_cut_off_inside_its_commit_does_not_stop_the_others() 
                     await asyncio.to_thread(server.stop)
     finally:
         await drop_pg_database(name)
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_said_to_have_recorded_nothing() -> None:
+    """The link to the database breaks after its COMMIT was sent: whether it committed, the
+    instance cannot know. It answers 503 (nothing is acknowledged) but must not tell the
+    client that nothing was recorded: it was, and a retry with the same idempotency key
+    finds it."""
+    url, name = await create_pg_database()
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            server = ServerProcess(through(proxy, url))
+            try:
+                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
+                key = {"Idempotency-Key": str(uuid.uuid4())}
+                held = proxy.hold_at(b"COMMIT;", answers=True)
+                lost = asyncio.create_task(http.post(f"{server.base_url}/api/signals",
+                                                     json=BTC, headers=headers(**key)))
+                await asyncio.wait_for(held.wait(), 10)
+                admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+                try:  # the COMMIT reached the server: wait for it to take effect
+                    deadline = asyncio.get_running_loop().time() + 10
+                    while not await admin.fetchval("SELECT count(*) FROM events"):
+                        assert asyncio.get_running_loop().time() < deadline
+                        await asyncio.sleep(0.01)
+                finally:
+                    await admin.close()
+                proxy.cut()  # and the link breaks before its answer got through
+                answer = await lost
+                assert answer.status_code == 503, answer.text
+                message = answer.json()["message"]
+                assert "nothing was recorded" not in message
+                assert "same Idempotency-Key" in message
+                retried = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                          headers=headers(**key))
+                assert retried.status_code == 200, retried.text
+                assert retried.json()["duplicate"] is True
+            finally:
+                proxy.thaw()
+                await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)

@@ -52,6 +52,7 @@ from pipeline.log.model import (
 from pipeline.log.schema import events, log_head
 from pipeline.log.writer import (
     INSERT_EVENT,
+    CommitOutcomeUnknown,
     SqlAlchemyWriter,
     SqliteWriter,
     StagedWriteFailed,
@@ -396,12 +397,18 @@ class EventLog:
                 return
 
     def _fail(self, batch: list[_Pending[Any]], exc: BaseException | None) -> None:
-        """Answer ``batch`` that nothing was recorded (``exc``: why; None: as last time)."""
+        """Answer ``batch`` that nothing was recorded (``exc``: why; None: as last time), or,
+        when the connection was lost during the ``COMMIT``, that it may have been."""
         if exc is not None:
             self.failure = _reason(exc)
-        error = LogUnavailable(
-            f"the log could not commit ({self.failure}); nothing was recorded: retry later"
-        )
+        if isinstance(exc, CommitOutcomeUnknown):
+            error = LogUnavailable(
+                f"the connection to the database was lost during the commit ({self.failure}), "
+                "so it may or may not have been recorded: retry with the same Idempotency-Key, "
+                "which is answered as a repeat if it was")
+        else:
+            error = LogUnavailable(
+                f"the log could not commit ({self.failure}); nothing was recorded: retry later")
         for pending in batch:
             _settle(pending, None, error)
         self._forget_answered()
@@ -482,7 +489,7 @@ def _reason(exc: BaseException) -> str:
     """Why a commit failed, in words fit for a client: SQLite says it plainly ("database is
     locked", "database or disk is full"); other drivers' messages may quote SQL, so only the
     kind of error is given."""
-    if isinstance(exc, StagedWriteFailed) and exc.__cause__ is not None:
+    if isinstance(exc, StagedWriteFailed | CommitOutcomeUnknown) and exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, sqlite3.Error) and exc.args:
         return str(exc.args[0])[:200]

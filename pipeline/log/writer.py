@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import asyncpg
 from sqlalchemy import Dialect, Executable, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
@@ -51,6 +52,11 @@ class StagedWriteFailed(Exception):
     been committed (its cause is in ``__cause__``)."""
 
 
+class CommitOutcomeUnknown(Exception):
+    """The connection was lost once the ``COMMIT`` was sent: the server may have committed
+    the batch or not, and nothing here can tell (its cause is in ``__cause__``)."""
+
+
 class WriterSession(Protocol):
     dialect: Dialect
 
@@ -65,7 +71,8 @@ class WriterSession(Protocol):
 
     async def commit(self, writes: Writes, head: tuple[int, str] | None) -> None:
         """Execute the staged writes, move the head (when events were appended), commit.
-        Raises :class:`StagedWriteFailed` when a write fails, before the ``COMMIT``."""
+        Raises :class:`StagedWriteFailed` when a write fails, before the ``COMMIT``, and
+        :class:`CommitOutcomeUnknown` when the connection was lost during the ``COMMIT``."""
 
     async def abandon(self) -> None:
         """After a failure: roll back and drop the connection; the next begin reconnects."""
@@ -310,7 +317,15 @@ class SqlAlchemyWriter:
                 await conn.execute(NOTIFY, {"head": str(head[0])})  # delivered at commit
         except Exception as exc:
             raise StagedWriteFailed(exc) from exc
-        await conn.commit()
+        try:
+            await conn.commit()
+        except DBAPIError as exc:
+            # An error the server answered means no commit; a lost connection, anything.
+            if exc.connection_invalidated:
+                raise CommitOutcomeUnknown(exc) from exc
+            raise
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise CommitOutcomeUnknown(exc) from exc
 
     async def abandon(self) -> None:
         if self._conn is not None:
