@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -313,4 +315,40 @@ async def test_a_commit_whose_answer_was_lost_is_not_said_to_have_recorded_nothi
                 proxy.thaw()
                 await asyncio.to_thread(server.stop)
     finally:
+        await drop_pg_database(name)
+
+
+@pytest.mark.parametrize("setting", ["search_path=signalbox",
+                                     "options=-csearch_path%3Dsignalbox"])
+async def test_instances_keep_the_log_in_the_schema_that_the_url_names(setting: str) -> None:
+    """A server setting in the URL's query (``search_path``, or libpq's ``options``) is sent
+    by every connection: the schema upgrade, the writer, the readers, LISTEN, the commands."""
+    url, name = await create_pg_database()
+    plain = url.replace("postgresql+asyncpg://", "postgresql://")
+    admin = await asyncpg.connect(plain)
+    try:
+        await admin.execute("CREATE SCHEMA signalbox")
+        in_schema = f"{url}?{setting}"
+        with ServerProcess(in_schema).start() as one, \
+                ServerProcess(in_schema, args=["--no-migrate"]).start() as two:
+            subscriber = await ws_connect(two, cursor=0)
+            assert (await next_frame(subscriber))["op"] == "welcome"
+            created = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "pipeline", "token", "create", "bot",
+                                 "--scope", "ingest", "--database-url", in_schema],
+                capture_output=True, text=True, timeout=60, check=False)
+            assert created.returncode == 0, created.stderr
+            async with httpx.AsyncClient(base_url=one.base_url, timeout=30) as http:
+                posted = await http.post("/api/signals", json=BTC,
+                                         headers=headers(created.stdout.splitlines()[-1]))
+            assert posted.status_code == 202, posted.text
+            while (frame := await next_frame(subscriber))["op"] != "event" or \
+                    frame["position"] < posted.json()["position"]:
+                pass
+            await subscriber.close()
+        assert not [line for line in one.output + two.output if "LISTEN connection" in line]
+        assert await admin.fetchval("SELECT count(*) FROM signalbox.events") >= 2
+        assert await admin.fetchval("SELECT to_regclass('public.events')") is None
+    finally:
+        await admin.close()
         await drop_pg_database(name)

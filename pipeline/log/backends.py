@@ -10,6 +10,7 @@ what makes positions follow commit order across connections, processes and hosts
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,34 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     SQLAlchemyError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
 )
+
+
+# Query options of a URL that SQLAlchemy's asyncpg adapter takes for itself rather than pass
+# to ``asyncpg.connect`` (see ``AsyncAdapt_asyncpg_dbapi.connect``), and those of asyncpg.
+ADAPTER_OPTIONS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func",
+                             "async_fallback", "async_creator_fn"})
+CONNECT_OPTIONS = frozenset(inspect.signature(asyncpg.connect).parameters)
+
+
+def server_settings(url: str | URL) -> tuple[URL, dict[str, str]]:
+    """A PostgreSQL URL without its server settings, and those settings.
+
+    A query key that is neither a connection option of asyncpg (``ssl``, ``command_timeout``,
+    …) nor the adapter's is a setting of the session, sent when connecting, as asyncpg reads
+    a DSN: ``?search_path=signalbox``, ``?options=-csearch_path%3Dsignalbox`` (libpq's form),
+    ``?application_name=…``. SQLAlchemy would pass them to ``asyncpg.connect``, which
+    knows no such argument."""
+    url = make_url(url)
+    settings = {key: value if isinstance(value, str) else value[-1]
+                for key, value in url.query.items()
+                if key not in CONNECT_OPTIONS and key not in ADAPTER_OPTIONS}
+    return url.difference_update_query(settings), settings
+
+
+def _postgresql_engine(url: URL, **options: Any) -> AsyncEngine:
+    url, settings = server_settings(url)
+    connect_args = {"server_settings": settings} if settings else {}
+    return create_async_engine(url, connect_args=connect_args, **options)
 
 
 @dataclass(frozen=True)
@@ -74,10 +103,10 @@ def create_engines(url: str | URL, *, reader_pool: int = 5,
         if sqlite_path(url) is None:
             raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
-    writer = create_async_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+    writer = _postgresql_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
     _end_abandoned_transactions(writer, writer_idle)
-    reader = create_async_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
-                                 pool_pre_ping=True)
+    reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
+                                pool_pre_ping=True)
     return Engines(kind, url, writer, reader)
 
 
@@ -101,7 +130,7 @@ def migration_engine(url: str | URL) -> AsyncEngine:
     """One connection; on SQLite with ``BEGIN IMMEDIATE`` so that DDL is transactional too."""
     if backend_kind(url) == "sqlite":
         return _sqlite_engine(url, writer=True)
-    return create_async_engine(url, poolclass=NullPool)
+    return _postgresql_engine(make_url(url), poolclass=NullPool)
 
 
 def sqlite_path(url: str | URL) -> Path | None:

@@ -15,27 +15,24 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
+from pipeline.log.backends import ADAPTER_OPTIONS, server_settings
 from pipeline.tasks import cancel_all
 
 CHANNEL = "signalbox_log"
 log = logging.getLogger("signalbox.notify")
 
 
-# Query options of the URL that SQLAlchemy's asyncpg adapter takes for itself rather than pass
-# to ``asyncpg.connect`` (see ``AsyncAdapt_asyncpg_dbapi.connect``).
-_ADAPTER_OPTIONS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func",
-                              "async_fallback", "async_creator_fn"})
-
-
 def asyncpg_connect_args(url: str) -> dict[str, Any]:
     """The keyword arguments of ``asyncpg.connect`` for the URL, read as the engines read it:
-    ``?ssl=require`` or ``?command_timeout=30`` are connection options, not server settings
-    (which is what asyncpg makes of a DSN's unknown query keys)."""
-    parsed = make_url(url)
+    ``?ssl=require`` or ``?command_timeout=30`` are connection options, other keys server
+    settings (:func:`pipeline.log.backends.server_settings`)."""
+    parsed, settings = server_settings(url)
     _, options = parsed.get_dialect()().create_connect_args(parsed)
-    return {k: v for k, v in options.items() if k not in _ADAPTER_OPTIONS}
+    options = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
+    if settings:
+        options["server_settings"] = settings
+    return options
 
 
 class Wakeups:
