@@ -288,6 +288,7 @@ class TcpProxy:
         self.down = False
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._links: set[asyncio.Event] = set()  # one per connection, set once it is lost
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._trap: tuple[bytes, bool] | None = None
@@ -341,6 +342,14 @@ class TcpProxy:
         self._released.clear()
         return self._held
 
+    def blackhole(self) -> None:
+        """Every connection open now is lost without a word: what either side sends over it
+        vanishes and neither is told, as when a NAT or a firewall forgets a connection that
+        sat idle. New connections pass."""
+        for lost in self._links:
+            lost.set()
+        self._links.clear()
+
     def cut(self) -> None:
         self.cuts += 1
         for writer in list(self._open):
@@ -361,8 +370,13 @@ class TcpProxy:
         self._open.update((writer, up_writer))
         answers = asyncio.Event()  # cleared while this connection's answers are held
         answers.set()
-        await asyncio.gather(self._pipe(reader, up_writer, answers=answers),
-                             self._pipe(up_reader, writer, gate=answers))
+        lost = asyncio.Event()
+        self._links.add(lost)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, lost, answers=answers),
+                                 self._pipe(up_reader, writer, lost, gate=answers))
+        finally:
+            self._links.discard(lost)
 
     async def _bad_gateway(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -376,11 +390,13 @@ class TcpProxy:
             await writer.drain()
             self.bad_gateways += 1
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    answers: asyncio.Event | None = None,
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    lost: asyncio.Event, *, answers: asyncio.Event | None = None,
                     gate: asyncio.Event | None = None) -> None:
         try:
             while data := await reader.read(65536):
+                if lost.is_set():
+                    continue
                 await self._flowing.wait()
                 if gate is not None and not gate.is_set():
                     await self._released.wait()

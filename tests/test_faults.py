@@ -352,3 +352,38 @@ async def test_instances_keep_the_log_in_the_schema_that_the_url_names(setting: 
     finally:
         await admin.close()
         await drop_pg_database(name)
+
+
+async def test_an_instance_whose_connection_was_silently_lost_commits_again_by_itself() -> None:
+    """A NAT, a firewall or a pooler that forgets a connection drops what is sent over it
+    without a word to either side. The writer keeps its connection between commits: on such a
+    one, its next statement is never answered. The instance must give that connection up and
+    commit on a new one within about a commit timeout, not answer every signal 503 for as
+    long as TCP retries (a quarter of an hour), or for ever. (Tokens stay cached here, so
+    that only the writer's connection matters.)"""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_COMMIT_TIMEOUT": "1", "SIGNALBOX_TOKEN_CACHE": "3600"}
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            server = ServerProcess(through(proxy, url), env=env)
+            try:
+                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
+                first = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                        headers=headers())
+                assert first.status_code == 202, first.text
+                proxy.blackhole()
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:
+                    posted = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                             headers=headers())
+                    if posted.status_code == 202:
+                        break
+                    assert posted.status_code == 503, posted.text
+                    assert asyncio.get_running_loop().time() < deadline, \
+                        "the writer waits for ever on a connection that was lost"
+                assert posted.json()["position"] > first.json()["position"]
+            finally:
+                proxy.cut()
+                await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)

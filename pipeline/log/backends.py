@@ -94,9 +94,10 @@ def backend_kind(url: str | URL) -> str:
 
 
 def create_engines(url: str | URL, *, reader_pool: int = 5,
-                   writer_idle: float = 5.0) -> Engines:
-    """``writer_idle``: on PostgreSQL, how long the writer's session may sit in a transaction
-    waiting for the writer (see :func:`_end_abandoned_transactions`)."""
+                   writer_timeout: float = 5.0) -> Engines:
+    """``writer_timeout`` (the log's commit timeout), on PostgreSQL: how long the writer's
+    session may sit in a transaction waiting for the writer (see
+    :func:`_end_abandoned_transactions`)."""
     kind = backend_kind(url)
     url = make_url(url)
     if kind == "sqlite":
@@ -104,7 +105,7 @@ def create_engines(url: str | URL, *, reader_pool: int = 5,
             raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = _postgresql_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
-    _end_abandoned_transactions(writer, writer_idle)
+    _end_abandoned_transactions(writer, writer_timeout)
     reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
                                 pool_pre_ping=True)
     return Engines(kind, url, writer, reader)

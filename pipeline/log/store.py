@@ -180,12 +180,12 @@ async def _read_at_driver(conn: AsyncConnection, after: int,
     return rows
 
 
-def open_session(engines: Engines) -> WriterSession:
+def open_session(engines: Engines, commit_timeout: float = 5.0) -> WriterSession:
     if engines.writer is None:  # SQLite: the writer's own connection on its own thread
         path = sqlite_path(engines.url)
         assert path is not None
         return SqliteWriter(path)
-    return SqlAlchemyWriter(engines.writer)
+    return SqlAlchemyWriter(engines.writer, begin_timeout=commit_timeout)
 
 
 def _event_row(event: Event) -> dict[str, Any]:
@@ -232,14 +232,14 @@ class EventLog:
         self._deadline: asyncio.TimerHandle | None = None
         self._listeners: list[CommitListener] = []
         self._writer: asyncio.Task[None] | None = None
-        self._session = open_session(engines)
+        self._session = open_session(engines, commit_timeout)
         self._closing = False
         self.failure: str | None = None  # why the last group commit failed; None once one works
 
     @classmethod
     async def open(cls, url: str, *, reader_pool: int = 5, **options: Any) -> EventLog:
         engines = create_engines(url, reader_pool=reader_pool,
-                                 writer_idle=options.get("commit_timeout", 5.0))
+                                 writer_timeout=options.get("commit_timeout", 5.0))
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()

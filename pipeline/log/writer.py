@@ -271,22 +271,31 @@ HEAD_FOR_UPDATE = (select(log_head.c.position, log_head.c.hash)
 class SqlAlchemyWriter:
     """One pooled connection of an async engine (PostgreSQL through asyncpg)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, begin_timeout: float = 5.0) -> None:
         self.engine = engine
         self.dialect = engine.dialect
+        self.begin_timeout = begin_timeout
         self._conn: AsyncConnection | None = None
 
     async def begin(self) -> tuple[int, str]:
         """Begin on the writer's connection, kept between commits (the pool's pre-ping never
         sees it): one the server closed meanwhile (a restart, an idle timeout, a proxy's) is
-        replaced once, since nothing was sent on it yet."""
+        replaced once, since nothing was sent on it yet.
+
+        One that a NAT, a firewall or a pooler forgot without a word never answers (TCP gives
+        up after a quarter of an hour; through a proxy, never): beginning gives up after
+        ``begin_timeout`` (the commit timeout, after which the callers were answered 503
+        anyway), and the caller drops the connection. A wait for the log's lock that long
+        (behind a long ``rebuild --swap``, say) costs no more than a new connection. Only the
+        beginning is bounded: a ``COMMIT`` is left to take as long as it takes (a synchronous
+        standby's), since giving up on it would let it be seen before it is replicated."""
         try:
-            return await self._begin()
+            return await asyncio.wait_for(self._begin(), self.begin_timeout)
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
         await self.abandon()
-        return await self._begin()
+        return await asyncio.wait_for(self._begin(), self.begin_timeout)
 
     async def _begin(self) -> tuple[int, str]:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
