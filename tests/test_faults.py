@@ -387,3 +387,51 @@ async def test_an_instance_whose_connection_was_silently_lost_commits_again_by_i
                 await asyncio.to_thread(server.stop)
     finally:
         await drop_pg_database(name)
+
+
+async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on() -> None:
+    """The pooled connections of an instance, idle, are forgotten without a word by a NAT, a
+    firewall or a pooler. Its subscribers must go on getting what another instance commits,
+    and its reads (a token's check among them) be answered well within TradingView's 3 s,
+    on new connections: not wait for ever for a check of a lost one."""
+    url, name = await create_pg_database()
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            other = ServerProcess(url).start()
+            cut_off = ServerProcess(through(proxy, url), args=["--no-migrate"])
+            try:
+                await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
+                subscriber = await ws_connect(cut_off, cursor=0)
+                for lost in (False, True):
+                    if lost:
+                        proxy.blackhole()
+                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
+                                             headers=headers())
+                    assert posted.status_code == 202, posted.text
+                    await receive_position(subscriber, posted.json()["position"])
+                read = await asyncio.wait_for(http.get(
+                    f"{cut_off.base_url}/api/events", params={"after": 0},
+                    headers=headers(INGEST_TOKEN.replace("ingest", "unknown"))), 3)
+                assert read.status_code == 401, read.text  # a token's check, from the database
+                read = await asyncio.wait_for(http.get(
+                    f"{cut_off.base_url}/api/events", params={"after": 0},
+                    headers=headers()), 3)
+                assert read.status_code == 200, read.text
+                assert read.json()["head"] == posted.json()["position"]
+                await subscriber.close()
+                assert "Traceback" not in "".join(cut_off.output), "".join(cut_off.output)
+            finally:
+                proxy.cut()
+                other.stop()
+                await asyncio.to_thread(cut_off.stop)
+    finally:
+        await drop_pg_database(name)
+
+
+async def receive_position(conn: Any, position: int, within: float = 10) -> None:
+    """Wait for the event at ``position`` on a subscriber."""
+    async with asyncio.timeout(within):
+        while (frame := await next_frame(conn))["op"] != "event" or \
+                frame["position"] < position:
+            pass
+    assert frame["position"] == position

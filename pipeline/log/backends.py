@@ -19,11 +19,14 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# How long a pooled PostgreSQL connection may take to answer the check made as it is taken
+# from the pool: a trivial statement, answered in a millisecond by a server that is there.
+PING_TIMEOUT = 1.0
 
 # What a database that is down, restarting or unreachable raises: SQLAlchemy wraps most of it,
 # but a connection refused or lost while connecting can surface as the driver's own error.
@@ -104,11 +107,34 @@ def create_engines(url: str | URL, *, reader_pool: int = 5,
         if sqlite_path(url) is None:
             raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
-    writer = _postgresql_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+    writer = _postgresql_engine(url, pool_size=1, max_overflow=1)
     _end_abandoned_transactions(writer, writer_timeout)
-    reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool,
-                                pool_pre_ping=True)
+    reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
+    for engine in (writer, reader):
+        _check_on_checkout(engine)
     return Engines(kind, url, writer, reader)
+
+
+def _check_on_checkout(engine: AsyncEngine) -> None:
+    """SQLAlchemy's ``pool_pre_ping``, with a deadline. A pooled connection that sat idle may
+    have been closed by the server (a restart, ``idle_session_timeout``), or forgotten without
+    a word by a NAT, a firewall or a pooler: the pre-ping waits for ever for the answer of
+    such a one (or as long as TCP retries, a quarter of an hour), and with it the request
+    (a webhook's token check: TradingView gives up after 3 s) or the hub's tailer, and with
+    that every subscriber. A connection that does not answer within :data:`PING_TIMEOUT` is
+    dropped at once, and the request goes on with a new one. (Each of the others lost the same
+    way costs the request that draws it as much: a pool-wide invalidation would close each
+    of them gracefully as it is drawn, waiting longer for an answer that never comes.)"""
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        try:
+            dbapi_connection.run_async(lambda conn: conn.fetchrow(";", timeout=PING_TIMEOUT))
+        except TimeoutError as exc:
+            dbapi_connection.driver_connection.terminate()  # closing would wait for an answer
+            raise DisconnectionError("no answer to a ping") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DisconnectionError(f"the connection failed a ping: {exc!r}") from exc
 
 
 def _end_abandoned_transactions(writer: AsyncEngine, idle: float) -> None:

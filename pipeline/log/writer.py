@@ -278,7 +278,7 @@ class SqlAlchemyWriter:
         self._conn: AsyncConnection | None = None
 
     async def begin(self) -> tuple[int, str]:
-        """Begin on the writer's connection, kept between commits (the pool's pre-ping never
+        """Begin on the writer's connection, kept between commits (the pool's check never
         sees it): one the server closed meanwhile (a restart, an idle timeout, a proxy's) is
         replaced once, since nothing was sent on it yet.
 
