@@ -435,3 +435,33 @@ async def receive_position(conn: Any, position: int, within: float = 10) -> None
                 frame["position"] < position:
             pass
     assert frame["position"] == position
+
+
+async def test_a_listen_connection_lost_without_a_word_is_made_again() -> None:
+    """The LISTEN connection of an instance only ever receives: when a NAT, a firewall or a
+    pooler forgets it, nothing tells the instance, which then hears of no other instance's
+    commits and sees them only when it polls (here: once a minute). It must notice and
+    listen again within seconds."""
+    url, name = await create_pg_database()
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            other = ServerProcess(url).start()
+            cut_off = ServerProcess(through(proxy, url),
+                                    args=["--no-migrate", "--poll-interval", "60"])
+            try:
+                await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
+                subscriber = await ws_connect(cut_off, cursor=0)
+                for lost in (False, True):
+                    if lost:
+                        proxy.blackhole()
+                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
+                                             headers=headers())
+                    assert posted.status_code == 202, posted.text
+                    await receive_position(subscriber, posted.json()["position"], within=15)
+                await subscriber.close()
+            finally:
+                proxy.cut()
+                other.stop()
+                await asyncio.to_thread(cut_off.stop)
+    finally:
+        await drop_pg_database(name)

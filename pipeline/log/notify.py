@@ -2,24 +2,27 @@
 
 Every group commit on PostgreSQL sends ``NOTIFY signalbox_log`` in its transaction, so the
 notification is delivered exactly when the events become visible. Each instance listens on a
-dedicated connection (a pooled one would be handed to others), re-LISTENs after it drops, and
-wakes its hub, which re-reads the log from its own cursor: a notification is only a hint, and a
-lost one costs at most one poll interval.
+dedicated connection (a pooled one would be handed to others), re-LISTENs after it drops or
+stops answering, and wakes its hub, which re-reads the log from its own cursor: a notification
+is only a hint, and a lost one costs at most one poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
-from pipeline.log.backends import ADAPTER_OPTIONS, server_settings
+from pipeline.log.backends import ADAPTER_OPTIONS, PING_TIMEOUT, server_settings
 from pipeline.tasks import cancel_all
 
 CHANNEL = "signalbox_log"
+# Seconds between checks that the LISTEN connection still answers (see Wakeups._listen_once).
+CHECK_EVERY = 5.0
 log = logging.getLogger("signalbox.notify")
 
 
@@ -40,10 +43,11 @@ class Wakeups:
     ``wake(None)`` after every (re)connection."""
 
     def __init__(self, url: str, wake: Callable[[int | None], None], *,
-                 retry: float = 1.0) -> None:
+                 retry: float = 1.0, check_every: float = CHECK_EVERY) -> None:
         self.connect_args = asyncpg_connect_args(url)
         self.wake = wake
         self.retry = retry
+        self.check_every = check_every
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -67,6 +71,10 @@ class Wakeups:
         self.wake(int(payload) if payload.isdigit() else None)
 
     async def _listen_once(self) -> None:
+        """Listen until the connection is lost. Closed by the server, it says so; forgotten
+        by a NAT, a firewall or a pooler, it never would (it only receives): so it is asked
+        for an answer every ``check_every`` seconds, which also keeps it from sitting idle
+        long enough for a NAT to forget it."""
         conn: Any = await asyncpg.connect(**self.connect_args)
         lost = asyncio.Event()
         try:
@@ -74,7 +82,15 @@ class Wakeups:
             await conn.add_listener(CHANNEL, self._notified)
             self.connected.set()
             self.wake(None)  # whatever committed while we were not listening
-            await lost.wait()
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), self.check_every)
+                    return
+                try:
+                    await conn.fetchrow(";", timeout=PING_TIMEOUT)
+                except TimeoutError:
+                    conn.terminate()  # closing would wait for an answer too
+                    raise
         finally:
             try:
                 await asyncio.wait_for(conn.close(), 2)
