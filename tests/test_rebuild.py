@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -21,6 +23,7 @@ from pipeline.processing.rebuild import (
     RebuildReport,
     catch_up,
     fold_and_compare,
+    rebuild,
     replace_live,
 )
 from tests.support import INGEST_TOKEN, ServerProcess, headers
@@ -203,4 +206,35 @@ async def test_the_fold_stops_at_the_head_it_began_with(database_url: str) -> No
         assert rebuilt.signals == 4
     finally:
         await engine.dispose()
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_rebuild_started_while_another_runs_is_refused(database_url: str) -> None:
+    """A rebuild folds into a table of its own name: a second one started meanwhile (on
+    another host, by a timer) would drop the first's table, or fold into it, and a swap would
+    put a projection missing signals in the place of the live one. It is refused in one line,
+    and the first goes on."""
+    server = ServerProcess(database_url).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(3):
+                await post(client, {"ticker": "OLD", "action": "buy"})
+        others: list[subprocess.CompletedProcess[str]] = []
+
+        def another_rebuild(progress: RebuildReport) -> None:  # while the first is folding
+            if not others:
+                others.append(subprocess.run(
+                    [sys.executable, "-m", "pipeline", "rebuild", "--swap", "--database-url",
+                     database_url], capture_output=True, text=True, timeout=60, check=False))
+
+        first = await rebuild(database_url, swap=True, progress=another_rebuild)
+        [other] = others
+        assert other.returncode == 1, other.stdout + other.stderr
+        assert "Traceback" not in other.stderr and len(other.stderr.splitlines()) == 1
+        assert "another rebuild" in other.stderr
+        assert (first.swapped, first.signals, first.difference_count) == (True, 3, 0)
+        code, check = await run_rebuild(database_url)
+        assert (code, check["difference_count"], check["signals"]) == (0, 0, 3)
+    finally:
         server.stop()

@@ -13,17 +13,24 @@ log's write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``log_head`` row,
 append locks first), it folds the little appended since and replaces the live rows with the
 rebuilt ones. No append can fall between the last event folded and the swap, and a running
 server goes on without a restart: its appends wait only for the swap's short transaction.
+
+One rebuild at a time: on PostgreSQL a rebuild holds an advisory lock for as long as it runs,
+and one started meanwhile (on another host, by a timer) is refused, since it would drop the
+scratch table of the first or fold into it, and the first's swap would then put in place a
+projection missing signals.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Column, MetaData, Table, bindparam, delete, insert, select, update
+from sqlalchemy import Column, MetaData, Table, bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from pipeline.errors import Conflict
 from pipeline.log import Event
 from pipeline.log.backends import migration_engine
 from pipeline.log.schema import events, log_head, signals
@@ -31,6 +38,7 @@ from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import Row, fold
 
 PAGE = 2000
+REBUILD_LOCK = 0x5267_6E61_6C62_6F78  # the advisory lock key (migrations use another)
 SHOWN = 100  # differences and problems kept in the report (all are counted)
 COLUMNS = [c.name for c in signals.columns]
 
@@ -90,15 +98,34 @@ async def rebuild(url: str, *, swap: bool = False,
     report = RebuildReport()
     engine = migration_engine(url)
     try:
-        await fold_and_compare(engine, report, progress)
-        if swap:
-            await swap_in(engine, report)
-        else:
-            async with engine.begin() as conn:
-                await conn.run_sync(scratch.drop)
+        async with _alone(engine):
+            await fold_and_compare(engine, report, progress)
+            if swap:
+                await swap_in(engine, report)
+            else:
+                async with engine.begin() as conn:
+                    await conn.run_sync(scratch.drop)
     finally:
         await engine.dispose()
     return report
+
+
+@contextlib.asynccontextmanager
+async def _alone(engine: AsyncEngine) -> AsyncIterator[None]:
+    """On PostgreSQL, hold the rebuild's advisory lock, on a connection of its own, until the
+    rebuild ends (or the connection does: the server lets go of it then too); raise
+    :class:`Conflict` at once when another rebuild holds it."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    async with engine.connect() as conn:
+        held = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                   {"key": REBUILD_LOCK})).scalar_one()
+        await conn.commit()  # the lock is the session's: no transaction needs to stay open
+        if not held:
+            raise Conflict("another rebuild is running on this database: run this one again "
+                           "once it has ended")
+        yield  # the connection closes as the block ends, and the lock goes with it
 
 
 async def fold_and_compare(engine: AsyncEngine, report: RebuildReport,
