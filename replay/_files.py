@@ -8,13 +8,17 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, *, make_folder: bool = False) -> None:
     """``text`` as the whole of ``path``, or ``path`` as it was: written to a file beside it,
     synced, then renamed over it, the rename synced too (a crash or a full disk leaves the old
-    file whole)."""
+    file whole). A missing folder is an error (a mistyped path), unless ``make_folder``."""
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    if make_folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # named as the file asked for, not the one beside it
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)

@@ -106,7 +106,8 @@ class FileCursorStore:
 
     def write(self, checkpoint: Checkpoint) -> None:
         write_atomically(self.path, json.dumps({"epoch": checkpoint.epoch,
-                                                "position": checkpoint.position}))
+                                                "position": checkpoint.position}),
+                         make_folder=True)
 
 
 # -- the subscriber ------------------------------------------------------------------------
