@@ -355,7 +355,12 @@ async def get_signal(request: Request) -> Response:
         )).one_or_none()
     if row is None:
         raise NotFound(f"no signal {signal_id!r}: check the id returned when it was posted")
-    timeline = await svc.log.read(0, MAX_TIMELINE, EventFilter(streams=(stream_of(signal_id),)))
+    # Its first MAX_TIMELINE events (a signal has a handful; an alert repeated with one id
+    # adds one each time), and whether there are more: GET /api/events?stream= has them all.
+    timeline = await svc.log.read(0, MAX_TIMELINE + 1,
+                                  EventFilter(streams=(stream_of(signal_id),)))
+    truncated = len(timeline) > MAX_TIMELINE
+    del timeline[MAX_TIMELINE:]
     summary = signal_summary(row)
     for event in timeline:
         if event.type == EventType.ACCEPTED:
@@ -365,7 +370,7 @@ async def get_signal(request: Request) -> Response:
     summary_json = json_text(summary)
     return RawJSONResponse(
         f'{{"signal":{summary_json},"status":{json.dumps(row.status)},'
-        f'"events":{events_json(timeline)}}}'
+        f'"events":{events_json(timeline)},"truncated":{json.dumps(truncated)}}}'
     )
 
 

@@ -127,9 +127,11 @@ SCHEMAS: dict[str, Schema] = {
     "SignalList": obj(["signals", "next_before"], {
         "signals": {"type": "array", "items": ref("SignalSummary")},
         "next_before": nullable("integer")}),
-    "SignalDetail": obj(["signal", "status", "events"], {
+    "SignalDetail": obj(["signal", "status", "events", "truncated"], {
         "signal": ref("SignalSummary"), "status": {"type": "string"},
-        "events": {"type": "array", "items": ref("Event")}}),
+        "events": {"type": "array", "items": ref("Event"), "maxItems": 10_000},
+        "truncated": {"type": "boolean", "description": "the signal has more events than "
+                      "these first 10,000: GET /api/events?stream=signal-ID has them all"}}),
     "StatusReport": obj(["status"], {
         "status": {"enum": ["dispatched", "processing", "processed", "failed", "expired"]},
         "detail": {"type": ["object", "null"]}, "consumer": nullable("string")},

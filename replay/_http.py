@@ -299,11 +299,13 @@ class SignalSummary:
 
 @dataclass(frozen=True, slots=True)
 class SignalTimeline:
-    """``GET /api/signals/{id}``: the signal, its status, and every event of it, oldest first."""
+    """``GET /api/signals/{id}``: the signal, its status, and its events, oldest first (the
+    first 10,000 when ``truncated``)."""
 
     signal: SignalSummary
     status: str
     events: tuple[Event, ...]
+    truncated: bool = False  # only its first events: `events(streams=...)` has them all
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +496,8 @@ def parse_page(body: dict[str, Any]) -> EventPage:
 def parse_timeline(body: dict[str, Any]) -> SignalTimeline:
     return SignalTimeline(SignalSummary.from_json(body.get("signal")),
                           _str(body.get("status"), "status"),
-                          tuple(Event.from_json(e) for e in body.get("events") or []))
+                          tuple(Event.from_json(e) for e in body.get("events") or []),
+                          body.get("truncated") is True)
 
 
 def parse_signals(body: dict[str, Any]) -> SignalPage:

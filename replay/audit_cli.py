@@ -143,13 +143,13 @@ async def run_timeline(args: argparse.Namespace, url: str) -> int:
         if response.status_code != 200:
             raise AuditError(export.error_text(response))
         body = response.json()
-        status, found = body["status"], body["events"]
+        status, found, truncated = body["status"], body["events"], body.get("truncated") is True
     else:
-        status, found = await from_database(url, signal_id)
+        status, found, truncated = await from_database(url, signal_id)
         if not found:
             raise AuditError(f"no signal {signal_id!r} in the log: check the id (the "
                              "signal_id a POST answered with) and --database-url")
-    timeline = build_timeline(signal_id, status, found)
+    timeline = build_timeline(signal_id, status, found, truncated)
     print(json.dumps(timeline, ensure_ascii=False) if args.json else render(timeline))
     return 0
 

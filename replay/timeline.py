@@ -42,9 +42,10 @@ def _moment(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def build_timeline(signal_id: str, status: str | None,
-                   found: list[dict[str, Any]]) -> dict[str, Any]:
-    """The timeline as ``--json`` prints it; times between steps in seconds."""
+def build_timeline(signal_id: str, status: str | None, found: list[dict[str, Any]],
+                   truncated: bool = False) -> dict[str, Any]:
+    """The timeline as ``--json`` prints it; times between steps in seconds. ``truncated``:
+    ``found`` is the signal's first :data:`MAX_EVENTS` events, not all of them."""
     received = next((e for e in found if e["type"] == EventType.RECEIVED), found[0])
     start = _moment(received["time"])
     previous: datetime | None = None
@@ -61,7 +62,7 @@ def build_timeline(signal_id: str, status: str | None,
         })
         previous = moment
     return {"signal_id": signal_id, "status": status, "received_at": received["time"],
-            "events": steps}
+            "events": steps, "truncated": truncated}
 
 
 def human(seconds: float) -> str:
@@ -100,21 +101,26 @@ def render(timeline: dict[str, Any]) -> str:
         for name, value in step["details"].items():
             shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             lines.append(f"{'':>11}{name}: {shown}")
+    if timeline.get("truncated"):
+        lines.append(f"(the first {len(found):,} events only: signalbox tail --stream "
+                     f"{stream_of(timeline['signal_id'])} prints them all)")
     return "\n".join(lines)
 
 
-async def from_database(url: str, signal_id: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """The signal's status and events, read with SELECTs only (no events: unknown id)."""
+async def from_database(url: str,
+                        signal_id: str) -> tuple[str | None, list[dict[str, Any]], bool]:
+    """The signal's status, its first :data:`MAX_EVENTS` events and whether it has more, read
+    with SELECTs only (no events: unknown id)."""
     engines = reader_engines(url)
     try:
         async with engines.reader.connect() as conn:
             rows = (await conn.execute(
                 select(*EVENT_COLUMNS)
                 .where(events.c.stream == stream_of(signal_id))
-                .order_by(events.c.position).limit(MAX_EVENTS))).all()
+                .order_by(events.c.position).limit(MAX_EVENTS + 1))).all()
             status = (await conn.execute(select(signals.c.status)
                                          .where(signals.c.signal_id == signal_id))
                       ).scalar_one_or_none()
     finally:
         await engines.dispose()
-    return status, [Event(*row).to_dict() for row in rows]
+    return status, [Event(*row).to_dict() for row in rows[:MAX_EVENTS]], len(rows) > MAX_EVENTS

@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from pipeline.http import MAX_TIMELINE
+from pipeline.log import EventLog, NewEvent
+from replay import Client
 from tests.support import ADMIN_TOKEN, ServerProcess, headers, repo_root
 
 
@@ -98,3 +101,34 @@ async def test_an_unknown_signal_fails_in_one_line(shared_server: ServerProcess)
         assert done.returncode == 1, done.stdout
         assert done.stdout == ""
         assert done.stderr.count("\n") == 1 and "no signal 'no-such-signal'" in done.stderr
+
+
+async def test_a_timeline_over_its_limit_says_so_and_where_the_rest_is(
+        server: ServerProcess) -> None:
+    """A signal's stream can outgrow what one answer holds (an alert with a fixed id repeats
+    every minute, each repeat a ``signal.duplicate``): the answer, the client and the audit
+    command say that the timeline is cut, rather than pass it off as whole."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+        posted = await client.post("/api/signals", headers=headers(),
+                                   json={"ticker": "X", "action": "buy", "id": "fixed"})
+        signal_id = posted.json()["signal_id"]
+        log = await EventLog.open(server.database_url)
+        try:  # as many repeats as fill the timeline, appended straight to the log
+            for _ in range(MAX_TIMELINE // 1000):
+                await log.append([NewEvent(f"signal-{signal_id}", "signal.duplicate",
+                                           {"signal_id": signal_id}) for _ in range(1000)])
+        finally:
+            await log.close()
+        answer = (await client.get(f"/api/signals/{signal_id}", headers=headers())).json()
+        assert len(answer["events"]) == MAX_TIMELINE and answer["truncated"] is True
+        async with Client(server.base_url, ADMIN_TOKEN) as python_client:
+            assert (await python_client.signal(signal_id)).truncated is True
+        other = await client.post("/api/signals", headers=headers(),
+                                  json={"ticker": "Y", "action": "buy"})
+        whole = await client.get(f"/api/signals/{other.json()['signal_id']}", headers=headers())
+        assert whole.json()["truncated"] is False
+    for source in (["--database-url", server.database_url], ["--url", server.base_url]):
+        done = audit_cli(signal_id, *source)
+        assert done.returncode == 0, done.stderr
+        assert f"the first {MAX_TIMELINE:,} events only" in done.stdout, source
+        assert f"stream signal-{signal_id}" in done.stdout
