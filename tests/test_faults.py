@@ -232,6 +232,18 @@ async def test_the_first_signal_after_postgresql_dropped_the_writers_connection_
         await drop_pg_database(name)
 
 
+async def post_until_accepted(http: httpx.AsyncClient, base_url: str,
+                              failure: str) -> httpx.Response:
+    """POST a signal until it is accepted, 503 meanwhile, for 10 s at most."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        posted = await http.post(f"{base_url}/api/signals", json=BTC, headers=headers())
+        if posted.status_code == 202:
+            return posted
+        assert posted.status_code == 503, posted.text
+        assert asyncio.get_running_loop().time() < deadline, failure
+
+
 async def test_an_instance_cut_off_inside_its_commit_does_not_stop_the_others() -> None:
     """An instance that loses the database between locking the log and its COMMIT (a network
     partition, a paused VM, a host that lost power) holds the log's row lock for as long as
@@ -251,15 +263,8 @@ async def test_an_instance_cut_off_inside_its_commit_does_not_stop_the_others() 
                                                      json=BTC, headers=headers()))
                 await asyncio.wait_for(held.wait(), 10)  # its COMMIT never reaches the server
                 assert (await lost).status_code == 503
-                deadline = asyncio.get_running_loop().time() + 10
-                while True:
-                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
-                                             headers=headers())
-                    if posted.status_code == 202:
-                        break
-                    assert posted.status_code == 503, posted.text
-                    assert asyncio.get_running_loop().time() < deadline, \
-                        "the other instance cannot append while one is cut off"
+                posted = await post_until_accepted(
+                    http, other.base_url, "the other instance cannot append while one is cut off")
                 proxy.thaw()  # and back: it appends again, without a restart
                 again = await http.post(f"{cut_off.base_url}/api/signals", json=BTC,
                                         headers=headers())
@@ -372,15 +377,9 @@ async def test_an_instance_whose_connection_was_silently_lost_commits_again_by_i
                                         headers=headers())
                 assert first.status_code == 202, first.text
                 proxy.blackhole()
-                deadline = asyncio.get_running_loop().time() + 10
-                while True:
-                    posted = await http.post(f"{server.base_url}/api/signals", json=BTC,
-                                             headers=headers())
-                    if posted.status_code == 202:
-                        break
-                    assert posted.status_code == 503, posted.text
-                    assert asyncio.get_running_loop().time() < deadline, \
-                        "the writer waits for ever on a connection that was lost"
+                posted = await post_until_accepted(
+                    http, server.base_url,
+                    "the writer waits for ever on a connection that was lost")
                 assert posted.json()["position"] > first.json()["position"]
             finally:
                 proxy.cut()
