@@ -400,14 +400,7 @@ async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on()
             cut_off = ServerProcess(through(proxy, url), args=["--no-migrate"])
             try:
                 await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
-                subscriber = await ws_connect(cut_off, cursor=0)
-                for lost in (False, True):
-                    if lost:
-                        proxy.blackhole()
-                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
-                                             headers=headers())
-                    assert posted.status_code == 202, posted.text
-                    await receive_position(subscriber, posted.json()["position"])
+                posted = await heard_before_and_after_a_blackhole(proxy, http, other, cut_off)
                 read = await asyncio.wait_for(http.get(
                     f"{cut_off.base_url}/api/events", params={"after": 0},
                     headers=headers(INGEST_TOKEN.replace("ingest", "unknown"))), 3)
@@ -417,7 +410,6 @@ async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on()
                     headers=headers()), 3)
                 assert read.status_code == 200, read.text
                 assert read.json()["head"] == posted.json()["position"]
-                await subscriber.close()
                 assert "Traceback" not in "".join(cut_off.output), "".join(cut_off.output)
             finally:
                 proxy.cut()
@@ -425,6 +417,25 @@ async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on()
                 await asyncio.to_thread(cut_off.stop)
     finally:
         await drop_pg_database(name)
+
+
+async def heard_before_and_after_a_blackhole(proxy: TcpProxy, http: httpx.AsyncClient,
+                                             other: ServerProcess, cut_off: ServerProcess,
+                                             within: float = 10) -> httpx.Response:
+    """A signal posted to ``other`` before and one after ``proxy`` forgets ``cut_off``'s
+    connections without a word: ``cut_off``'s subscriber gets both. The last answer."""
+    subscriber = await ws_connect(cut_off, cursor=0)
+    try:
+        for lost in (False, True):
+            if lost:
+                proxy.blackhole()
+            posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
+                                     headers=headers())
+            assert posted.status_code == 202, posted.text
+            await receive_position(subscriber, posted.json()["position"], within=within)
+    finally:
+        await subscriber.close()
+    return posted
 
 
 async def receive_position(conn: Any, position: int, within: float = 10) -> None:
@@ -449,15 +460,7 @@ async def test_a_listen_connection_lost_without_a_word_is_made_again() -> None:
                                     args=["--no-migrate", "--poll-interval", "60"])
             try:
                 await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
-                subscriber = await ws_connect(cut_off, cursor=0)
-                for lost in (False, True):
-                    if lost:
-                        proxy.blackhole()
-                    posted = await http.post(f"{other.base_url}/api/signals", json=BTC,
-                                             headers=headers())
-                    assert posted.status_code == 202, posted.text
-                    await receive_position(subscriber, posted.json()["position"], within=15)
-                await subscriber.close()
+                await heard_before_and_after_a_blackhole(proxy, http, other, cut_off, within=15)
             finally:
                 proxy.cut()
                 other.stop()
