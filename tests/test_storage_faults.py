@@ -92,7 +92,11 @@ async def test_a_full_disk_answers_503_keeps_the_log_whole_and_recovers_by_itsel
             assert refusals, "the disk never filled up"
             assert {status for status, _ in refusals} == {503}
             assert all(body["error"] == "log_unavailable" for _, body in refusals)
-            assert any("disk is full" in line for line in server.output)
+            # The server logs why before it answers; its output is read by another thread.
+            deadline = asyncio.get_running_loop().time() + 10
+            while not any("disk is full" in line for line in server.output):
+                assert asyncio.get_running_loop().time() < deadline, "".join(server.output[-20:])
+                await asyncio.sleep(0.02)
             async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
                 response = await http.post("/api/signals", json={"ticker": "X", "action": "buy"},
                                            headers={"Authorization": f"Bearer {INGEST_TOKEN}"})
