@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
+from pipeline.answers import UPGRADE_CODES
 from pipeline.auth import Scope, SourcePolicy, Token, TokenStore, bearer_token
 from pipeline.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized
 from pipeline.guard import CLIENT_ADDRESS, Guard
@@ -417,11 +418,11 @@ async def get_consumers(request: Request) -> Response:
 
 
 async def stream_without_upgrade(request: Request) -> Response:
-    """``GET /ws`` without a WebSocket upgrade (a browser's address bar, curl)."""
-    return JSONAnswer({"error": "upgrade_required",
-                       "message": "the event stream is a WebSocket: open /ws with a WebSocket "
-                                  "client (see docs/protocol.md)"},
-                      status_code=426, headers={"Upgrade": "websocket"})
+    """``GET /ws`` without a WebSocket upgrade (a browser's address bar, curl): answered as
+    the WebSocket layer answers an upgrade it refuses for the same reason."""
+    code, message = UPGRADE_CODES[426]
+    return JSONAnswer({"error": code, "message": message}, status_code=426,
+                      headers={"Upgrade": "websocket"})
 
 
 async def healthz(request: Request) -> Response:
