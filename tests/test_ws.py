@@ -399,6 +399,31 @@ async def test_hello_that_never_comes_and_silent_clients_are_closed_4408(
         server.stop()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_silent_client_is_closed_soon_after_twice_the_heartbeat(
+        database_url: str) -> None:
+    """The contract closes a client silent for 2 x heartbeat. A client whose last frame came
+    just after the server's ping is the worst case for a server that looks only when it
+    pings (every heartbeat): it would be closed a whole heartbeat late, after 3 x. It is
+    closed within a quarter of a heartbeat of 2 x (plus the scheduler's slack)."""
+    heartbeat = 2.0
+    server = ServerProcess(database_url, args=["--heartbeat", str(heartbeat)]).start()
+    try:
+        conn = await ws_connect(server, cursor=None)
+        assert (await next_frame(conn))["op"] == "welcome"
+        while (await next_frame(conn))["op"] != "ping":
+            pass
+        await conn.send('{"op": "pong"}')  # the last frame, right after a look
+        last = asyncio.get_running_loop().time()
+        while (frame := await next_frame(conn))["op"] != "error":
+            assert frame["op"] == "ping", frame
+        silent = asyncio.get_running_loop().time() - last
+        assert frame["code"] == 4408
+        assert 2 * heartbeat <= silent < 2.5 * heartbeat, silent
+    finally:
+        server.stop()
+
+
 async def test_shutdown_closes_subscribers_with_1001(database_url: str) -> None:
     server = ServerProcess(database_url).start()
     conn = await ws_connect(server, cursor=None)
