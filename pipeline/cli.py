@@ -39,7 +39,10 @@ SERVER_COMMANDS = frozenset({"serve", "rebuild", "migrate", "token"})
 def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
     """The parser of every command (without the client side's: enough to parse those of the
     server, whose subparsers are the same either way)."""
-    parser = argparse.ArgumentParser(prog="signalbox", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="signalbox",
+        description="Signalbox: a durable log of trading signals. Server side: serve, migrate, "
+                    "rebuild, token. Client side: send, tail, audit, replay.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="upgrade the schema, then serve HTTP and /ws")

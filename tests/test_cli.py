@@ -6,8 +6,10 @@ checks the effect through a real server.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -19,6 +21,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from pipeline.cli import build_parser
 from pipeline.errors import LogUnavailable
 from pipeline.log import EventLog
 from pipeline.migrate import head_revision
@@ -392,3 +395,19 @@ def test_reading_commands_on_a_mistyped_sqlite_path_create_nothing(
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert not database.exists()
+
+
+def test_every_help_text_is_plain_text() -> None:
+    """`--help` of every command and subcommand reads as plain text: no markup of the
+    source's docstrings (``code``, :class:`X`) leaks into what a user reads."""
+    def helps(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str]]:
+        yield parser.prog, parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from helps(sub)
+
+    texts = dict(helps(build_parser()))
+    assert {"signalbox", "signalbox serve", "signalbox audit export"} <= texts.keys()
+    markup = re.compile(r"``|:(class|mod|func|meth|attr):`")
+    assert {prog: text for prog, text in texts.items() if markup.search(text)} == {}
