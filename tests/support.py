@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,11 @@ import asyncpg
 import httpx
 import pytest
 import websockets
+from sqlalchemy import bindparam, select
 from websockets.asyncio.client import ClientConnection
+
+from pipeline.log import EventLog, Transaction, format_time
+from pipeline.log.schema import consumers, leases
 
 PG_ADMIN_DSN = os.environ.get("SIGNALBOX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN_TOKEN = "sbx_test_admin_" + uuid.uuid4().hex
@@ -415,3 +420,23 @@ class TcpProxy:
         finally:
             self._open.discard(writer)
             writer.transport.abort()
+
+
+# Another instance taking a lease, whoever holds it: in a group commit, under the log's lock,
+# as any instance takes or renews one.
+TAKE_OVER = (leases.update().where(leases.c.name == bindparam("b_name"))
+             .values(holder=bindparam("holder"), expires_at=bindparam("expires_at")))
+
+
+async def take_over(event_log: EventLog, name: str, holder: str, seconds: float) -> int | None:
+    """Give lease ``name`` to ``holder`` for ``seconds`` (less than 0: lapsed already, for any
+    instance to take); the position of the consumer of that name (a handler's checkpoint) as
+    of then, in the same transaction."""
+
+    async def unit(tx: Transaction) -> int | None:
+        expires_at = format_time(tx.now + timedelta(seconds=seconds))
+        tx.stage(TAKE_OVER, {"b_name": name, "holder": holder, "expires_at": expires_at})
+        row = await tx.fetch_one(select(consumers.c.position).where(consumers.c.name == name))
+        return None if row is None else int(row["position"])
+
+    return await event_log.transact(unit)

@@ -6,21 +6,32 @@ import asyncio
 import json
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
+from sqlalchemy import select
 
-from pipeline.log import format_time, utc_now
+from pipeline.log import EventLog, format_time, utc_now
+from pipeline.log.schema import leases
 from pipeline.processing.handlers import SIGNATURE_HEADER, sign
-from tests.support import INGEST_TOKEN, FastClient, ServerProcess, TcpProxy, read_all_events
+from tests.support import (
+    INGEST_TOKEN,
+    FastClient,
+    ServerProcess,
+    TcpProxy,
+    headers,
+    read_all_events,
+    take_over,
+)
 
 HANDLER = ["--handler", "tests.handler_fixture:record", "--handler-backoff", "0.01",
            "--handler-attempts", "3"]
+CONSUMER = "handler:tests.handler_fixture:record"  # its checkpoint's name, and its lease's
 
 
 def runner_server(database_url: str, record: Path, *extra: str) -> ServerProcess:
@@ -288,7 +299,8 @@ async def test_a_holder_cut_off_from_the_database_stops_before_a_sibling_takes_o
             await until(lambda: any(c["signal_id"] == slow for c in calls(record)))
             # Cut A off just after a renewal committed, so that it holds no lock that B would
             # wait for: A's next renewal goes unanswered, and so does everything else.
-            await lease_renewed(database_url)
+            async with opened(database_url) as event_log:
+                await lease_renewed(event_log)
             proxy.freeze()
             await until(lambda: sum(c["signal_id"] == slow for c in calls(record)) == 2,
                         within=30)
@@ -310,14 +322,90 @@ async def until(condition: Callable[[], bool], within: float = 10) -> None:
         await asyncio.sleep(0.01)
 
 
-async def lease_renewed(database_url: str) -> None:
-    """Return once the handler's lease has been renewed (polled, with a deadline)."""
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+@pytest.mark.parametrize("late", ["claim", "outcome"])
+async def test_a_holder_whose_lease_passed_on_unnoticed_records_nothing_more(
+        database_url: str, tmp_path: Path, late: str) -> None:
+    """A holds the lease, B stands by; the lease passes to an instance whose clock runs ahead
+    right after A renewed it, so A, counting on its own clock, runs on. A's next write (the
+    claim of a new signal, or the outcome of the handler it is running) must not land, nor
+    move the checkpoint; once that lease lapses, whoever takes it runs the signal and records
+    its outcome, once."""
+    record = tmp_path / "calls.jsonl"
+    lease = ["--handler-lease", "9"]  # renewed every 3 s: A notices nothing in between
+    a = runner_server(database_url, record, *lease)
+    servers = [a]
     try:
-        query = "SELECT expires_at FROM leases"
-        before = await conn.fetchval(query)
-        deadline = asyncio.get_running_loop().time() + 10
-        while await conn.fetchval(query) == before:
-            assert asyncio.get_running_loop().time() < deadline, "the lease is not renewed"
+        await post_all(a, [{"ticker": "FIRST", "action": "buy"}])
+        await wait_for_outcomes(a, 1)  # A holds the lease: B starts as a stand-by
+        servers.append(runner_server(database_url, record, *lease))
+        async with opened(database_url) as event_log:
+            await lease_renewed(event_log)
+            if late == "claim":
+                checkpoint = await take_over(event_log, CONSUMER, "ahead", 60)
+                (signal_id,) = await post_all(a, [{"ticker": "LATE", "action": "buy"}])
+            else:
+                (signal_id,) = await post_all(a, [{"ticker": "LATE", "action": "buy",
+                                                   "comment": "sleep:0.5"}])
+                await until(lambda: any(c["signal_id"] == signal_id for c in calls(record)))
+                checkpoint = await take_over(event_log, CONSUMER, "ahead", 60)
+            kinds = {"signal.processed"} | ({"signal.processing"} if late == "claim" else set())
+            landed = await refused_or_recorded(a, signal_id, kinds)
+            assert landed == [], "A recorded after the lease had passed on"
+            assert await handler_checkpoint(a) == checkpoint
+            await take_over(event_log, CONSUMER, "ahead", -1)  # lapsed: take it
+        events = await wait_for_outcomes(a, 2)
     finally:
-        await conn.close()
+        for server in servers:
+            server.stop()
+    assert outcomes(events)[signal_id] == ["signal.processing", "signal.processed"]
+    runs = [c for c in calls(record) if c["signal_id"] == signal_id]
+    assert len(runs) == (1 if late == "claim" else 2), runs  # once after the refusal
+
+
+async def refused_or_recorded(server: ServerProcess, signal_id: str, kinds: set[str],
+                              within: float = 20) -> list[str]:
+    """Once ``server`` has said that a write was refused, or ``signal_id`` has an event of
+    one of ``kinds`` (polled, with a deadline): those events' types."""
+    deadline = asyncio.get_running_loop().time() + within
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        while True:
+            said = any("a write was refused" in line for line in server.output)
+            found = [e["type"] for e in await read_all_events(client)
+                     if e["type"] in kinds and e["data"].get("signal_id") == signal_id]
+            if said or found:
+                return found
+            assert asyncio.get_running_loop().time() < deadline, "neither refused nor recorded"
+            await asyncio.sleep(0.05)
+
+
+async def handler_checkpoint(server: ServerProcess) -> int:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        response = await client.get("/api/consumers", headers=headers())
+    response.raise_for_status()
+    (found,) = [c for c in response.json()["consumers"] if c["name"] == CONSUMER]
+    return int(found["position"])
+
+
+@asynccontextmanager
+async def opened(database_url: str) -> AsyncIterator[EventLog]:
+    event_log = await EventLog.open(database_url)
+    try:
+        yield event_log
+    finally:
+        await event_log.close()
+
+
+async def lease_renewed(event_log: EventLog) -> None:
+    """Return once the handler's lease has been renewed (polled, with a deadline)."""
+    query = select(leases.c.expires_at).where(leases.c.name == CONSUMER)
+
+    async def expiry() -> str | None:
+        async with event_log.engines.reader.connect() as conn:
+            value: str | None = (await conn.execute(query)).scalar_one_or_none()
+        return value
+
+    before = await expiry()
+    deadline = asyncio.get_running_loop().time() + 10
+    while await expiry() == before:
+        assert asyncio.get_running_loop().time() < deadline, "the lease is not renewed"
+        await asyncio.sleep(0.01)

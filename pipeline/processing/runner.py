@@ -17,7 +17,9 @@ Guarantees:
 * With several instances on one database, a lease decides which one runs the handler; the
   others stand by and take over (from the checkpoint, re-running the unfinished claims) when
   the holder stops renewing it. A holder that cannot renew it in time cancels its handlers
-  and claims nothing more before the lease can pass.
+  and claims nothing more before the lease can pass. Every write it makes (claim, outcome,
+  checkpoint) is fenced by the lease: one that would commit once another instance holds the
+  lease, or once it has lapsed, is refused, and the runner stands by.
 * A handler error is retried with exponential backoff and full jitter up to ``attempts``;
   :class:`PermanentError` fails at once. A signal past its ``max_lag`` when processing would
   start becomes ``expired`` instead.
@@ -46,7 +48,7 @@ from pipeline.processing.attempts import (
 )
 from pipeline.processing.consumers import stage_position, start_position, stored_position
 from pipeline.processing.handlers import Handler
-from pipeline.processing.lease import Lease
+from pipeline.processing.lease import Lease, LeaseLost
 from pipeline.processing.projection import (
     SIGNAL_HINT,
     SignalRows,
@@ -100,6 +102,7 @@ class HandlerRunner:
         self._task: asyncio.Task[None] | None = None
         self.lease = Lease(event_log, self.consumer, ttl=lease_ttl)
         self._holder: asyncio.Task[None] | None = None
+        self._fenced = asyncio.Event()  # a write was refused: stand by (see _hold)
 
     @property
     def running(self) -> bool:
@@ -126,13 +129,18 @@ class HandlerRunner:
         of the lease before the last confirmed renewal could lapse, it stops running (its
         handlers cancelled, nothing more claimed), whatever a renewal still on its way is
         doing. Each renewal gets ``RENEW_WITHIN`` of the lease, and no wait outlasts that
-        moment.
+        moment. A write refused by the lease's fence (the lease passed on sooner than this
+        count says: another instance's clock runs ahead, say) stops it at once.
         """
         ttl = self.lease.ttl
         until = 0.0  # the loop time by which to have stopped, unless renewed since
         while True:
             sent = loop_time()
-            if self.running and sent >= until:
+            if self.running and self._fenced.is_set():
+                log.warning("%s: a write was refused, the lease is another's or has lapsed; "
+                            "standing by", self.consumer)
+                await self._halt()
+            elif self.running and sent >= until:
                 log.warning("%s: lease not renewed in time, standing by", self.consumer)
                 await self._halt()
             within = ttl * RENEW_WITHIN
@@ -140,7 +148,7 @@ class HandlerRunner:
             if held:
                 until = sent + ttl * (1 - MARGIN)
                 if not self.running:
-                    with contextlib.suppress(TimeoutError):  # too late: tried again below
+                    with contextlib.suppress(TimeoutError, LeaseLost):  # tried again below
                         await asyncio.wait_for(self._begin(), until - loop_time())
             elif held is False and self.running:
                 log.warning("%s: lease lost, standing by", self.consumer)
@@ -148,7 +156,12 @@ class HandlerRunner:
             wake = sent + ttl * RENEW_EVERY
             if self.running:
                 wake = min(wake, until)
-            await asyncio.sleep(max(0.0, wake - loop_time()))
+            delay = max(0.0, wake - loop_time())
+            if self.running:  # or until a write is refused
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._fenced.wait(), delay)
+            else:
+                await asyncio.sleep(delay)
 
     async def _renew(self, within: float) -> bool | None:
         """Take or renew the lease: True if done, False if another instance holds it, None if
@@ -159,6 +172,7 @@ class HandlerRunner:
             return None
 
     async def _begin(self) -> None:
+        self._fenced.clear()  # what the last run was refused is no concern of this one
         stored = await stored_position(self.log.engines.reader, self.consumer)
         if stored is None:  # set at start; gone only if someone deleted it
             stored = self.hub.head
@@ -176,6 +190,10 @@ class HandlerRunner:
     # -- reading and scheduling --------------------------------------------------------------
 
     async def _run(self) -> None:
+        with contextlib.suppress(LeaseLost):  # _hold stands by
+            await self._follow()
+
+    async def _follow(self) -> None:
         while True:
             while len(self._pending) >= self.max_pending:
                 self._finished.clear()
@@ -212,10 +230,14 @@ class HandlerRunner:
                 async with self._slots:
                     try:
                         await self._process(lane[0])
+                    except LeaseLost:
+                        raise  # not the signal's fault: _hold stands by
                     except Exception as exc:  # a bug or a malformed event: fail it, go on
                         log.exception("runner failed on event %s", lane[0].position)
                         await self._finish(lane[0], Status.FAILED, failure(exc, 0))
                 lane.popleft()
+        except LeaseLost:
+            pass  # the lane stops here; its signals stay pending for whoever runs next
         finally:
             del self._lanes[key]
 
@@ -303,13 +325,22 @@ class HandlerRunner:
 
     async def _commit(self, unit: Callable[[Transaction], Awaitable[T]],
                       signal_id: str | None = None) -> T:
-        """Run ``unit`` in a group commit, retrying while the log is unavailable; it reads
-        the row of ``signal_id``, if given."""
+        """Run ``unit`` in a group commit as the lease's holder, retrying while the log is
+        unavailable; it reads the row of ``signal_id``, if given.
+
+        Raises :class:`LeaseLost`, having written nothing, if the lease is not ours when the
+        commit comes, or once another write was refused so (until ``_hold`` has stopped
+        the run): no write of a run that lost its lease lands after one that was refused."""
         delay = self.backoff
         hints = None if signal_id is None else {SIGNAL_HINT: signal_id}
         while True:
+            if self._fenced.is_set():
+                raise LeaseLost("another write of this run was refused")
             try:
-                return await self.log.transact(unit, hints)
+                return await self.lease.transact(unit, hints)
+            except LeaseLost:
+                self._fenced.set()
+                raise
             except LogUnavailable:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(self.backoff_cap, delay * 2)
