@@ -548,18 +548,29 @@ _DELTA_SECONDS = re.compile(r"[0-9]{1,9}")
 def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: int,
                 backoff: Backoff, max_retry_after: float, url: str) -> float | None:
     """What a client does with the outcome of its try number ``attempt`` (0: the first):
-    None, the answer is final (return it); a number, wait that many seconds and send again;
-    or raise the error the outcome stands for.
+    None, the answer is final (return it); a number, wait that many seconds and send again
+    (`retry_wait` says how long); or raise the error the outcome stands for, a refusal that
+    waiting cannot mend, or the last outcome once ``retries`` are spent."""
+    wait = retry_wait(outcome, attempt, backoff=backoff, max_retry_after=max_retry_after)
+    if wait is not None and attempt >= retries:
+        raise give_up(outcome, attempt + 1, url)
+    return wait
 
-    Sent again, ``retries`` times at most: after a lost connection, a 503 or a proxy's 502 or
-    504 (nothing was acknowledged), following `Backoff`, but not before the answer's
-    ``Retry-After`` when it has one (up to ``max_retry_after``); after a 429, following its
-    ``Retry-After`` (the backoff when it has none). A 429 is raised at once when it is the
+
+def retry_wait(outcome: httpx.Response | Exception, attempt: int, *, backoff: Backoff,
+               max_retry_after: float,
+               unavailable: frozenset[int] = UNAVAILABLE) -> float | None:
+    """How long to wait before sending again after the outcome of try number ``attempt``
+    (None: the answer is final); how many times to send again is the caller's to bound.
+
+    After a lost connection, or an answer in ``unavailable`` (by default a 503 or a proxy's 502
+    or 504: nothing was acknowledged), the wait follows `Backoff`, but is not less than the
+    answer's ``Retry-After`` when it has one (up to ``max_retry_after``); after a 429, it is
+    its ``Retry-After`` (the backoff when it has none). A 429 is raised at once when it is the
     address's failed authentications (waiting does not mend a wrong token) or when it asks
     for a wait over ``max_retry_after`` seconds (the caller would rather know now than wait
     that long).
     """
-    wait: float | None = None
     if isinstance(outcome, httpx.Response):
         if outcome.status_code == 429:
             refusal, wait = error_of(outcome), retry_after(outcome)
@@ -568,15 +579,15 @@ def retry_delay(outcome: httpx.Response | Exception, attempt: int, *, retries: i
             if wait is not None and wait > max_retry_after:
                 refusal.message += f" (not waited for: over {max_retry_after:g} s)"
                 raise refusal
-        elif outcome.status_code not in UNAVAILABLE:
+            if wait is not None:
+                return wait
+        elif outcome.status_code not in unavailable:
             return None
         elif (asked := retry_after(outcome)) is not None:
             # At least what the server asked, with the backoff's jitter on top (not a herd
             # of clients back at the same instant), and never over max_retry_after.
-            wait = min(max_retry_after, asked + backoff.delay(attempt))
-    if attempt >= retries:
-        raise give_up(outcome, attempt + 1, url)
-    return backoff.delay(attempt) if wait is None else wait
+            return min(max_retry_after, asked + backoff.delay(attempt))
+    return backoff.delay(attempt)
 
 
 def may_have_landed(outcome: httpx.Response | Exception) -> bool:

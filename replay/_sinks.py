@@ -1,7 +1,8 @@
 """Where ``signalbox replay`` puts the events it reads: one sink per mode.
 
 * :class:`Emit`: JSON lines, one event per line as the API gives it, to stdout or a file;
-* :class:`Post`: each event POSTed as JSON to a URL, with the event id as ``Idempotency-Key``;
+* :class:`Post`: each event POSTed as JSON to a URL, with the event id as ``Idempotency-Key``,
+  sent again as the receiver asks;
 * :class:`DryRun`: each ``signal.accepted`` run through a handler as the live runner would, the
   outcome beside what the live log recorded, one JSON line per signal in a report file.
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import sys
+import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -33,10 +36,12 @@ from pipeline.processing.attempts import (
 from pipeline.processing.handlers import Handler
 from pipeline.processing.projection import FINAL, Status
 from pipeline.signals import Signal
-from replay._http import USER_AGENT, Backoff
+from replay._http import AUTH_FAILURES, USER_AGENT, Backoff, TooManyRequests, retry_wait
 from replay.sources import Source
 
-POST_ATTEMPTS = 8
+POST_MAX_WAIT = 60.0  # the longest wait a receiver may ask for (Retry-After) and get
+POST_PATIENCE = 120.0  # how long one event is sent again before the replay stops
+SERVER_ERRORS = frozenset(range(500, 600))  # each sent again, as after a lost connection
 
 
 class ReplayError(Exception):
@@ -128,40 +133,71 @@ class Emit:
 
 
 class Post:
-    """POST each event; retry a lost connection or a 5xx with backoff; stop on a 4xx."""
+    """POST each event. A lost connection, a 5xx or a 429 is sent again, after the wait the
+    receiver asks for (`retry_wait`, the client library's rule: its ``Retry-After``, else a
+    backoff); another 4xx, a wait asked over ``max_wait``, or an event still not taken after
+    ``patience`` seconds stops the replay, which a run with the same checkpoint goes on."""
 
     def __init__(self, url: str, resume: dict[str, Any], *, backoff: Backoff | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, max_wait: float = POST_MAX_WAIT,
+                 patience: float = POST_PATIENCE) -> None:
         self.url = url
         self.count = int(resume.get("count", 0))
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self.max_wait = max_wait
+        self.patience = patience
         self.http = httpx.AsyncClient(timeout=timeout, headers={"User-Agent": USER_AGENT})
 
     async def prepare(self, page: list[Event]) -> None:
         return None
 
     async def put(self, event: Event) -> None:
+        started = time.monotonic()
+        for attempt in itertools.count():
+            outcome = await self._send(event)
+            if isinstance(outcome, httpx.Response) and outcome.is_success:
+                self.count += 1
+                return
+            wait = self._wait(outcome, attempt, event)
+            spent = time.monotonic() - started
+            if spent + wait > self.patience:
+                last = (f"HTTP {outcome.status_code}" if isinstance(outcome, httpx.Response)
+                        else repr(outcome))
+                raise ReplayError(
+                    f"{self.url} did not take the event at position {event.position} in "
+                    f"{attempt + 1} attempts over {spent:.0f} s (last: {last}): run again "
+                    "with the same --checkpoint to go on")
+            await asyncio.sleep(wait)
+
+    async def _send(self, event: Event) -> httpx.Response | Exception:
         headers = {"Content-Type": "application/json", "Idempotency-Key": event.id}
-        reason = ""
-        for attempt in range(POST_ATTEMPTS):
-            try:
-                response = await self.http.post(self.url, content=event.json.encode(),
-                                                headers=headers)
-            except httpx.TransportError as exc:
-                reason = repr(exc)
-            else:
-                if 200 <= response.status_code < 300:
-                    self.count += 1
-                    return
-                if response.status_code < 500:
-                    raise ReplayError(
-                        f"{self.url} refused the event at position {event.position} "
-                        f"(HTTP {response.status_code}: {response.text[:200].strip()}): fix "
-                        "the receiver, then run again with the same --checkpoint to go on")
-                reason = f"HTTP {response.status_code}"
-            await asyncio.sleep(self.backoff.delay(attempt))
-        raise ReplayError(f"could not deliver the event at position {event.position} to "
-                          f"{self.url} in {POST_ATTEMPTS} attempts (last: {reason})")
+        try:
+            return await self.http.post(self.url, content=event.json.encode(),
+                                        headers=headers)
+        except httpx.TransportError as exc:
+            return exc
+
+    def _wait(self, outcome: httpx.Response | Exception, attempt: int, event: Event) -> float:
+        """Seconds to wait before sending ``event`` again; raise when waiting cannot help."""
+        try:
+            wait = retry_wait(outcome, attempt, backoff=self.backoff,
+                              max_retry_after=self.max_wait, unavailable=SERVER_ERRORS)
+        except TooManyRequests as exc:
+            if exc.code == AUTH_FAILURES:  # a wrong token, not a rate: refused as any 4xx
+                wait = None
+            else:  # a wait over max_wait
+                raise ReplayError(
+                    f"{self.url} asked to wait {exc.retry_after or 0:.0f} s before it takes "
+                    f"the event at position {event.position}, over the {self.max_wait:.0f} s "
+                    "a replay waits: run again later with the same --checkpoint to go on"
+                ) from None
+        if wait is None:
+            assert isinstance(outcome, httpx.Response)
+            raise ReplayError(
+                f"{self.url} refused the event at position {event.position} "
+                f"(HTTP {outcome.status_code}: {outcome.text[:200].strip()}): fix "
+                "the receiver, then run again with the same --checkpoint to go on")
+        return wait
 
     def state(self) -> dict[str, Any]:
         return {"count": self.count}

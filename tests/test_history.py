@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import pty
 import signal
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pipeline.log.model import GENESIS_HASH, canonical_json, chain_hash, format_time
+from pipeline.log.model import GENESIS_HASH, Event, canonical_json, chain_hash, format_time
 from pipeline.log.schema import events as events_table
 from pipeline.log.schema import log_head
 from pipeline.migrate import upgrade_async
+from replay._sinks import Post, ReplayError
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
@@ -235,20 +238,29 @@ async def test_the_same_log_gives_the_same_bytes(database_url: str, tmp_path: Pa
 
 
 class Receiver:
-    """A real HTTP server on 127.0.0.1 that records what it is sent. ``script`` gives, per
-    request number (from 1), the status to answer; others get 200."""
+    """A real HTTP server on 127.0.0.1 that records what it is sent, and when (monotonic).
+    ``script`` gives, per request number (from 1), the status to answer, or the status and
+    headers to add; others get 200. ``every`` answers all the others instead."""
 
-    def __init__(self, script: dict[int, int]) -> None:
+    def __init__(self, script: dict[int, int | tuple[int, dict[str, str]]], *,
+                 every: int | tuple[int, dict[str, str]] = 200) -> None:
         self.script = script
         self.requests: list[tuple[str | None, dict[str, Any], int]] = []
+        self.times: list[float] = []
+        self.wall: list[float] = []
         outer = self
 
         class Handle(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = outer.script.get(len(outer.requests) + 1, 200)
+                answer = outer.script.get(len(outer.requests) + 1, every)
+                status, extra = answer if isinstance(answer, tuple) else (answer, {})
+                outer.times.append(time.monotonic())
+                outer.wall.append(time.time())
                 outer.requests.append((self.headers.get("Idempotency-Key"), body, status))
                 self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
@@ -300,6 +312,66 @@ async def test_post_stops_on_a_4xx_and_resumes_from_the_checkpoint(
                          "--checkpoint", str(checkpoint))
     assert resumed.returncode == 0, resumed.stderr
     assert [key for key, _ in receiver.accepted()] == [row["id"] for row in rows]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_post_waits_as_a_rate_limiting_receiver_asks(database_url: str) -> None:
+    """A receiver that answers 429 Too Many Requests is asked again once the wait it gave has
+    passed: its Retry-After in seconds, or as an HTTP date (counted from the answer's Date),
+    or, without one, a short backoff. Every event arrives, once and in order."""
+    rows = await crafted_log(database_url, spaced(4, 1.0))
+    not_before = math.ceil(time.time()) + 5
+    date = formatdate(not_before, usegmt=True)
+    with Receiver({2: (429, {"Retry-After": "2"}), 3: (429, {"Retry-After": date}),
+                   4: 429}) as receiver:
+        done = replay("--database-url", database_url, "--post", receiver.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"posted 4 events to {receiver.url}\n"
+    assert [key for key, _ in receiver.accepted()] == [row["id"] for row in rows]
+    assert [key for key, _, _ in receiver.requests[1:5]] == [rows[1]["id"]] * 4
+    assert receiver.times[2] - receiver.times[1] >= 2 - 0.05
+    assert receiver.wall[3] >= not_before - 0.05
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_post_stops_on_a_wait_too_long_and_resumes_from_the_checkpoint(
+        database_url: str, tmp_path: Path) -> None:
+    rows = await crafted_log(database_url, spaced(4, 1.0))
+    checkpoint = tmp_path / "cp.json"
+    flags = ["--database-url", database_url, "--checkpoint", str(checkpoint)]
+    with Receiver({2: (429, {"Retry-After": "3600"})}) as receiver:
+        started = time.monotonic()
+        stopped = replay(*flags, "--post", receiver.url)
+        assert time.monotonic() - started < 60  # not an hour
+        assert stopped.returncode == 1
+        assert len(stopped.stderr.splitlines()) == 1
+        assert "asked to wait 3600 s" in stopped.stderr
+        assert "run again later with the same --checkpoint" in stopped.stderr
+        assert json.loads(checkpoint.read_text())["position"] == 1
+        resumed = replay(*flags, "--post", receiver.url)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [key for key, _ in receiver.accepted()] == [row["id"] for row in rows]
+
+
+async def test_post_gives_up_an_event_refused_for_longer_than_its_patience() -> None:
+    """A receiver that answers 429 to every try is asked again as it says, but not forever:
+    once the next wait would take an event past the patience, the replay stops, with one line
+    saying how to go on."""
+    event = Event(1, str(uuid.uuid4()), "stream-1", "test.event", "{}", "{}",
+                  format_time(datetime.now(UTC)), "0" * 64)
+    with Receiver({}, every=(429, {"Retry-After": "1"})) as receiver:
+        post = Post(receiver.url, {}, patience=2.5)
+        try:
+            with pytest.raises(ReplayError) as stopped:
+                await post.put(event)
+        finally:
+            await post.close()
+    assert len(receiver.requests) == 3
+    assert all(b - a >= 1 - 0.05 for a, b in itertools.pairwise(receiver.times))
+    assert "\n" not in stopped.value.message
+    assert stopped.value.message.startswith(f"{receiver.url} did not take the event at "
+                                            "position 1 in 3 attempts")
+    assert stopped.value.message.endswith("run again with the same --checkpoint to go on")
 
 
 # -- checkpoints -------------------------------------------------------------------------------
