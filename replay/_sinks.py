@@ -69,25 +69,32 @@ class Sink(Protocol):
 
 
 class LineFile:
-    """JSON lines to stdout or a file. A file resumed from a checkpoint is cut back to the size
-    the checkpoint recorded, so that lines written after it (by a run that was killed before
-    it could save its checkpoint) are not there twice."""
+    """JSON lines to stdout or a file. A file resumed from a checkpoint (``resume``, the state
+    it saved) is cut back to the size the checkpoint recorded, so that lines written after it
+    (by a run that was killed before it could save its checkpoint) are not there twice; a file
+    that is gone, or shorter than that, is not the one the checkpoint goes on, and is refused
+    (that the checkpoint is of this very path, `Checkpoint` has checked)."""
 
     def __init__(self, path: Path | None, resume: dict[str, Any] | None, *,
-                 flush_each: bool) -> None:
+                 flush_each: bool, checkpoint: Path | None = None) -> None:
         self.path = path
         self.flush_each = flush_each
         self.file: BinaryIO
         if path is None:
             self.file = sys.stdout.buffer
             return
-        size = resume.get("bytes") if resume and resume.get("path") == str(path.resolve()) else None
-        if isinstance(size, int) and path.exists():
-            self.file = path.open("r+b")
-            self.file.truncate(size)
-            self.file.seek(size)
-        else:
-            self.file = path.open("ab" if resume else "wb")
+        if resume is None:
+            self.file = path.open("wb")
+            return
+        size = resume.get("bytes")
+        if not isinstance(size, int) or not path.is_file() or path.stat().st_size < size:
+            raise ReplayError(f"{path} is not the file the checkpoint {checkpoint} goes on "
+                              f"(it is gone, or shorter than the {size} bytes written to it): "
+                              "put that file back, or give another --checkpoint file to start "
+                              "afresh")
+        self.file = path.open("r+b")
+        self.file.truncate(size)
+        self.file.seek(size)
 
     def write(self, line: str) -> None:
         self.file.write(line.encode() + b"\n")
@@ -98,7 +105,7 @@ class LineFile:
         self.file.flush()
         if self.path is None:
             return {}
-        return {"path": str(self.path.resolve()), "bytes": self.file.tell()}
+        return {"bytes": self.file.tell()}
 
     def close(self) -> None:
         if self.path is None:

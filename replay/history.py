@@ -18,8 +18,9 @@ A mode is a sink (:mod:`replay._sinks`) made by :func:`make_sink`; a new mode ad
 
 ``--speed X`` keeps the recorded gaps between the events' times, divided by X, on a monotonic
 clock measured from the start of the run (so delays do not add up). ``--checkpoint FILE`` keeps
-the last position done, the log's epoch and the options (written atomically after every page
-and at exit, Ctrl-C included); a run with the same file goes on after it. Outputs contain no
+the last position done, the log's epoch and the options, the output file's absolute path among
+them (written atomically after every page and at exit, Ctrl-C included); a run with the same
+file goes on after it, in the same output file. Outputs contain no
 wall-clock time: the same log and options give the same bytes.
 """
 
@@ -196,8 +197,12 @@ def _time(value: str | None, flag: str) -> str | None:
 
 
 def identity(args: argparse.Namespace, selection: Selection) -> dict[str, Any]:
-    """What a checkpoint is valid for: the mode and the selection."""
-    return {"mode": mode_of(args), "handler": args.handler, "apply": args.apply,
+    """What a checkpoint is valid for: the mode, the file it writes (--output or --report, by
+    its absolute path: a relative one names another file in another folder) and the
+    selection."""
+    written = args.output or args.report
+    return {"mode": mode_of(args), "output": str(written.resolve()) if written else None,
+            "handler": args.handler, "apply": args.apply,
             "from_position": selection.first,
             "to_position": selection.last, "since": selection.since, "until": selection.until,
             "types": sorted(args.types), "tickers": sorted(args.tickers),
@@ -220,13 +225,21 @@ class Checkpoint:
         try:
             saved = json.loads(self.path.read_text())
             epoch, options, position = saved["epoch"], saved["options"], int(saved["position"])
-        except (ValueError, KeyError, TypeError):
+            # Checkpoints made before the output was an option kept its path with the sink's.
+            options.setdefault("output", (saved.get("sink") or {}).get("path"))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ReplayError(f"{self.path} is not a replay checkpoint: give another "
                               "--checkpoint file") from None
         if epoch != self.epoch:
             raise ReplayError(f"the checkpoint {self.path} belongs to another log (epoch "
                               f"{epoch}, this one is {self.epoch}): give another --checkpoint "
                               "file")
+        if options["output"] != self.options["output"]:
+            raise ReplayError(f"the checkpoint {self.path} goes on writing "
+                              f"{options['output'] or 'stdout'}, not "
+                              f"{self.options['output'] or 'stdout'}: give that file (a "
+                              "relative path is taken from the folder the command runs in), or "
+                              "another --checkpoint file", 2)
         if options != self.options:
             differ = ", ".join(f"{k}: {options.get(k)!r} then, {v!r} now"
                                for k, v in self.options.items() if options.get(k) != v)
@@ -268,6 +281,10 @@ def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] |
     state = resume or {}
     paced = args.speed is not None
     mode = mode_of(args)
+
+    def lines_to(path: Path | None) -> LineFile:
+        return LineFile(path, resume, flush_each=paced, checkpoint=args.checkpoint)
+
     if mode == "handler":
         assert handler is not None
         settings = Settings(**{n: getattr(args, n) for n, _, _ in HANDLER_SETTINGS
@@ -277,7 +294,7 @@ def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] |
             settings.handler_attempts, settings.handler_backoff, timeout=settings.handler_timeout,
             options={"forward_url": settings.forward_url, "forward_secret": secret,
                      "forward_timeout": settings.forward_timeout})
-        report = LineFile(args.report, resume, flush_each=paced)
+        report = lines_to(args.report)
         return DryRun(args.handler, handler, policy, default_max_lag=settings.max_lag,
                       source=source, report=report, resume=state)
     if mode == "renormalize":
@@ -285,11 +302,11 @@ def make_sink(args: argparse.Namespace, source: Source, resume: dict[str, Any] |
         if args.apply:
             applier = Applier(args.url, os.environ.get("SIGNALBOX_TOKEN", "").strip())
         max_lag = args.max_lag if args.max_lag is not None else Settings().max_lag
-        changes = LineFile(args.report, resume, flush_each=paced) if args.report else None
+        changes = lines_to(args.report) if args.report else None
         return Renormalize(changes, state, default_max_lag=max_lag, applier=applier)
     if mode == "post":
         return Post(args.post, state)
-    return Emit(LineFile(args.output, resume, flush_each=paced), state)
+    return Emit(lines_to(args.output), state)
 
 
 async def _replay(args: argparse.Namespace, database_url: str) -> int:

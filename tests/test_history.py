@@ -50,17 +50,19 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "replay", *args]
 
 
-def replay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def replay(*args: str, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command(*args), check=False, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+                          timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def stop_paced(flags: Sequence[str], ready: Callable[[], bool], *,
-               stop: signal.Signals = signal.SIGINT, timeout: float = 30) -> tuple[int, str]:
+               stop: signal.Signals = signal.SIGINT, timeout: float = 30,
+               cwd: Path | None = None) -> tuple[int, str]:
     """A replay paced in real time (``--speed 1``), sent ``stop`` once ``ready()``: its exit
     code and what it wrote on stderr."""
     process = subprocess.Popen(command(*flags, "--speed", "1"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         wait_until(ready, timeout=timeout)
         process.send_signal(stop)
@@ -431,6 +433,60 @@ def test_lines_written_after_the_last_checkpoint_of_a_killed_run_are_not_repeate
     assert json.loads(checkpoint.read_text())["position"] == 2000
     assert replay(*flags).returncode == 0
     assert [e["position"] for e in lines(out)] == list(range(1, 3501))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_replay_resumed_from_another_folder_goes_on_with_its_own_file(
+        database_url: str, tmp_path: Path) -> None:
+    """A relative --output names another file in another folder: resumed from there, the
+    replay is refused (nothing written anywhere) rather than go on in a file that lacks the
+    beginning; given the file it began, from any folder, it ends it."""
+    asyncio.run(crafted_log(database_url, spaced(30, 0.1)))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    out, checkpoint = first / "out.jsonl", tmp_path / "cp.json"
+    flags = ["--database-url", database_url, "--checkpoint", str(checkpoint)]
+    stopped = stop_paced([*flags, "--output", "out.jsonl"],
+                         lambda: out.exists() and out.read_text().count("\n") >= 5, cwd=first)
+    assert stopped == (130, "")
+    kept = out.read_bytes()
+
+    elsewhere = replay(*flags, "--output", "out.jsonl", cwd=second)
+    assert elsewhere.returncode == 2
+    assert len(elsewhere.stderr.splitlines()) == 1
+    assert f"goes on writing {out}, not {second / 'out.jsonl'}" in elsewhere.stderr
+    assert not (second / "out.jsonl").exists()
+    assert out.read_bytes() == kept
+
+    resumed = replay(*flags, "--output", str(out), cwd=second)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [e["position"] for e in lines(out)] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_replay_whose_file_is_gone_or_cut_short_is_refused(database_url: str,
+                                                                   tmp_path: Path) -> None:
+    await crafted_log(database_url, spaced(10, 1.0))
+    out, checkpoint = tmp_path / "out.jsonl", tmp_path / "cp.json"
+    flags = ["--database-url", database_url, "--output", str(out), "--checkpoint",
+             str(checkpoint)]
+    assert replay(*flags).returncode == 0
+    whole = out.read_bytes()
+    for damaged in (None, whole[:len(whole) // 2]):
+        if damaged is None:
+            out.unlink()
+        else:
+            out.write_bytes(damaged)
+        refused = replay(*flags)
+        assert refused.returncode == 1
+        assert len(refused.stderr.splitlines()) == 1
+        assert f"{out} is not the file the checkpoint {checkpoint} goes on" in refused.stderr
+        assert (out.read_bytes() if out.exists() else None) == damaged
+    out.write_bytes(whole)
+    again = replay(*flags)
+    assert again.returncode == 0, again.stderr
+    assert out.read_bytes() == whole
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
