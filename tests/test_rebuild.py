@@ -11,10 +11,10 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -209,7 +209,6 @@ async def test_the_fold_stops_at_the_head_it_began_with(database_url: str) -> No
         server.stop()
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_a_rebuild_started_while_another_runs_is_refused(database_url: str) -> None:
     """A rebuild folds into a table of its own name: a second one started meanwhile (on
     another host, by a timer) would drop the first's table, or fold into it, and a swap would
@@ -236,5 +235,55 @@ async def test_a_rebuild_started_while_another_runs_is_refused(database_url: str
         assert (first.swapped, first.signals, first.difference_count) == (True, 3, 0)
         code, check = await run_rebuild(database_url)
         assert (code, check["difference_count"], check["signals"]) == (0, 0, 3)
+    finally:
+        server.stop()
+
+
+HOLDING = """
+import asyncio, sys
+from pipeline.processing.rebuild import rebuild
+
+def hold(report):  # a page is folded: stay inside the rebuild until killed
+    print("folding", flush=True)
+    sys.stdin.read()
+
+asyncio.run(rebuild(sys.argv[1], progress=hold))
+"""
+
+
+def rebuild_now(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", "rebuild", "--json",
+                           "--database-url", url], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+async def test_a_rebuild_killed_in_the_middle_keeps_no_other_out(database_url: str) -> None:
+    """What keeps a second rebuild out is let go of when the process holding it ends, however
+    it ends: a rebuild killed in the middle (kill -9, out of memory) does not refuse every
+    later one, which folds the log again from the start."""
+    server = ServerProcess(database_url).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            for _ in range(3):
+                await post(client, {"ticker": "OLD", "action": "buy"})
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLDING, database_url, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
+        try:
+            assert holder.stdout is not None
+            assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"folding\n"
+            refused = rebuild_now(database_url)
+            assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+            assert "another rebuild is running on this database" in refused.stderr
+        finally:
+            holder.kill()
+            await holder.wait()
+        deadline = time.monotonic() + 10  # PostgreSQL ends the session once it sees it lost
+        after = rebuild_now(database_url)
+        while "another rebuild" in after.stderr and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            after = rebuild_now(database_url)
+        assert after.returncode == 0, after.stderr
+        assert (json.loads(after.stdout)["signals"], after.stderr) == (3, "")
     finally:
         server.stop()

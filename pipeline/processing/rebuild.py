@@ -14,17 +14,20 @@ append locks first), it folds the little appended since and replaces the live ro
 rebuilt ones. No append can fall between the last event folded and the swap, and a running
 server goes on without a restart: its appends wait only for the swap's short transaction.
 
-One rebuild at a time: on PostgreSQL a rebuild holds an advisory lock for as long as it runs,
-and one started meanwhile (on another host, by a timer) is refused, since it would drop the
-scratch table of the first or fold into it, and the first's swap would then put in place a
-projection missing signals.
+One rebuild at a time: a rebuild holds a lock for as long as it runs (PostgreSQL: an advisory
+lock; SQLite: an exclusive ``flock`` of a file beside the database), and one started meanwhile
+(on another host, by a timer) is refused, since it would drop the scratch table of the first or
+fold into it, and the first's swap would then put in place a projection missing signals. Both
+locks go when the process holding them ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import fcntl
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, MetaData, Table, bindparam, delete, insert, select, text, update
@@ -32,13 +35,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pipeline.errors import Conflict
 from pipeline.log import Event
-from pipeline.log.backends import migration_engine
+from pipeline.log.backends import migration_engine, sqlite_path
 from pipeline.log.schema import events, log_head, signals
 from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import Row, fold
 
 PAGE = 2000
 REBUILD_LOCK = 0x5267_6E61_6C62_6F78  # the advisory lock key (migrations use another)
+ANOTHER_REBUILD = ("another rebuild is running on this database: run this one again once it "
+                   "has ended")
 SHOWN = 100  # differences and problems kept in the report (all are counted)
 COLUMNS = [c.name for c in signals.columns]
 
@@ -112,20 +117,44 @@ async def rebuild(url: str, *, swap: bool = False,
 
 @contextlib.asynccontextmanager
 async def _alone(engine: AsyncEngine) -> AsyncIterator[None]:
-    """On PostgreSQL, hold the rebuild's advisory lock, on a connection of its own, until the
-    rebuild ends (or the connection does: the server lets go of it then too); raise
-    :class:`Conflict` at once when another rebuild holds it."""
-    if engine.dialect.name != "postgresql":
-        yield
-        return
+    """Hold the rebuild's lock until the rebuild ends; raise :class:`Conflict` at once when
+    another rebuild holds it."""
+    if engine.dialect.name == "postgresql":
+        async with _advisory_lock(engine):
+            yield
+    else:
+        with _lock_file(sqlite_path(engine.url)):
+            yield
+
+
+@contextlib.asynccontextmanager
+async def _advisory_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """PostgreSQL: the advisory lock, on a connection of its own (the server lets go of it
+    when the connection ends, also when the process dies)."""
     async with engine.connect() as conn:
         held = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
                                    {"key": REBUILD_LOCK})).scalar_one()
         await conn.commit()  # the lock is the session's: no transaction needs to stay open
         if not held:
-            raise Conflict("another rebuild is running on this database: run this one again "
-                           "once it has ended")
+            raise Conflict(ANOTHER_REBUILD)
         yield  # the connection closes as the block ends, and the lock goes with it
+
+
+@contextlib.contextmanager
+def _lock_file(database: Path | None) -> Iterator[None]:
+    """SQLite: an exclusive ``flock`` of ``<database>-rebuild.lock``, made beside it when
+    missing and left there (removing it would let a rebuild lock a file another has just
+    opened anew). The system lets go of it when the file is closed, also when the process
+    dies. A database in memory is the process's own: nothing to lock."""
+    if database is None:
+        yield
+        return
+    with database.with_name(database.name + "-rebuild.lock").open("ab") as file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(ANOTHER_REBUILD) from None
+        yield
 
 
 async def fold_and_compare(engine: AsyncEngine, report: RebuildReport,
