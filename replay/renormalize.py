@@ -16,43 +16,43 @@ import sys
 from collections import Counter
 from typing import Any, TextIO
 
-import httpx
-
 from pipeline.log.model import Event
 from pipeline.processing.reparse import Change, Pairs, compare
-from replay._http import USER_AGENT
+from replay._http import Call, Client, SignalboxClientError, Unavailable, answer_json
 from replay._sinks import LineFile, ReplayError
+from replay.sources import READ_BACKOFF, READ_RETRIES
 
 TYPES = Pairs.TYPES
+RECORDED = frozenset({200, 201})  # 201: appended now; 200: recorded before
 
 
 class Applier:
-    """Asks a server to record each change (``POST /api/signals/{id}/renormalize``)."""
+    """Asks a server to record each change (``POST /api/signals/{id}/renormalize``), by the
+    client library's rules: a 503, a proxy's 502 or 504 or a lost connection is sent again
+    (recording a change is idempotent), as patiently as the reading commands wait (some
+    15 s, honouring ``Retry-After``); any other refusal stops the run."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.AsyncClient(base_url=url, timeout=30, headers={
-            "Authorization": f"Bearer {token}", "User-Agent": USER_AGENT})
+        self.client = Client(url, token, retries=READ_RETRIES, backoff=READ_BACKOFF,
+                             timeout=30)
 
     async def apply(self, change: Change) -> dict[str, Any]:
         """The server's answer: ``appended`` (now recorded) or not (recorded before)."""
+        call = Call("POST", f"/api/signals/{change.signal_id}/renormalize", ok=RECORDED)
         try:
-            response = await self.http.post(f"/api/signals/{change.signal_id}/renormalize")
-        except httpx.TransportError as exc:
-            raise ReplayError(f"the server could not be reached to record the change of "
-                              f"signal {change.signal_id} ({exc!r}): run again with the same "
+            response, _ = await self.client.send(call)
+            return answer_json(response, call.ok)
+        except Unavailable as exc:
+            raise ReplayError(f"the server could not record the change of signal "
+                              f"{change.signal_id} ({exc.message}): run again with the same "
                               "--checkpoint to go on") from None
-        if response.status_code >= 400:
-            try:
-                message = str(response.json().get("message", response.text))
-            except ValueError:
-                message = response.text[:200]
+        except SignalboxClientError as exc:
+            status = f"HTTP {exc.status}" if exc.status is not None else exc.code
             raise ReplayError(f"the server refused to record the change of signal "
-                              f"{change.signal_id} (HTTP {response.status_code}): {message}")
-        body: dict[str, Any] = response.json()
-        return body
+                              f"{change.signal_id} ({status}): {exc.message}") from None
 
     async def close(self) -> None:
-        await self.http.aclose()
+        await self.client.aclose()
 
 
 class Renormalize:

@@ -26,6 +26,7 @@ from pipeline.signals import parse_tradingview
 from replay.audit import Head, ServerSource, verify
 from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers
 from tests.test_cli import create_token
+from tests.test_client import hold_write_lock
 from tests.test_signals import EMBEDDED_ALERTS
 
 NOW = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
@@ -236,4 +237,68 @@ async def test_a_change_the_server_refused_is_applied_when_the_run_goes_on(
                 "type": "signal.renormalized", "limit": 100})).json()
         assert sorted(e["data"]["signal_id"] for e in page["events"]) == sorted(expected)
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_apply_waits_out_a_log_that_cannot_commit_for_a_while(
+        database_url: str, tmp_path: Path) -> None:
+    """A server that answers 503 (its log could not commit: here another process holds
+    SQLite's write lock) is asked again as it says (`Retry-After`), as the client library
+    does, instead of stopping the run at the first change: it records every change once the
+    lock is gone."""
+    forged = await record_forged(database_url)
+    expected = {sid for sid, kind in forged.items() if kind != "unchanged"}
+    server = ServerProcess(database_url, env={"SIGNALBOX_COMMIT_TIMEOUT": "0.3"}).start()
+    lock = hold_write_lock(database_url)
+    try:
+        run = asyncio.create_task(renormalize("--url", server.base_url, "--apply",
+                                              token=ADMIN_TOKEN))
+        # The lock goes once a commit of the run's failed for it, and not before.
+        while not any("group commit of" in line for line in server.output):
+            assert not run.done(), await run
+            await asyncio.sleep(0.05)
+        lock.execute("ROLLBACK")
+        code, out, err = await asyncio.wait_for(run, 60)
+        assert code == 0, err
+        # A change whose commit outlasted its 503 may be found recorded when asked again:
+        # either way, each is recorded once.
+        assert "signal.renormalized events" in out
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            page = (await client.get("/api/events", headers=headers(), params={
+                "type": "signal.renormalized", "limit": 100})).json()
+        assert sorted(e["data"]["signal_id"] for e in page["events"]) == sorted(expected)
+    finally:
+        lock.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_change_asked_twice_in_one_group_commit_is_recorded_once(
+        database_url: str) -> None:
+    """A retry can share a group commit with the attempt it repeats (answered 503 when its
+    commit outlasted the commit timeout, but still queued): the second finds the first's
+    event, which the database does not show yet, and appends nothing."""
+    forged = await record_forged(database_url)
+    changed = next(sid for sid, kind in forged.items() if kind != "unchanged")
+    server = ServerProcess(database_url, env={"SIGNALBOX_COMMIT_TIMEOUT": "0.3"}).start()
+    lock = hold_write_lock(database_url)
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            # A first group commit that waits for the lock; both asks queue behind it.
+            blocked = await client.post("/api/signals", headers=headers(INGEST_TOKEN),
+                                        json={"ticker": "BTCUSDT", "action": "buy"})
+            asks = await asyncio.gather(*(
+                client.post(f"/api/signals/{changed}/renormalize", headers=headers())
+                for _ in range(2)))
+            assert [blocked.status_code, *(a.status_code for a in asks)] == [503] * 3
+            lock.execute("ROLLBACK")
+            again = await client.post(f"/api/signals/{changed}/renormalize", headers=headers())
+            assert again.status_code == 200, again.text  # after the queue: recorded before
+            page = (await client.get("/api/events", headers=headers(), params={
+                "type": "signal.renormalized", "limit": 100})).json()
+        assert [e["data"]["signal_id"] for e in page["events"]] == [changed]
+        assert again.json()["position"] == page["events"][0]["position"]
+    finally:
+        lock.close()
         server.stop()

@@ -198,12 +198,20 @@ async def record_renormalized(log: EventLog, signal_id: str, *,
     data = {**change.to_event_data(), "signal_id": signal_id}  # the stream's own id
 
     async def unit(tx: Transaction) -> tuple[Renormalized, bool]:
-        last = await tx.fetch_one(
-            select(events.c.position, events.c.data)
-            .where(events.c.stream == stream, events.c.type == EventType.RENORMALIZED.value)
-            .order_by(events.c.position.desc()).limit(1))
-        if last is not None and json.loads(last["data"]).get("now") == data["now"]:
-            return Renormalized(signal_id, change, int(last["position"])), False
+        # What earlier units of this group commit appended (a retry may share the batch of
+        # the attempt it repeats), which a read of the database cannot see yet.
+        batch: dict[str, tuple[int, Any]] = tx.local.setdefault("renormalized", {})
+        if stream in batch:
+            position, now = batch[stream]
+        else:
+            last = await tx.fetch_one(
+                select(events.c.position, events.c.data)
+                .where(events.c.stream == stream, events.c.type == EventType.RENORMALIZED.value)
+                .order_by(events.c.position.desc()).limit(1))
+            position, now = ((0, None) if last is None
+                             else (int(last["position"]), json.loads(last["data"]).get("now")))
+        if position and now == data["now"]:
+            return Renormalized(signal_id, change, position), False
         rows = SignalRows(tx)
         row = await rows.get(signal_id)
         if row is None:
@@ -212,6 +220,7 @@ async def record_renormalized(log: EventLog, signal_id: str, *,
                                   ("strategy", row["strategy"])) if v is not None}
         event = tx.append(NewEvent(stream, EventType.RENORMALIZED, data, meta))
         rows.update(fold(row, event))
+        batch[stream] = (event.position, data["now"])
         return Renormalized(signal_id, change, event.position), True
 
     return await log.transact(unit)
