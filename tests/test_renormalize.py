@@ -92,6 +92,14 @@ async def renormalize(*args: str, token: str | None = None) -> tuple[int, str, s
     return process.returncode, out.decode(), err.decode()
 
 
+async def renormalized(server: ServerProcess) -> list[str]:
+    """The signals of the log's signal.renormalized events, oldest first."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        page = (await client.get("/api/events", headers=headers(), params={
+            "type": "signal.renormalized", "limit": 100})).json()
+    return [e["data"]["signal_id"] for e in page["events"]]
+
+
 def read_report(path: Path) -> dict[str, dict[str, Any]]:
     return {line["signal_id"]: line for line in map(json.loads, path.read_text().splitlines())}
 
@@ -232,10 +240,7 @@ async def test_a_change_the_server_refused_is_applied_when_the_run_goes_on(
         assert f"appended {len(expected)} signal.renormalized events (0 recorded before)" in out
         assert sorted(read_report(report)) == sorted(expected)
         assert len(report.read_text().splitlines()) == len(expected)
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            page = (await client.get("/api/events", headers=headers(), params={
-                "type": "signal.renormalized", "limit": 100})).json()
-        assert sorted(e["data"]["signal_id"] for e in page["events"]) == sorted(expected)
+        assert sorted(await renormalized(server)) == sorted(expected)
     finally:
         server.stop()
 
@@ -264,10 +269,7 @@ async def test_apply_waits_out_a_log_that_cannot_commit_for_a_while(
         # A change whose commit outlasted its 503 may be found recorded when asked again:
         # either way, each is recorded once.
         assert "signal.renormalized events" in out
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            page = (await client.get("/api/events", headers=headers(), params={
-                "type": "signal.renormalized", "limit": 100})).json()
-        assert sorted(e["data"]["signal_id"] for e in page["events"]) == sorted(expected)
+        assert sorted(await renormalized(server)) == sorted(expected)
     finally:
         lock.close()
         server.stop()
@@ -295,10 +297,7 @@ async def test_a_change_asked_twice_in_one_group_commit_is_recorded_once(
             lock.execute("ROLLBACK")
             again = await client.post(f"/api/signals/{changed}/renormalize", headers=headers())
             assert again.status_code == 200, again.text  # after the queue: recorded before
-            page = (await client.get("/api/events", headers=headers(), params={
-                "type": "signal.renormalized", "limit": 100})).json()
-        assert [e["data"]["signal_id"] for e in page["events"]] == [changed]
-        assert again.json()["position"] == page["events"][0]["position"]
+        assert await renormalized(server) == [changed]
     finally:
         lock.close()
         server.stop()
