@@ -2,8 +2,9 @@
 reason; signals posted over HTTP appear; status reports change rows in place; filters apply; a
 server killed and restarted while another process keeps sending (through a second instance on
 the same database) leaves the table with every signal exactly once, and so does a reload; a
-new log behind the same address stops the page until it is told to start again. No Content
-Security Policy violation and no page error on the way.
+new log behind the same address, or one that ends before the page's cursor, stops the page
+until it is told to start again. No Content Security Policy violation and no page error on
+the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -325,6 +326,43 @@ async def test_the_chart_shows_a_busy_tickers_newest_signals(
         newest = await page.get_attribute("[data-testid=chart-points]", "data-newest")
         assert newest == str(max(positions))
         await shot(page, "7-busy-ticker")
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_a_cursor_ahead_of_the_log_stops_until_told_to_start_again(
+        browser: Browser, tmp_path: Path) -> None:
+    """A log behind the page's cursor, with the same epoch (a database restored from an older
+    copy): the page stops with the server's reason and starts again from the head when asked,
+    as after an epoch change; a reload alone would resume from the same cursor and stop again."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            signal_id = await post(client, "AAPL", "buy", "101.5")
+            await page.wait_for_selector(f'tr[data-signal-id="{signal_id}"]', timeout=WAIT_MS)
+            head = (await client.get("/readyz")).json()["head"]
+        await page.evaluate("""() => {
+          const key = 'signalbox:checkpoint:dashboard';
+          const saved = JSON.parse(sessionStorage.getItem(key));
+          sessionStorage.setItem(key, JSON.stringify({ ...saved, cursor: saved.cursor + 1000 }));
+        }""")
+        await page.reload()
+        await wait_state(page, "error")
+        assert "ahead" in await page.inner_text("[data-testid=connection-error]")
+        await shot(page, "8-cursor-ahead")
+        await page.click("text=Start again")
+        await wait_state(page, "live")
+        await page.wait_for_selector(f'tr[data-signal-id="{signal_id}"]', timeout=WAIT_MS)
+        stored: Any = await page.evaluate(
+            "() => JSON.parse(sessionStorage.getItem('signalbox:checkpoint:dashboard'))")
+        assert stored["cursor"] == head
     finally:
         await page.close()
         server.stop()

@@ -131,7 +131,8 @@ export class SignalboxClient {
 
   /**
    * Forgets the checkpoint and starts again as new (from `start`): what to do after
-   * `epoch_changed`, once whatever was built from the old log has been thrown away.
+   * `epoch_changed` or `cursor_ahead`, once whatever was built from the old log has been
+   * thrown away.
    */
   reset(): void {
     this.close();

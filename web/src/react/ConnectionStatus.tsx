@@ -1,5 +1,5 @@
 import { useEffect, useState } from "react";
-import type { ConnectionState } from "../client";
+import type { ClientErrorKind, ConnectionState } from "../client";
 import { useSignalbox } from "./context";
 
 const LABELS: Record<ConnectionState, string> = {
@@ -13,6 +13,10 @@ const LABELS: Record<ConnectionState, string> = {
   error: "Stopped",
   closed: "Closed",
 };
+
+/** The log is not the one the stored cursor belongs to: another epoch, or one behind the
+ * cursor (the same database restored from an older copy). Only forgetting the cursor helps. */
+const ANOTHER_LOG = new Set<ClientErrorKind>(["epoch_changed", "cursor_ahead"]);
 
 /** Re-renders every second, so that "3 s ago" stays true. */
 function useNow(): number {
@@ -55,7 +59,7 @@ export function ConnectionStatus() {
       {s.error && (
         <span className="error" role="alert" data-testid="connection-error">
           {s.error.message} ({s.error.code || s.error.kind})
-          {s.error.kind === "epoch_changed" && (
+          {ANOTHER_LOG.has(s.error.kind) && (
             <button type="button" onClick={s.restart}>Start again</button>
           )}
         </span>
