@@ -1,10 +1,10 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
-reason; signals posted over HTTP appear; status reports change rows in place; filters apply; a
-server killed and restarted while another process keeps sending (through a second instance on
-the same database) leaves the table with every signal exactly once, and so does a reload; a
-new log behind the same address, or one that ends before the page's cursor, stops the page
-until it is told to start again. No Content Security Policy violation and no page error on
-the way.
+reason; signals posted over HTTP appear; status reports change rows in place, and the detail
+of a signal the table no longer holds; filters apply; a server killed and restarted while
+another process keeps sending (through a second instance on the same database) leaves the
+table with every signal exactly once, and so does a reload; a new log behind the same
+address, or one that ends before the page's cursor, stops the page until it is told to start
+again. No Content Security Policy violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -28,6 +28,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
+    FastClient,
     ServerProcess,
     headers,
     repo_root,
@@ -38,6 +39,7 @@ SHOTS = repo_root() / "web" / "test-results"
 ROWS = "tr[data-signal-id]"
 WAIT_MS = 30_000
 PAGE = 100  # signals on the first page the dashboard reads (web/src/react/context.tsx)
+HELD = 1000  # signals the table keeps before it drops the oldest (the same file)
 # Whether each row's status badge is what the page shows at its center (nothing drawn over it).
 STATUS_IN_SIGHT = f"""() => [...document.querySelectorAll('{ROWS}')].map(row => {{
   const badge = row.querySelector('.status'), box = badge.getBoundingClientRect();
@@ -363,6 +365,39 @@ async def test_a_cursor_ahead_of_the_log_stops_until_told_to_start_again(
         stored: Any = await page.evaluate(
             "() => JSON.parse(sessionStorage.getItem('signalbox:checkpoint:dashboard'))")
         assert stored["cursor"] == head
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_the_detail_follows_its_signal_after_the_table_lets_it_go(
+        browser: Browser, tmp_path: Path) -> None:
+    """The detail of a signal that newer ones pushed out of the table (it keeps the newest
+    1000) still shows each status reported for it, as the server's timeline has it."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    timeline = "() => [...document.querySelectorAll('[data-testid=timeline] li')].length"
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            chosen = await post(client, "AAPL", "buy", "101.5")
+            await page.click(f'tr[data-signal-id="{chosen}"]')
+            await page.wait_for_function(f"() => ({timeline})() === 2", timeout=WAIT_MS)
+            async with FastClient(server.base_url) as fast:
+                answers = await asyncio.gather(*(
+                    fast.post("/api/signals", {"ticker": "MSFT", "action": "buy"}, INGEST_TOKEN)
+                    for _ in range(HELD)))
+            assert {status for status, _ in answers} == {202}
+            await page.wait_for_selector(f'tr[data-signal-id="{chosen}"]', state="detached",
+                                         timeout=WAIT_MS)
+            await report(client, chosen, "processing")
+            await report(client, chosen, "processed")
+            await page.wait_for_function(f"() => ({timeline})() === 4", timeout=WAIT_MS)
+            assert await page.inner_text("[data-testid=detail] .status") == "processed"
     finally:
         await page.close()
         server.stop()

@@ -1,15 +1,21 @@
 import { useEffect, useState } from "react";
-import type { SignalTimeline } from "../client";
-import { useSignalbox, useSignals } from "../react";
+import { signalIdOf, type SignalTimeline } from "../client";
+import { useSignalbox } from "../react";
 import { shortTime } from "./format";
 
-/** One signal's whole timeline (`GET /api/signals/{id}`), read again as its row changes. */
+/**
+ * One signal's whole timeline (`GET /api/signals/{id}`), read again after each of its events
+ * on the stream: whether or not the table still holds its row (it keeps only the newest).
+ */
 export function SignalDetail({ signalId, onClose }: { signalId: string; onClose: () => void }) {
-  const { api } = useSignalbox();
-  const { rows } = useSignals();
-  const version = rows.find((r) => r.signal_id === signalId)?.last_position ?? 0;
+  const { api, client } = useSignalbox();
+  const [version, setVersion] = useState(0);
   const [timeline, setTimeline] = useState<SignalTimeline | null>(null);
   const [error, setError] = useState<string | null>(null);
+
+  useEffect(() => client.on("*", (event) => {
+    if (signalIdOf(event) === signalId) setVersion(event.position);
+  }), [client, signalId]);
 
   useEffect(() => {
     let current = true;
