@@ -14,7 +14,8 @@ function accepted(position: number, signal: Record<string, unknown>, time = "202
 describe("price points", () => {
   it("take the price, else the limit, else the stop price, at the signal's own time", () => {
     expect(pricePoint(accepted(1, { price: "101.5", signal_time: "2026-01-15T14:00:00Z" })))
-      .toEqual({ position: 1, time: Date.UTC(2026, 0, 15, 14) / 1000, price: 101.5, action: "buy" });
+      .toEqual({ position: 1, time: Date.UTC(2026, 0, 15, 14) / 1000, price: 101.5, decimals: 1,
+        action: "buy" });
     expect(pricePoint(accepted(2, { limit_price: "99" }))?.price).toBe(99);
     expect(pricePoint(accepted(3, { stop_price: "98", action: "sell" }))?.action).toBe("sell");
     expect(pricePoint(accepted(4, { quantity: "1" }))).toBeNull();
@@ -22,16 +23,35 @@ describe("price points", () => {
 
   it("make one line point per second and a marker per signal, up for buys, down for sells", () => {
     const points = [
-      { position: 3, time: 20, price: 12, action: "sell" },
-      { position: 1, time: 10, price: 10, action: "buy" },
-      { position: 2, time: 10, price: 11, action: "exit_long" },
-      { position: 4, time: 30, price: 13, action: "close" },
+      { position: 3, time: 20, price: 12, decimals: 0, action: "sell" },
+      { position: 1, time: 10, price: 10, decimals: 0, action: "buy" },
+      { position: 2, time: 10, price: 11, decimals: 0, action: "exit_long" },
+      { position: 4, time: 30, price: 13, decimals: 0, action: "close" },
     ];
     const { line, markers } = chartData(points);
     expect(line).toEqual([{ time: 10, value: 11 }, { time: 20, value: 12 }, { time: 30, value: 13 }]);
     expect(markers.map((m) => [m.time, m.shape])).toEqual([
       [10, "arrowUp"], [10, "arrowDown"], [20, "arrowDown"], [30, "circle"],
     ]);
+  });
+});
+
+describe("the price scale", () => {
+  const scale = (...prices: string[]) =>
+    chartData(prices.map((price, i) => pricePoint(accepted(i + 1, { price }))!)).precision;
+
+  it("shows as many decimals as the finest price written, not two", () => {
+    expect(scale("0.00000001", "0.00000003")).toBe(8);
+    expect(scale("101.123456789", "101.1")).toBe(9);
+    expect(scale("67432.5", "101.25")).toBe(2);
+    expect(scale("410", "5000")).toBe(0);
+  });
+
+  it("stops at what a double holds, and shows two decimals while empty", () => {
+    expect(scale("12345678.123456789")).toBe(8); // 17 digits: the 9th decimal is noise
+    expect(scale("0.000000000000000000001")).toBe(10);
+    expect(scale("1e-8")).toBe(8);
+    expect(chartData([]).precision).toBe(2);
   });
 });
 
@@ -50,7 +70,8 @@ describe("event matcher", () => {
 
 describe("the newest points", () => {
   it("keep the newest by log position, whatever order the pages came in", () => {
-    const point = (position: number): PricePoint => ({ position, time: position, price: 1, action: "buy" });
+    const point = (position: number): PricePoint =>
+      ({ position, time: position, price: 1, decimals: 0, action: "buy" });
     const newestPage = [9, 8, 7].map(point);
     const olderPage = [6, 5, 4].map(point);
     const held = newestPoints(newestPoints([point(10)], 4).concat(newestPage), 4);

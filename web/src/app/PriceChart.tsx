@@ -120,7 +120,9 @@ function Chart({ points }: { points: PricePoint[] }) {
   useEffect(() => {
     const current = parts.current;
     if (!current) return;
-    const { line, markers } = chartData(points);
+    const { precision, line, markers } = chartData(points);
+    current.series.applyOptions({ priceFormat: { type: "price", precision,
+      minMove: Number(`1e-${precision}`) } });
     current.series.setData(line.map((p) => ({ time: p.time as UTCTimestamp, value: p.value })));
     current.markers.setMarkers(markers.map((m) => ({ ...m, time: m.time as UTCTimestamp })));
     if (line.length) current.chart.timeScale().fitContent();

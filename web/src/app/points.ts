@@ -7,6 +7,8 @@ export interface PricePoint {
   /** Seconds since 1970 (UTC). */
   time: number;
   price: number;
+  /** How many decimals the signal wrote its price with ("0.00000001": 8). */
+  decimals: number;
   action: string;
 }
 
@@ -15,10 +17,19 @@ export function pricePoint(event: SignalboxEvent): PricePoint | null {
   if (event.type !== "signal.accepted") return null;
   const signal = (event as SignalboxEvent<"signal.accepted">).data.signal;
   const raw = signal.price ?? signal.limit_price ?? signal.stop_price;
-  const price = raw === undefined ? Number.NaN : Number(raw);
+  if (raw === undefined) return null;
+  const price = Number(raw);
   const millis = Date.parse(signal.signal_time ?? signal.bar_time ?? event.time);
   if (!Number.isFinite(price) || !Number.isFinite(millis)) return null;
-  return { position: event.position, time: Math.floor(millis / 1000), price, action: signal.action };
+  return { position: event.position, time: Math.floor(millis / 1000), price,
+    decimals: decimalsOf(raw), action: signal.action };
+}
+
+const DECIMAL = /^[+-]?\d*(?:\.(\d*))?(?:[eE]([+-]?\d+))?$/;
+
+function decimalsOf(text: string): number {
+  const match = DECIMAL.exec(text.trim());
+  return match ? Math.max(0, (match[1]?.length ?? 0) - Number(match[2] ?? 0)) : 0;
 }
 
 /** The newest `max` of `points` (by log position), oldest first. */
@@ -27,11 +38,15 @@ export function newestPoints(points: PricePoint[], max: number): PricePoint[] {
 }
 
 export interface ChartData {
+  /** Decimals on the price scale: those of the finest price, so that 0.00000001 is not 0.00;
+   * no more than a double holds at the largest price (nor 10), as the chart would show noise. */
+  precision: number;
   line: { time: number; value: number }[];
   markers: { time: number; position: "aboveBar" | "belowBar" | "inBar";
     shape: "arrowUp" | "arrowDown" | "circle"; color: string; text: string }[];
 }
 
+const MAX_DECIMALS = 10;
 const UP = new Set(["buy", "exit_short"]);
 const DOWN = new Set(["sell", "exit_long"]);
 
@@ -55,5 +70,14 @@ export function chartData(points: PricePoint[]): ChartData {
     return { time: p.time, position: "inBar" as const, shape: "circle" as const,
       color: "#6e7781", text: p.action };
   });
-  return { line, markers };
+  return { precision: precisionOf(points), line, markers };
+}
+
+function precisionOf(points: PricePoint[]): number {
+  if (!points.length) return 2;
+  const finest = points.reduce((most, p) => Math.max(most, p.decimals), 0);
+  const largest = points.reduce((most, p) => Math.max(most, Math.abs(p.price)), 0);
+  // The chart formats price × 10^precision as an integer: exact up to 2^53 only.
+  const held = largest > 0 ? Math.floor(Math.log10(Number.MAX_SAFE_INTEGER / largest)) : finest;
+  return Math.max(0, Math.min(finest, held, MAX_DECIMALS));
 }
