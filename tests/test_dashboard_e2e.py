@@ -1,10 +1,11 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail
-of a signal the table no longer holds; filters apply; a server killed and restarted while
-another process keeps sending (through a second instance on the same database) leaves the
-table with every signal exactly once, and so does a reload; a new log behind the same
-address, or one that ends before the page's cursor, stops the page until it is told to start
-again. No Content Security Policy violation and no page error on the way.
+of a signal the table no longer holds; filters apply; a keyboard alone opens a signal; a
+server killed and restarted while another process keeps sending (through a second instance on
+the same database) leaves the table with every signal exactly once, and so does a reload; a
+new log behind the same address, or one that ends before the page's cursor, stops the page
+until it is told to start again. No Content Security Policy violation and no page error on
+the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -398,6 +399,41 @@ async def test_the_detail_follows_its_signal_after_the_table_lets_it_go(
             await report(client, chosen, "processed")
             await page.wait_for_function(f"() => ({timeline})() === 4", timeout=WAIT_MS)
             assert await page.inner_text("[data-testid=detail] .status") == "processed"
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_a_keyboard_alone_opens_a_signal(browser: Browser, tmp_path: Path) -> None:
+    """From the filters, Tab reaches the signals' rows and Enter opens one's detail."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    focused = "() => document.activeElement?.dataset?.signalId ?? null"
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.keyboard.press("Enter")
+        await wait_state(page, "live")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            older = await post(client, "AAPL", "buy", "101.5")
+            newer = await post(client, "MSFT", "sell", "410")
+        await wait_rows(page, 2)
+        await page.focus("select[aria-label=Status]")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate(focused) == newer
+        await page.keyboard.press("Tab")
+        assert await page.evaluate(focused) == older
+        await page.keyboard.press("Enter")
+        await page.wait_for_function(
+            "() => document.querySelectorAll('[data-testid=timeline] li').length === 2",
+            timeout=WAIT_MS)
+        assert older[:8] in await page.inner_text("[data-testid=detail] h2")
+        await page.keyboard.press("Shift+Tab")
+        await page.keyboard.press("Space")
+        await page.wait_for_function(
+            f"() => document.querySelector('[data-testid=detail] h2').textContent"
+            f".includes('{newer[:8]}')", timeout=WAIT_MS)
     finally:
         await page.close()
         server.stop()

@@ -57,7 +57,14 @@ export function SignalsTable({ selected, onSelect }: {
               data-signal-id={row.signal_id}
               data-status={row.status}
               className={row.signal_id === selected ? "selected" : undefined}
+              aria-current={row.signal_id === selected || undefined}
+              tabIndex={0}
               onClick={() => onSelect(row.signal_id, row.ticker)}
+              onKeyDown={(e) => {
+                if (e.key !== "Enter" && e.key !== " ") return;
+                e.preventDefault(); // Space would scroll the page
+                onSelect(row.signal_id, row.ticker);
+              }}
             >
               <td title={row.received_at}>{shortTime(row.received_at)}</td>
               <td className="clip ticker" title={row.ticker ?? undefined}>
