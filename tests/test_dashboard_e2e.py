@@ -1,11 +1,11 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
-reason; signals posted over HTTP appear; status reports change rows in place, and the detail
-of a signal the table no longer holds; filters apply; a keyboard alone opens a signal; a
-server killed and restarted while another process keeps sending (through a second instance on
-the same database) leaves the table with every signal exactly once, and so does a reload; a
-new log behind the same address, or one that ends before the page's cursor, stops the page
-until it is told to start again. No Content Security Policy violation and no page error on
-the way.
+reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
+a signal the table no longer holds; a timeline cut by the server says so; filters apply; a
+keyboard alone opens a signal; a server killed and restarted while another process keeps
+sending (through a second instance on the same database) leaves the table with every signal
+exactly once, and so does a reload; a new log behind the same address, or one that ends before
+the page's cursor, stops the page until it is told to start again. No Content Security Policy
+violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -26,6 +26,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
+from pipeline.http import MAX_TIMELINE
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
@@ -434,6 +435,38 @@ async def test_a_keyboard_alone_opens_a_signal(browser: Browser, tmp_path: Path)
         await page.wait_for_function(
             f"() => document.querySelector('[data-testid=detail] h2').textContent"
             f".includes('{newer[:8]}')", timeout=WAIT_MS)
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_a_timeline_cut_by_the_server_says_so(browser: Browser, tmp_path: Path) -> None:
+    """A signal with more events than GET /api/signals/{id} gives (10,000; an alert resent with
+    one key adds one each time): its detail says that the list is cut, and where the rest is."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    alert = {"ticker": "AAPL", "action": "buy", "price": "101.5"}
+    try:
+        async with FastClient(server.base_url) as fast:
+            status, first = await fast.post("/api/signals", alert, INGEST_TOKEN,
+                                            {"Idempotency-Key": "resent"})
+            assert status == 202
+            answers = await asyncio.gather(*(
+                fast.post("/api/signals", alert, INGEST_TOKEN, {"Idempotency-Key": "resent"})
+                for _ in range(MAX_TIMELINE)))
+        assert {status for status, _ in answers} == {200}
+        signal_id = first["signal_id"]
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        await page.click(f'tr[data-signal-id="{signal_id}"]')
+        await page.wait_for_function(
+            "n => document.querySelectorAll('[data-testid=timeline] li').length === n",
+            arg=MAX_TIMELINE, timeout=WAIT_MS)
+        note = await page.inner_text("[data-testid=timeline-cut]", timeout=WAIT_MS)
+        assert f"stream=signal-{signal_id}" in note
     finally:
         await page.close()
         server.stop()

@@ -60,6 +60,12 @@ export function SignalDetail({ signalId, onClose }: { signalId: string; onClose:
               </li>
             ))}
           </ol>
+          {timeline.truncated && (
+            <p className="caption" data-testid="timeline-cut">
+              Its first {timeline.events.length} events only: the signal has more, listed by{" "}
+              <code>GET /api/events?stream=signal-{signalId}</code>.
+            </p>
+          )}
         </>
       )}
     </section>

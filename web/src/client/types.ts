@@ -141,7 +141,9 @@ export interface SignalPage {
 export interface SignalTimeline {
   signal: SignalSummary & { normalized?: NormalizedSignal; errors?: ValidationError[] };
   status: SignalStatus;
+  /** Its first 10,000 events; true when it has more (`GET /api/events?stream=` has them all). */
   events: SignalboxEvent[];
+  truncated: boolean;
 }
 
 export interface EventPage {
