@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { chartData, newestPoints, pricePoint, type PricePoint } from "../src/app/points";
+import { addPoints, chartData, pricePoint, type PricePoint } from "../src/app/points";
 import type { SignalboxEvent } from "../src/client";
 import { matcher } from "../src/react/context";
 
@@ -69,12 +69,21 @@ describe("event matcher", () => {
 });
 
 describe("the newest points", () => {
+  const point = (position: number): PricePoint =>
+    ({ position, time: position, price: 1, decimals: 0, action: "buy" });
+
   it("keep the newest by log position, whatever order the pages came in", () => {
-    const point = (position: number): PricePoint =>
-      ({ position, time: position, price: 1, decimals: 0, action: "buy" });
     const newestPage = [9, 8, 7].map(point);
     const olderPage = [6, 5, 4].map(point);
-    const held = newestPoints(newestPoints([point(10)], 4).concat(newestPage), 4);
-    expect(newestPoints([...held, ...olderPage], 4).map((p) => p.position)).toEqual([7, 8, 9, 10]);
+    const held = addPoints(addPoints([], [point(10)], 4), newestPage, 4);
+    expect(addPoints(held, olderPage, 4).map((p) => p.position)).toEqual([7, 8, 9, 10]);
+  });
+
+  it("take each position once, remembering nothing beyond what they hold", () => {
+    const held = addPoints([], [1, 2, 3].map(point), 2);
+    expect(held.map((p) => p.position)).toEqual([2, 3]);
+    expect(addPoints(held, [point(3), point(2)], 2)).toBe(held); // a replay: nothing new
+    expect(addPoints(held, [point(1)], 2)).toEqual(held); // older than all held: cut again
+    expect(addPoints(held, [point(4), point(4)], 2).map((p) => p.position)).toEqual([3, 4]);
   });
 });

@@ -12,7 +12,7 @@ import {
 import { useEffect, useMemo, useRef, useState } from "react";
 import type { SignalboxEvent } from "../client";
 import { useSignalbox, useSignals } from "../react";
-import { chartData, newestPoints, pricePoint, type PricePoint } from "./points";
+import { addPoints, chartData, pricePoint, type PricePoint } from "./points";
 
 const HISTORY_PAGES = 5;
 const MAX_POINTS = 5000;
@@ -37,12 +37,9 @@ export function PriceChart({ ticker, onTicker }: {
     setError(null);
     if (shown === null) return;
     let current = true;
-    const seen = new Set<number>();
     const add = (events: SignalboxEvent[]) => {
-      const fresh = events.map(pricePoint).filter((p): p is PricePoint => p !== null && !seen.has(p.position));
-      if (!fresh.length) return;
-      for (const p of fresh) seen.add(p.position);
-      setPoints((old) => newestPoints([...old, ...fresh], MAX_POINTS));
+      const fresh = events.map(pricePoint).filter((p): p is PricePoint => p !== null);
+      if (fresh.length) setPoints((held) => addPoints(held, fresh, MAX_POINTS));
     };
     // Live first, so nothing falls between the history read and the subscription.
     const stop = client.on("signal.accepted", (event) => {

@@ -32,9 +32,21 @@ function decimalsOf(text: string): number {
   return match ? Math.max(0, (match[1]?.length ?? 0) - Number(match[2] ?? 0)) : 0;
 }
 
-/** The newest `max` of `points` (by log position), oldest first. */
-export function newestPoints(points: PricePoint[], max: number): PricePoint[] {
-  return [...points].sort((a, b) => a.position - b.position).slice(-max);
+/**
+ * `held` with those of `fresh` whose positions it lacks, the newest `max` by log position,
+ * oldest first; `held` itself when nothing is new. What is known is what is held: a tab open
+ * for days remembers no more than `max` points (a point cut off comes back only to be cut).
+ */
+export function addPoints(held: PricePoint[], fresh: PricePoint[], max: number): PricePoint[] {
+  const known = new Set(held.map((p) => p.position));
+  const added: PricePoint[] = [];
+  for (const p of fresh) {
+    if (known.has(p.position)) continue;
+    known.add(p.position);
+    added.push(p);
+  }
+  if (!added.length) return held;
+  return [...held, ...added].sort((a, b) => a.position - b.position).slice(-max);
 }
 
 export interface ChartData {
