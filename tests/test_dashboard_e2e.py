@@ -1,11 +1,11 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
-a signal the table no longer holds; a timeline cut by the server says so; filters apply; a
-keyboard alone opens a signal; a server killed and restarted while another process keeps
-sending (through a second instance on the same database) leaves the table with every signal
-exactly once, and so does a reload; a new log behind the same address, or one that ends before
-the page's cursor, stops the page until it is told to start again. No Content Security Policy
-violation and no page error on the way.
+a signal the table no longer holds; a timeline cut by the server says so; hostile text stays
+text; filters apply; a keyboard alone opens a signal; a server killed and restarted while
+another process keeps sending (through a second instance on the same database) leaves the table
+with every signal exactly once, and so does a reload; a new log behind the same address, or one
+that ends before the page's cursor, stops the page until it is told to start again. No Content
+Security Policy violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -467,6 +467,41 @@ async def test_a_timeline_cut_by_the_server_says_so(browser: Browser, tmp_path: 
             arg=MAX_TIMELINE, timeout=WAIT_MS)
         note = await page.inner_text("[data-testid=timeline-cut]", timeout=WAIT_MS)
         assert f"stream=signal-{signal_id}" in note
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_hostile_text_is_shown_as_text(browser: Browser, tmp_path: Path) -> None:
+    """HTML is shown, not run; a 10,000-character comment scrolls inside its box; a bidi
+    override in a field shows as its escape instead of turning around what follows it."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            answer = await client.post("/api/signals", headers=headers(INGEST_TOKEN), json={
+                "ticker": "AAPL", "action": "buy", "price": "101.5",
+                "strategy": "<img src=x onerror=alert(1)>", "order_id": "\u202eyub",
+                "comment": "x" * 10_000 + " שלום 🚀"})
+            assert answer.status_code == 202, answer.text
+            signal_id = answer.json()["signal_id"]
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        await page.click(f'tr[data-signal-id="{signal_id}"]')
+        normalized = await page.inner_text("[data-testid=detail] .json", timeout=WAIT_MS)
+        assert '"<img src=x onerror=alert(1)>"' in normalized
+        assert '"order_id": "\\u202eyub"' in normalized
+        assert "\u202e" not in normalized
+        assert "x" * 10_000 + " שלום 🚀" in normalized
+        width = await page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= 1400, "the page grew wider than the window"
+        await shot(page, "9-hostile-text")
+        assert dialogs == []
     finally:
         await page.close()
         server.stop()

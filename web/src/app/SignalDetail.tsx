@@ -1,7 +1,7 @@
 import { useEffect, useState } from "react";
 import { signalIdOf, type SignalTimeline } from "../client";
 import { useSignalbox } from "../react";
-import { shortTime } from "./format";
+import { shortTime, showControls } from "./format";
 
 /**
  * One signal's whole timeline (`GET /api/signals/{id}`), read again after each of its events
@@ -38,13 +38,13 @@ export function SignalDetail({ signalId, onClose }: { signalId: string; onClose:
         <>
           <p>
             <span className={`status status-${timeline.status}`}>{timeline.status}</span>{" "}
-            {timeline.signal.ticker} {timeline.signal.action}
+            {showControls(timeline.signal.ticker ?? "")} {timeline.signal.action}
           </p>
-          {normalized && <pre className="json">{JSON.stringify(normalized, null, 2)}</pre>}
+          {normalized && <pre className="json">{showControls(JSON.stringify(normalized, null, 2))}</pre>}
           {timeline.signal.errors && (
             <ul className="errors">
               {timeline.signal.errors.map((e, i) => (
-                <li key={i}><code>{e.field ?? e.code}</code>: {e.message}</li>
+                <li key={i}><code>{e.field ?? e.code}</code>: {showControls(e.message)}</li>
               ))}
             </ul>
           )}

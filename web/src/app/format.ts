@@ -11,3 +11,12 @@ export function shortTime(iso: string): string {
 function pad(n: number): string {
   return String(n).padStart(2, "0");
 }
+
+/** Bidi embeddings, overrides and isolates: one in a sender's text would turn around what
+ * follows it on screen (a field, the rest of a line of JSON, the rest of a message). */
+const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
+
+/** `text` with each bidi control written as its escape (`\u202e`), as JSON writes it too. */
+export function showControls(text: string): string {
+  return text.replace(BIDI_CONTROLS, (c) => `\\u${c.charCodeAt(0).toString(16)}`);
+}
