@@ -1,11 +1,12 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
 a signal the table no longer holds; a timeline cut by the server says so; hostile text stays
-text; filters apply; a keyboard alone opens a signal; a server killed and restarted while
-another process keeps sending (through a second instance on the same database) leaves the table
-with every signal exactly once, and so does a reload; a new log behind the same address, or one
-that ends before the page's cursor, stops the page until it is told to start again. No Content
-Security Policy violation and no page error on the way.
+text; filters apply; a keyboard alone opens a signal, and a screen reader hears the stream's
+state change; a server killed and restarted while another process keeps sending (through a
+second instance on the same database) leaves the table with every signal exactly once, and so
+does a reload; a new log behind the same address, or one that ends before the page's cursor,
+stops the page until it is told to start again. No Content Security Policy violation and no
+page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -502,6 +503,26 @@ async def test_hostile_text_is_shown_as_text(browser: Browser, tmp_path: Path) -
         assert width <= 1400, "the page grew wider than the window"
         await shot(page, "9-hostile-text")
         assert dialogs == []
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_a_screen_reader_hears_the_stream_change(browser: Browser, tmp_path: Path) -> None:
+    """The stream's state is a live region (role status): Live, then Reconnecting when the
+    server goes away, is read out without the user looking for it."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        assert await page.get_by_role("status").inner_text(timeout=WAIT_MS) == "Live"
+        server.kill()
+        await wait_state(page, "reconnecting")
+        assert await page.get_by_role("status").inner_text(timeout=WAIT_MS) == "Reconnecting"
     finally:
         await page.close()
         server.stop()

@@ -35,13 +35,14 @@ function ago(then: number, now: number): string {
   return `${Math.floor(seconds / 3600)} h ago`;
 }
 
-/** The stream's state, how far behind it is, the last heartbeat, and any error. */
+/** The stream's state (a live region: screen readers tell each change), how far behind it is,
+ * the last heartbeat, and any error. */
 export function ConnectionStatus() {
   const s = useSignalbox();
   const now = useNow();
   return (
     <div className="connection" data-testid="connection" data-state={s.state}>
-      <span className={`badge state-${s.state}`}>{LABELS[s.state]}</span>
+      <span className={`badge state-${s.state}`} role="status">{LABELS[s.state]}</span>
       {s.lag !== null && (s.state === "live" || s.state === "replaying") && (
         <span className="detail" data-testid="lag">
           {s.lag === 0 ? "up to date" : `${s.lag} behind`}
