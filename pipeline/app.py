@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_revision(await current_revision(settings.database_url), exact=True)
         event_log = await EventLog.open(settings.database_url, reader_pool=settings.pool_size,
+                                        read_timeout=settings.read_timeout,
                                         commit_timeout=settings.commit_timeout)
         hub = Hub(event_log, window=settings.window, window_bytes=settings.window_bytes,
                   page_size=settings.page_size,

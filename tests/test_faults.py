@@ -467,3 +467,76 @@ async def test_a_listen_connection_lost_without_a_word_is_made_again() -> None:
                 await asyncio.to_thread(cut_off.stop)
     finally:
         await drop_pg_database(name)
+
+
+async def answered_within(http: httpx.AsyncClient, url: str, within: float) -> httpx.Response:
+    """GET ``url`` (as admin), failing the test unless it is answered within ``within`` s."""
+    try:
+        return await asyncio.wait_for(http.get(url, headers=headers()), within)
+    except TimeoutError:
+        raise AssertionError(f"GET {url} was not answered within {within} s") from None
+
+
+def assert_unavailable(answer: httpx.Response) -> None:
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "log_unavailable", answer.text
+    assert int(answer.headers["Retry-After"]) >= 1
+
+
+async def test_a_read_that_waits_behind_a_lock_is_answered_503_within_the_read_timeout() -> None:
+    """A migration's or an operator's lock on a table (``ALTER TABLE``, ``LOCK TABLE``) makes
+    every read of it wait: a token's check on every request, the API's reads, /readyz. Each
+    must be answered 503 with Retry-After once it has waited ``SIGNALBOX_READ_TIMEOUT`` (well
+    within TradingView's 3 s), not hang for as long as the lock is held, and the instance
+    reads as before once the lock is gone."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_READ_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "0"}
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        with ServerProcess(url, env=env).start() as server:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+                for table, path in [("events", "/api/events?type=x"),
+                                    ("signals", "/api/signals"),
+                                    ("tokens", "/api/events"),
+                                    ("log_head", "/readyz")]:
+                    async with admin.transaction():
+                        await admin.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                        assert_unavailable(await answered_within(http, path, 3))
+                    read = await answered_within(http, path, 3)
+                    assert read.status_code == 200, (path, read.text)
+    finally:
+        await admin.close()
+        await drop_pg_database(name)
+
+
+async def test_a_read_whose_answer_never_comes_is_answered_503_on_a_new_connection_after() -> None:
+    """A read's statement reaches the server, but its answer is lost with the connection
+    (a NAT, a firewall, a host gone): the server's own limit cannot help, its answer is lost
+    too. The read is answered 503 within about ``SIGNALBOX_READ_TIMEOUT``, and the
+    connection is not given to the next read."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_READ_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "3600"}
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            server = ServerProcess(through(proxy, url), env=env)
+            try:
+                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
+                path = f"{server.base_url}/api/events"
+                # Statements are prepared once: what marks the read is a value it sends, a
+                # type (read through SQLAlchemy) or a position (read at the driver).
+                kind, after = f"held-{uuid.uuid4().hex}", random.randrange(2**40, 2**50)
+                for marker, query in [(kind.encode(), f"type={kind}"),
+                                      (after.to_bytes(8, "big"), f"after={after}")]:
+                    held = proxy.hold_at(marker, answers=True)
+                    lost = asyncio.create_task(answered_within(http, f"{path}?{query}", 3))
+                    await asyncio.wait_for(held.wait(), 10)
+                    assert_unavailable(await lost)
+                    for _ in range(3):
+                        read = await answered_within(http, f"{path}?type=x", 3)
+                        assert read.status_code == 200, read.text
+                assert "Traceback" not in "".join(server.output), "".join(server.output)
+            finally:
+                proxy.cut()
+                await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)

@@ -20,13 +20,17 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 # How long a pooled PostgreSQL connection may take to answer the check made as it is taken
 # from the pool: a trivial statement, answered in a millisecond by a server that is there.
 PING_TIMEOUT = 1.0
+# How much longer than the server's limit on a read (``statement_timeout``) a reader waits for
+# the server's answer, which says that it cancelled the statement, before it takes the
+# connection for lost.
+CANCEL_MARGIN = 0.5
 
 # What a database that is down, restarting or unreachable raises: SQLAlchemy wraps most of it,
 # but a connection refused or lost while connecting can surface as the driver's own error.
@@ -57,9 +61,12 @@ def server_settings(url: str | URL) -> tuple[URL, dict[str, str]]:
     return url.difference_update_query(settings), settings
 
 
-def _postgresql_engine(url: URL, **options: Any) -> AsyncEngine:
+def _postgresql_engine(url: URL, connect_args: dict[str, Any] | None = None,
+                       **options: Any) -> AsyncEngine:
     url, settings = server_settings(url)
-    connect_args = {"server_settings": settings} if settings else {}
+    connect_args = dict(connect_args or {})
+    if settings:
+        connect_args["server_settings"] = settings
     return create_async_engine(url, connect_args=connect_args, **options)
 
 
@@ -96,11 +103,12 @@ def backend_kind(url: str | URL) -> str:
     )
 
 
-def create_engines(url: str | URL, *, reader_pool: int = 5,
-                   writer_timeout: float = 5.0) -> Engines:
+def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: float = 5.0,
+                   read_timeout: float | None = None) -> Engines:
     """``writer_timeout`` (the log's commit timeout), on PostgreSQL: how long the writer's
     session may sit in a transaction waiting for the writer (see
-    :func:`_end_abandoned_transactions`)."""
+    :func:`_end_abandoned_transactions`); ``read_timeout``: how long a read may take (see
+    :func:`_bound_reads`; None, as for the commands, which read for as long as it takes)."""
     kind = backend_kind(url)
     url = make_url(url)
     if kind == "sqlite":
@@ -109,10 +117,56 @@ def create_engines(url: str | URL, *, reader_pool: int = 5,
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = _postgresql_engine(url, pool_size=1, max_overflow=1)
     _end_abandoned_transactions(writer, writer_timeout)
-    reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
+    if read_timeout is None:
+        reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
+    else:
+        reader = _postgresql_engine(
+            url, {"command_timeout": read_timeout + CANCEL_MARGIN},
+            pool_size=reader_pool, max_overflow=reader_pool)
+        _bound_reads(reader, read_timeout)
     for engine in (writer, reader):
         _check_on_checkout(engine)
     return Engines(kind, url, writer, reader)
+
+
+def _bound_reads(reader: AsyncEngine, timeout: float) -> None:
+    """Have a read that takes longer than ``timeout`` fail (its request is answered 503)
+    rather than wait for as long as whatever holds it up: a lock on its table (a schema
+    upgrade's, an operator's ``LOCK TABLE``), or a connection whose answers no longer come.
+
+    The server ends a statement of a reader's session that runs longer than ``timeout``
+    (``statement_timeout``), and says so; the connection serves on. A connection whose
+    answers are lost (a NAT, a firewall, a host gone) cannot say so: the driver gives up
+    :data:`CANCEL_MARGIN` later (asyncpg's ``command_timeout``, which replaces one given in
+    the URL), and the connection is dropped at once, so that neither this request (on its
+    way out) nor the next one waits for it again."""
+    _set_on_connect(reader, statement_timeout=timeout)
+
+    @event.listens_for(reader.sync_engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if isinstance(context.original_exception, TimeoutError) and context.connection:
+            context.connection.connection.driver_connection.terminate()
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False  # the others may be fine
+
+
+def _set_on_connect(engine: AsyncEngine, **timeouts: float) -> None:
+    """Set each of ``timeouts`` (seconds) on every new connection of ``engine``, in one round
+    trip: a ``SET`` rather than a startup parameter, which poolers refuse."""
+    sql = "; ".join(f"SET {name} = {max(1, round(seconds * 1000))}"
+                    for name, seconds in timeouts.items())
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.run_async(lambda conn: conn.execute(sql))
+
+
+async def drop_unanswered(conn: AsyncConnection) -> None:
+    """Drop ``conn`` at once, after a statement sent straight to its driver went unanswered
+    (see :func:`_bound_reads`: SQLAlchemy does it for those sent through it)."""
+    raw = await conn.get_raw_connection()
+    raw.driver_connection.terminate()  # type: ignore[union-attr]
+    await conn.invalidate()
 
 
 def _check_on_checkout(engine: AsyncEngine) -> None:
@@ -143,14 +197,8 @@ def _end_abandoned_transactions(writer: AsyncEngine, idle: float) -> None:
     never waits for anything but the database, for milliseconds; one that waits longer was
     cut off mid-commit (a network partition, a paused VM, a host that lost power), and until
     the server noticed (by TCP keepalive: two hours by default) no instance could append.
-    Its callers have been answered 503 by then (``idle`` is the commit timeout). A ``SET``
-    on each new connection rather than a startup parameter, which poolers refuse."""
-    milliseconds = max(1, round(idle * 1000))
-
-    @event.listens_for(writer.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.run_async(lambda conn: conn.execute(
-            f"SET idle_in_transaction_session_timeout = {milliseconds}"))
+    Its callers have been answered 503 by then (``idle`` is the commit timeout)."""
+    _set_on_connect(writer, idle_in_transaction_session_timeout=idle)
 
 
 def migration_engine(url: str | URL) -> AsyncEngine:

@@ -32,6 +32,7 @@ from pipeline.log.backends import (
     DATABASE_ERRORS,
     Engines,
     create_engines,
+    drop_unanswered,
     redacted_url,
     sqlite_path,
 )
@@ -176,7 +177,11 @@ async def _read_at_driver(conn: AsyncConnection, after: int,
         rows: Sequence[Sequence[Any]] = await driver.execute_fetchall(  # type: ignore[union-attr]
             statement.sql, values)
     else:
-        rows = await driver.fetch(statement.sql, *values)  # type: ignore[union-attr]
+        try:
+            rows = await driver.fetch(statement.sql, *values)  # type: ignore[union-attr]
+        except TimeoutError:
+            await drop_unanswered(conn)
+            raise
     return rows
 
 
@@ -237,9 +242,12 @@ class EventLog:
         self.failure: str | None = None  # why the last group commit failed; None once one works
 
     @classmethod
-    async def open(cls, url: str, *, reader_pool: int = 5, **options: Any) -> EventLog:
+    async def open(cls, url: str, *, reader_pool: int = 5, read_timeout: float | None = None,
+                   **options: Any) -> EventLog:
+        """``read_timeout``: see :func:`pipeline.log.backends.create_engines`."""
         engines = create_engines(url, reader_pool=reader_pool,
-                                 writer_timeout=options.get("commit_timeout", 5.0))
+                                 writer_timeout=options.get("commit_timeout", 5.0),
+                                 read_timeout=read_timeout)
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
