@@ -540,3 +540,29 @@ async def test_a_read_whose_answer_never_comes_is_answered_503_on_a_new_connecti
                 await asyncio.to_thread(server.stop)
     finally:
         await drop_pg_database(name)
+
+
+async def test_reads_waiting_for_a_busy_pool_are_answered_503_within_the_read_timeout() -> None:
+    """Every pooled connection for reads is taken (here: by reads waiting behind a lock), and
+    more requests come. Each must be answered within about twice ``SIGNALBOX_READ_TIMEOUT``
+    (its wait for a connection, then its read), not queue for SQLAlchemy's 30 s default or
+    for as long as the reads before it in the queue take, one pool's worth at a time."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_READ_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "3600"}
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        with ServerProcess(url, env=env, args=["--pool-size", "1"]).start() as server:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30,
+                                         limits=httpx.Limits(max_connections=None)) as http:
+                path = "/api/events?type=x"
+                assert (await answered_within(http, path, 3)).status_code == 200  # token cached
+                async with admin.transaction():
+                    await admin.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+                    answers = await asyncio.gather(
+                        *(answered_within(http, path, 2.5) for _ in range(20)))
+                for answer in answers:
+                    assert_unavailable(answer)
+                assert (await answered_within(http, path, 3)).status_code == 200
+    finally:
+        await admin.close()
+        await drop_pg_database(name)
