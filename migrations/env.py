@@ -4,6 +4,10 @@ Run through ``signalbox migrate`` (or ``pipeline.migrate``), which passes the da
 the Alembic config. Instances that start together apply each revision exactly once; the others
 wait and then find nothing left to do: on SQLite the one transaction of the upgrade holds the
 write lock, on PostgreSQL an advisory lock is held around it.
+
+On PostgreSQL the upgrade's session waits for a lock, and pauses between two statements of its
+transaction, the commit timeout at most (see ``migration_engine``): a revision that computes
+in Python between statements must keep each pause well under it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def _run(connection: Connection) -> None:
         transaction_per_migration=False,
     )
     if connection.dialect.name == "postgresql":
+        # Waiting for another instance's upgrade, however long, is what this lock is for: it
+        # holds up no one else (the lock_timeout of migration_engine is for the others).
+        connection.execute(text("SET LOCAL lock_timeout = 0"))
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
         connection.commit()
     try:
@@ -45,8 +52,8 @@ def _run(connection: Connection) -> None:
             connection.commit()
 
 
-async def _main(url: str) -> None:
-    engine = migration_engine(url)
+async def _main(url: str, wait: float) -> None:
+    engine = migration_engine(url, wait=wait)
     try:
         async with engine.connect() as conn:
             await conn.run_sync(_run)
@@ -58,7 +65,7 @@ def run() -> None:
     url = context.config.attributes.get("url")
     if not url:
         raise RuntimeError("no database URL: run migrations through `signalbox migrate`")
-    asyncio.run(_main(url))
+    asyncio.run(_main(url, context.config.attributes.get("wait", 5.0)))
 
 
 if context.is_offline_mode():  # pragma: no cover - offline SQL generation is not offered

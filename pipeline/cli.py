@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             from pipeline.migrate import head_revision  # noqa: PLC0415
 
-            upgrade(settings.database_url)
+            upgrade(settings.database_url, settings.commit_timeout)
             print(f"schema at revision {head_revision()}")
             return 0
         return asyncio.run(token_command(args, settings))
@@ -197,18 +197,18 @@ def serve(settings: Settings) -> int:
             print(f"signalbox: --handler / SIGNALBOX_HANDLER: {exc}", file=sys.stderr)
             return 2
     if settings.migrate:
-        upgrade(settings.database_url)
+        upgrade(settings.database_url, settings.commit_timeout)
     # Fail here with one line, not with a traceback from inside uvicorn's lifespan.
     asyncio.run(_check_log(settings.database_url))
     return run_workers(settings) if settings.workers > 1 else run_server(settings)
 
 
-def upgrade(url: str) -> None:
+def upgrade(url: str, wait: float) -> None:
     """Upgrade the schema, but never touch one newer than this code knows."""
     from pipeline import migrate  # noqa: PLC0415
 
     migrate.check_revision(asyncio.run(migrate.current_revision(url)), exact=False)
-    migrate.upgrade(url)
+    migrate.upgrade(url, wait=wait)
 
 
 async def _check_schema(url: str) -> None:
@@ -240,7 +240,8 @@ async def rebuild_command(args: argparse.Namespace, settings: Settings) -> int:
         if sys.stderr.isatty() and report.events % 100_000 < 2000:
             print(f"folded {report.events:,} events", file=sys.stderr, flush=True)
 
-    report = await rebuild(settings.database_url, swap=args.swap, progress=progress)
+    report = await rebuild(settings.database_url, swap=args.swap, progress=progress,
+                           wait=settings.commit_timeout)
     if args.json:
         print(json.dumps(report.to_json(), default=str))
         return 0 if report.swapped or report.difference_count == 0 else 1

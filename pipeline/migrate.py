@@ -14,10 +14,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from pipeline.errors import SchemaMismatch
-from pipeline.log.backends import migration_engine
+from pipeline.errors import Conflict, SchemaMismatch
+from pipeline.log.backends import lock_timed_out, migration_engine
 
 
 def _script_location() -> Path:
@@ -27,10 +27,12 @@ def _script_location() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"  # a clone without an install
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, *, wait: float = 5.0) -> Config:
+    """``wait``: how long the upgrade may wait for a lock (see ``migration_engine``)."""
     config = Config()
     config.set_main_option("script_location", str(_script_location()))
     config.attributes["url"] = url
+    config.attributes["wait"] = wait
     return config
 
 
@@ -40,9 +42,20 @@ def head_revision() -> str:
     return head
 
 
-def upgrade(url: str) -> None:
-    """Bring the schema at ``url`` to the newest revision (blocking; not inside an event loop)."""
-    command.upgrade(alembic_config(url), "head")
+def upgrade(url: str, *, wait: float = 5.0) -> None:
+    """Bring the schema at ``url`` to the newest revision (blocking; not inside an event loop).
+    Raises :class:`Conflict`, having changed nothing, when a lock it needs is not had within
+    ``wait`` seconds (the commit timeout: see ``migration_engine``)."""
+    try:
+        command.upgrade(alembic_config(url, wait=wait), "head")
+    except DBAPIError as exc:
+        if not lock_timed_out(exc):
+            raise
+        raise Conflict(
+            f"the schema upgrade waited {wait:g} s (SIGNALBOX_COMMIT_TIMEOUT) for a lock held "
+            "by another session (a transaction left open, instances busy with a table it "
+            "changes) and changed nothing: run it again, with the instances stopped if it "
+            "keeps waiting") from exc
 
 
 async def upgrade_async(url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -565,4 +566,36 @@ async def test_reads_waiting_for_a_busy_pool_are_answered_503_within_the_read_ti
                 assert (await answered_within(http, path, 3)).status_code == 200
     finally:
         await admin.close()
+        await drop_pg_database(name)
+
+
+async def test_a_swap_cut_off_inside_its_transaction_does_not_stop_the_appends() -> None:
+    """A ``rebuild --swap`` holds the row that every append locks while it replaces the live
+    rows. Cut off from the database in the middle (a network partition, a host that lost
+    power), its session would keep that lock for as long as PostgreSQL believes it alive:
+    hours, by TCP keepalive, with every instance's appends answered 503 meanwhile. They must
+    go on within about a commit timeout."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_COMMIT_TIMEOUT": "1"}
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            with ServerProcess(url, env=env).start() as server:
+                first = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                        headers=headers())
+                assert first.status_code == 202, first.text
+                held = proxy.hold_at(b"DELETE FROM signals")  # the swap has locked the log
+                swap = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pipeline", "rebuild", "--swap", "--database-url",
+                    through(proxy, url), env={**os.environ, **env},
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                try:
+                    await asyncio.wait_for(held.wait(), 30)
+                    posted = await post_until_accepted(
+                        http, server.base_url, "a swap cut off mid-way stops every append")
+                    assert posted.json()["position"] > first.json()["position"]
+                finally:
+                    if swap.returncode is None:
+                        swap.kill()
+                    await swap.wait()
+    finally:
         await drop_pg_database(name)

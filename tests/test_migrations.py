@@ -68,10 +68,11 @@ async def test_an_upgrade_is_one_transaction_on_sqlite(database_url: str) -> Non
         migrate.head_revision()]
 
 
-def signalbox(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def signalbox(database_url: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline", *args, "--database-url",
                            database_url], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ), check=False)
+                          env={**os.environ, **(env or {})}, check=False)
 
 
 async def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> None:
@@ -122,3 +123,27 @@ def test_a_mistyped_sqlite_path_is_not_created(tmp_path: Path) -> None:
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert f"there is no database at {missing}" in done.stderr, done.stderr
         assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_upgrade_that_cannot_take_its_locks_gives_up_in_one_line(
+        database_url: str) -> None:
+    """An upgrade waiting for a lock held by another session (instances of the old version
+    reading a table it alters, an operator's transaction) makes every later query of that
+    table queue behind it: every instance stops. It gives up after a commit timeout instead,
+    in one line that says what to do, and can be run again."""
+    await asyncio.to_thread(command.upgrade, migrate.alembic_config(database_url), "0002")
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        async with admin.transaction():
+            await admin.execute("SELECT version_num FROM alembic_version FOR UPDATE")
+            refused = await asyncio.to_thread(
+                signalbox, database_url, "migrate", env={"SIGNALBOX_COMMIT_TIMEOUT": "1"})
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1
+        assert "lock" in refused.stderr
+        assert await scalar_rows(database_url, "SELECT version_num FROM alembic_version") == [
+            "0002"]
+    finally:
+        await admin.close()
+    assert signalbox(database_url, "migrate").returncode == 0

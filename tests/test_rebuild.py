@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 from typing import Any
 
+import asyncpg
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -286,4 +289,31 @@ async def test_a_rebuild_killed_in_the_middle_keeps_no_other_out(database_url: s
         assert after.returncode == 0, after.stderr
         assert (json.loads(after.stdout)["signals"], after.stderr) == (3, "")
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_swap_that_cannot_lock_the_log_gives_up_in_one_line(database_url: str) -> None:
+    """The swap locks the row that every append locks. Held elsewhere (a session left in a
+    transaction), the swap would wait for as long, and every append with it, queued behind
+    the swap: it gives up after a commit timeout instead, in one line, and changes nothing."""
+    server = ServerProcess(database_url).start()
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            await post(client, {"ticker": "OLD", "action": "buy"})
+        async with admin.transaction():
+            await admin.execute("SELECT position FROM log_head FOR UPDATE")
+            swap = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "pipeline", "rebuild", "--swap",
+                                 "--database-url", database_url],
+                capture_output=True, text=True, timeout=30, check=False,
+                env={**os.environ, "SIGNALBOX_COMMIT_TIMEOUT": "1"})
+        assert swap.returncode == 1, swap.stdout + swap.stderr
+        assert "Traceback" not in swap.stderr and len(swap.stderr.splitlines()) == 1
+        assert "lock" in swap.stderr and "swapped" not in swap.stdout
+        code, check = await run_rebuild(database_url)
+        assert (code, check["difference_count"], check["signals"]) == (0, 0, 1)
+    finally:
+        await admin.close()
         server.stop()

@@ -203,11 +203,28 @@ def _end_abandoned_transactions(writer: AsyncEngine, idle: float) -> None:
     _set_on_connect(writer, idle_in_transaction_session_timeout=idle)
 
 
-def migration_engine(url: str | URL) -> AsyncEngine:
-    """One connection; on SQLite with ``BEGIN IMMEDIATE`` so that DDL is transactional too."""
+def migration_engine(url: str | URL, *, wait: float = 5.0) -> AsyncEngine:
+    """One connection; on SQLite with ``BEGIN IMMEDIATE`` so that DDL is transactional too.
+
+    On PostgreSQL, for the commands that change the schema or swap the projection in: their
+    sessions wait ``wait`` seconds at most (the commit timeout) for a lock
+    (``lock_timeout``), and the server ends a transaction of theirs that waits longer than
+    that for its next statement (``idle_in_transaction_session_timeout``). Their locks stop
+    everyone: while one waits for a table's lock, every later query of that table queues
+    behind it (appends give up after a commit timeout anyway); and one cut off in the middle
+    of its transaction (a network partition, a host that lost power) would keep what it holds
+    (the log's row, a table) until the server's TCP keepalive noticed, two hours by default.
+    """
     if backend_kind(url) == "sqlite":
         return _sqlite_engine(url, writer=True)
-    return _postgresql_engine(make_url(url), poolclass=NullPool)
+    engine = _postgresql_engine(make_url(url), poolclass=NullPool)
+    _set_on_connect(engine, lock_timeout=wait, idle_in_transaction_session_timeout=wait)
+    return engine
+
+
+def lock_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL's ``lock_timeout`` (SQLSTATE 55P03, lock_not_available)."""
+    return getattr(getattr(exc, "orig", exc), "sqlstate", None) == "55P03"
 
 
 def sqlite_path(url: str | URL) -> Path | None:

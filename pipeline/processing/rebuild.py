@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, MetaData, Table, bindparam, delete, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pipeline.errors import Conflict
 from pipeline.log import Event
-from pipeline.log.backends import migration_engine, sqlite_path
+from pipeline.log.backends import lock_timed_out, migration_engine, sqlite_path
 from pipeline.log.schema import events, log_head, signals
 from pipeline.log.store import EVENT_COLUMNS
 from pipeline.processing.projection import Row, fold
@@ -97,16 +98,29 @@ class RebuildReport:
 Progress = Callable[[RebuildReport], None]
 
 
-async def rebuild(url: str, *, swap: bool = False,
-                  progress: Progress | None = None) -> RebuildReport:
-    """Fold the log into ``signals_rebuild``, compare with ``signals``; swap when asked."""
+async def rebuild(url: str, *, swap: bool = False, progress: Progress | None = None,
+                  wait: float = 5.0) -> RebuildReport:
+    """Fold the log into ``signals_rebuild``, compare with ``signals``; swap when asked.
+
+    ``wait``: how long the swap may wait for the log's lock, held by appends (the commit
+    timeout, after which appends give up anyway: see ``migration_engine``); past it, it
+    raises :class:`Conflict`, having changed nothing."""
     report = RebuildReport()
-    engine = migration_engine(url)
+    engine = migration_engine(url, wait=wait)
     try:
         async with _alone(engine):
             await fold_and_compare(engine, report, progress)
             if swap:
-                await swap_in(engine, report)
+                try:
+                    await swap_in(engine, report)
+                except DBAPIError as exc:
+                    if not lock_timed_out(exc):
+                        raise
+                    raise Conflict(
+                        f"the swap waited {wait:g} s (SIGNALBOX_COMMIT_TIMEOUT) for the log's "
+                        "lock, held by another session, and left the live projection as it "
+                        "was: run it again"
+                    ) from exc
             else:
                 async with engine.begin() as conn:
                     await conn.run_sync(scratch.drop)
