@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import subprocess
 import sys
 import uuid
@@ -15,6 +16,9 @@ import httpx
 import pytest
 import websockets
 
+from pipeline import migrate
+from pipeline.log.backends import create_engines, migration_engine, open_connection
+from pipeline.log.notify import asyncpg_connect_args
 from tests.support import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
@@ -597,5 +601,48 @@ async def test_a_swap_cut_off_inside_its_transaction_does_not_stop_the_appends()
                     if swap.returncode is None:
                         swap.kill()
                     await swap.wait()
+    finally:
+        await drop_pg_database(name)
+
+
+def tcp_settings(driver_connection: Any) -> dict[str, int]:
+    """What the socket of an asyncpg connection was told about a peer that goes silent."""
+    sock = driver_connection._transport.get_extra_info("socket")
+    return {"keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP options")
+async def test_every_connection_to_postgresql_gives_up_on_a_silent_peer_within_seconds() -> None:
+    """A database host that vanished (powered off, partitioned) answers nothing, not even a
+    reset: with the kernel's defaults, a connection to it that waits (LISTEN's, the writer's
+    COMMIT) is noticed dead only by TCP keepalive, off by default and two hours when on, or
+    after a quarter of an hour of unanswered retransmissions. Each connection Signalbox makes
+    (the writer's, the readers', LISTEN's, the commands') has keepalive on and a
+    ``TCP_USER_TIMEOUT``. Packets cannot be dropped here without a firewall: what is checked
+    is what each socket was told."""
+    url, name = await create_pg_database()
+    try:
+        await migrate.upgrade_async(url)
+        engines = create_engines(url)
+        rebuilding = migration_engine(url)
+        sockets = []
+        try:
+            for engine in (engines.reader, engines.writer, rebuilding):
+                assert engine is not None
+                async with engine.connect() as conn:
+                    raw = await conn.get_raw_connection()
+                    sockets.append(tcp_settings(raw.driver_connection))
+            listening = await open_connection(asyncpg_connect_args(url))
+            try:
+                sockets.append(tcp_settings(listening))
+            finally:
+                await listening.close()
+        finally:
+            await engines.dispose()
+            await rebuilding.dispose()
+        for settings in sockets:
+            assert settings["keepalive"] == 1, sockets
+            assert 0 < settings["user_timeout_ms"] <= 30_000, sockets
     finally:
         await drop_pg_database(name)

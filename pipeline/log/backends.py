@@ -11,6 +11,7 @@ what makes positions follow commit order across connections, processes and hosts
 from __future__ import annotations
 
 import inspect
+import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,14 @@ PING_TIMEOUT = 1.0
 # the server's answer, which says that it cancelled the statement, before it takes the
 # connection for lost.
 CANCEL_MARGIN = 0.5
+# What each TCP connection to PostgreSQL is told of a peer that goes silent: probed after 15 s
+# idle, every 5 s; given up when data it sent (or a probe) is unacknowledged for 20 s.
+TCP_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", 20_000))
+    if hasattr(socket, name)  # Linux has them all; other systems some
+]
 
 # What a database that is down, restarting or unreachable raises: SQLAlchemy wraps most of it,
 # but a connection refused or lost while connecting can surface as the driver's own error.
@@ -61,13 +70,42 @@ def server_settings(url: str | URL) -> tuple[URL, dict[str, str]]:
     return url.difference_update_query(settings), settings
 
 
+def _give_up_on_silence(driver_connection: Any) -> None:
+    """Have the kernel give up on the connection's peer when it goes silent (a host powered
+    off or cut off answers nothing, not even a reset), rather than after its defaults: no
+    keepalive at all, and a quarter of an hour of retransmissions for data it sent. Then
+    whatever waits on the connection fails: the LISTEN connection (which also asks for an
+    answer every few seconds), or the writer's ``COMMIT``, which is waited for as long as it
+    takes (a synchronous standby acknowledges at the TCP level meanwhile: only a silent peer
+    counts). asyncpg takes no such option (libpq's ``keepalives_*`` are not among its own),
+    so they are set on its socket once connected; a Unix socket needs none."""
+    sock = driver_connection._transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        for level, option, value in TCP_OPTIONS:
+            sock.setsockopt(level, option, value)
+
+
+async def open_connection(connect_args: dict[str, Any]) -> Any:
+    """``asyncpg.connect(**connect_args)``, for a connection made outside the engines, with
+    the engines' TCP settings (:func:`_give_up_on_silence`)."""
+    conn = await asyncpg.connect(**connect_args)
+    _give_up_on_silence(conn)
+    return conn
+
+
 def _postgresql_engine(url: URL, connect_args: dict[str, Any] | None = None,
                        **options: Any) -> AsyncEngine:
     url, settings = server_settings(url)
     connect_args = dict(connect_args or {})
     if settings:
         connect_args["server_settings"] = settings
-    return create_async_engine(url, connect_args=connect_args, **options)
+    engine = create_async_engine(url, connect_args=connect_args, **options)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        _give_up_on_silence(dbapi_connection.driver_connection)
+
+    return engine
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ from typing import Any
 
 import asyncpg
 
-from pipeline.log.backends import ADAPTER_OPTIONS, PING_TIMEOUT, server_settings
+from pipeline.log.backends import (
+    ADAPTER_OPTIONS,
+    PING_TIMEOUT,
+    open_connection,
+    server_settings,
+)
 from pipeline.tasks import cancel_all
 
 CHANNEL = "signalbox_log"
@@ -75,7 +80,7 @@ class Wakeups:
         by a NAT, a firewall or a pooler, it never would (it only receives): so it is asked
         for an answer every ``check_every`` seconds, which also keeps it from sitting idle
         long enough for a NAT to forget it."""
-        conn: Any = await asyncpg.connect(**self.connect_args)
+        conn = await open_connection(self.connect_args)
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
