@@ -547,6 +547,31 @@ async def test_a_read_whose_answer_never_comes_is_answered_503_on_a_new_connecti
         await drop_pg_database(name)
 
 
+async def test_a_read_on_a_database_that_stopped_answering_is_answered_503_in_seconds() -> None:
+    """The database stops answering (a partition, a host gone): the pooled connection fails
+    its check, and a new one is made, whose connecting never ends either. The read must be
+    answered 503 within about the check's second and ``SIGNALBOX_READ_TIMEOUT``, not after
+    asyncpg's default of a minute for connecting."""
+    url, name = await create_pg_database()
+    env = {"SIGNALBOX_READ_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "3600"}
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            server = ServerProcess(through(proxy, url), env=env)
+            try:
+                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
+                path = f"{server.base_url}/api/events?type=x"
+                assert (await answered_within(http, path, 3)).status_code == 200
+                proxy.freeze()
+                assert_unavailable(await answered_within(http, path, 3))
+                proxy.thaw()
+                assert (await answered_within(http, path, 3)).status_code == 200
+            finally:
+                proxy.thaw()
+                proxy.cut()
+                await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)
+
 async def test_reads_waiting_for_a_busy_pool_are_answered_503_within_the_read_timeout() -> None:
     """Every pooled connection for reads is taken (here: by reads waiting behind a lock), and
     more requests come. Each must be answered within about twice ``SIGNALBOX_READ_TIMEOUT``

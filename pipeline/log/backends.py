@@ -159,7 +159,7 @@ def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: floa
         reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
     else:
         reader = _postgresql_engine(
-            url, {"command_timeout": read_timeout + CANCEL_MARGIN},
+            url, {"timeout": read_timeout, "command_timeout": read_timeout + CANCEL_MARGIN},
             pool_size=reader_pool, max_overflow=reader_pool, pool_timeout=read_timeout)
         _bound_reads(reader, read_timeout)
     for engine in (writer, reader):
@@ -172,7 +172,8 @@ def _bound_reads(reader: AsyncEngine, timeout: float) -> None:
     rather than wait for as long as whatever holds it up: a lock on its table (a schema
     upgrade's, an operator's ``LOCK TABLE``), or a connection whose answers no longer come.
     (Its wait for a free connection, when every one of the pool is taken, is as long at most:
-    the pool's ``pool_timeout``, 30 s by default.)
+    the pool's ``pool_timeout``, 30 s by default; and so is its making of a new one, when the
+    server does not answer: asyncpg's ``timeout``, a minute by default.)
 
     The server ends a statement of a reader's session that runs longer than ``timeout``
     (``statement_timeout``), and says so; the connection serves on. A connection whose
