@@ -29,7 +29,7 @@ from pipeline.headers import ERROR_HEADERS, Cors, SecurityHeaders
 from pipeline.hub import Hub
 from pipeline.ingest import Ingestor
 from pipeline.log import EventLog
-from pipeline.log.backends import DATABASE_ERRORS, sqlite_path
+from pipeline.log.backends import DATABASE_ERRORS, sqlite_path, unreadable
 from pipeline.log.localwake import LocalWakeups
 from pipeline.log.notify import Wakeups
 from pipeline.metrics import Metrics, metrics_endpoint, own_figures
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         check_revision(await current_revision(settings.database_url), exact=True)
         event_log = await EventLog.open(settings.database_url, reader_pool=settings.pool_size,
                                         read_timeout=settings.read_timeout,
+                                        query_timeout=settings.query_timeout,
                                         commit_timeout=settings.commit_timeout)
         hub = Hub(event_log, window=settings.window, window_bytes=settings.window_bytes,
                   page_size=settings.page_size,
@@ -229,7 +230,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _database_error(request: Request, exc: Exception) -> Response:
     log.warning("database error on %s: %r", request.url.path, exc)
     return http.JSONAnswer(
-        {"error": "log_unavailable", "message": "the database is unavailable: retry later"},
+        {"error": "log_unavailable", "message": unreadable(exc)},
         status_code=503, headers={"Retry-After": "1"},
     )
 

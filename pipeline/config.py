@@ -49,8 +49,10 @@ class Settings(BaseSettings):
     commit_timeout: float = Field(5.0, gt=0, description=(
         "seconds to wait for a commit before answering 503"))
     read_timeout: float = Field(2.0, gt=0, description=(
-        "seconds a database read may wait for a connection, and then for its statement "
-        "(PostgreSQL), before its request is answered 503"))
+        "seconds a database read may wait for a connection or behind a lock (PostgreSQL) "
+        "before its request is answered 503"))
+    query_timeout: float = Field(30.0, gt=0, description=(
+        "seconds a database read may run (PostgreSQL) before its request is answered 503"))
     window: int = Field(10_000, ge=100, description="recent events kept in memory for subscribers")
     window_bytes: int = Field(32 * 2**20, ge=2**20, description=(
         "at most this many bytes of their JSON in that window (big events hold it to fewer)"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
+from sqlalchemy import exc as sqlalchemy_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -46,6 +47,22 @@ TCP_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     SQLAlchemyError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
 )
+
+
+# SQLSTATEs of a statement PostgreSQL ended for a limit of the session's: statement_timeout
+# (query_canceled), lock_timeout (lock_not_available).
+_TIMED_OUT = frozenset({"57014", "55P03"})
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why a read of the log failed, in words for a client: one held up or too slow says
+    which settings bound it, for a retry may not help a read that is only long."""
+    sqlstate = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+    if isinstance(exc, TimeoutError | sqlalchemy_exc.TimeoutError) or sqlstate in _TIMED_OUT:
+        return ("a read of the log took too long (behind a lock, waiting for a connection, or "
+                "a slow query: SIGNALBOX_READ_TIMEOUT and SIGNALBOX_QUERY_TIMEOUT bound it): "
+                "retry later")
+    return f"the log cannot be read ({exc.__class__.__name__}): retry later"
 
 
 # Query options of a URL that SQLAlchemy's asyncpg adapter takes for itself rather than pass
@@ -142,11 +159,12 @@ def backend_kind(url: str | URL) -> str:
 
 
 def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: float = 5.0,
-                   read_timeout: float | None = None) -> Engines:
+                   read_timeout: float | None = None, query_timeout: float = 30.0) -> Engines:
     """``writer_timeout`` (the log's commit timeout), on PostgreSQL: how long the writer's
     session may sit in a transaction waiting for the writer (see
-    :func:`_end_abandoned_transactions`); ``read_timeout``: how long a read may take (see
-    :func:`_bound_reads`; None, as for the commands, which read for as long as it takes)."""
+    :func:`_end_abandoned_transactions`); ``read_timeout`` and ``query_timeout``: how long a
+    read may wait, and then run (see :func:`_bound_reads`; no ``read_timeout``, as for the
+    commands: a read takes as long as it takes)."""
     kind = backend_kind(url)
     url = make_url(url)
     if kind == "sqlite":
@@ -159,29 +177,30 @@ def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: floa
         reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
     else:
         reader = _postgresql_engine(
-            url, {"timeout": read_timeout, "command_timeout": read_timeout + CANCEL_MARGIN},
+            url, {"timeout": read_timeout, "command_timeout": query_timeout + CANCEL_MARGIN},
             pool_size=reader_pool, max_overflow=reader_pool, pool_timeout=read_timeout)
-        _bound_reads(reader, read_timeout)
+        _bound_reads(reader, read_timeout, query_timeout)
     for engine in (writer, reader):
         _check_on_checkout(engine)
     return Engines(kind, url, writer, reader)
 
 
-def _bound_reads(reader: AsyncEngine, timeout: float) -> None:
-    """Have a read that takes longer than ``timeout`` fail (its request is answered 503)
-    rather than wait for as long as whatever holds it up: a lock on its table (a schema
-    upgrade's, an operator's ``LOCK TABLE``), or a connection whose answers no longer come.
-    (Its wait for a free connection, when every one of the pool is taken, is as long at most:
-    the pool's ``pool_timeout``, 30 s by default; and so is its making of a new one, when the
-    server does not answer: asyncpg's ``timeout``, a minute by default.)
+def _bound_reads(reader: AsyncEngine, wait: float, run: float) -> None:
+    """Have a read that is held up fail (its request is answered 503) rather than wait for as
+    long as what holds it up, while one that only has much to read may take its time.
 
-    The server ends a statement of a reader's session that runs longer than ``timeout``
-    (``statement_timeout``), and says so; the connection serves on. A connection whose
-    answers are lost (a NAT, a firewall, a host gone) cannot say so: the driver gives up
-    :data:`CANCEL_MARGIN` later (asyncpg's ``command_timeout``, which replaces one given in
-    the URL), and the connection is dropped at once, so that neither this request (on its
-    way out) nor the next one waits for it again."""
-    _set_on_connect(reader, statement_timeout=timeout)
+    A read waits ``wait`` seconds at most: behind a lock on its table (a schema upgrade's, an
+    operator's ``LOCK TABLE``; ``lock_timeout``), for a free connection when every one of the
+    pool is taken (the pool's ``pool_timeout``, 30 s by default), and for a new one to be made
+    when the server does not answer (asyncpg's ``timeout``, a minute by default). It runs
+    ``run`` seconds at most (``statement_timeout``): an audit report over a long window of a
+    large log may take seconds, and is not cut off at ``wait``. The server ends the statement
+    and says so; the connection serves on. A connection whose answers are lost (a NAT, a
+    firewall, a host gone) cannot say so: the driver gives up :data:`CANCEL_MARGIN` after
+    ``run`` (asyncpg's ``command_timeout``, which replaces one given in the URL), and the
+    connection is dropped at once, so that neither this request (on its way out) nor the next
+    one waits for it again."""
+    _set_on_connect(reader, lock_timeout=wait, statement_timeout=run)
 
     @event.listens_for(reader.sync_engine, "handle_error")
     def _on_error(context: Any) -> None:

@@ -35,6 +35,7 @@ from pipeline.log.backends import (
     drop_unanswered,
     redacted_url,
     sqlite_path,
+    unreadable,
 )
 from pipeline.log.model import (
     STRATEGY_LIMIT,
@@ -243,11 +244,12 @@ class EventLog:
 
     @classmethod
     async def open(cls, url: str, *, reader_pool: int = 5, read_timeout: float | None = None,
-                   **options: Any) -> EventLog:
-        """``read_timeout``: see :func:`pipeline.log.backends.create_engines`."""
+                   query_timeout: float = 30.0, **options: Any) -> EventLog:
+        """``read_timeout``, ``query_timeout``: see
+        :func:`pipeline.log.backends.create_engines`."""
         engines = create_engines(url, reader_pool=reader_pool,
                                  writer_timeout=options.get("commit_timeout", 5.0),
-                                 read_timeout=read_timeout)
+                                 read_timeout=read_timeout, query_timeout=query_timeout)
         try:
             async with engines.reader.connect() as conn:
                 epoch = (await conn.execute(select(log_head.c.epoch))).scalar_one_or_none()
@@ -438,7 +440,7 @@ class EventLog:
                 else:
                     rows = (await conn.execute(stmt, {"after": after, "limit": limit})).all()
         except DATABASE_ERRORS as exc:
-            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+            raise LogUnavailable(unreadable(exc)) from exc
         return [Event(*row) for row in rows]
 
     async def read_newest(self, after: int, before: int, limit: int = 500,
@@ -453,7 +455,7 @@ class EventLog:
             async with self.engines.reader.connect() as conn:
                 rows = (await conn.execute(stmt)).all()
         except DATABASE_ERRORS as exc:
-            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+            raise LogUnavailable(unreadable(exc)) from exc
         return [Event(*row) for row in rows]
 
     async def read_frames(self, after: int, limit: int = 500) -> list[tuple[int, str]]:
@@ -463,7 +465,7 @@ class EventLog:
             async with self.engines.reader.connect() as conn:
                 rows = await _read_at_driver(conn, after, limit)
         except DATABASE_ERRORS as exc:
-            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+            raise LogUnavailable(unreadable(exc)) from exc
         return [(row[0], event_frame(*row)) for row in rows]
 
     async def check_writable(self) -> None:
@@ -481,7 +483,7 @@ class EventLog:
             async with self.engines.reader.connect() as conn:
                 value = (await conn.execute(select(log_head.c.position))).scalar_one()
         except DATABASE_ERRORS as exc:
-            raise LogUnavailable(f"the log cannot be read ({exc.__class__.__name__})") from exc
+            raise LogUnavailable(unreadable(exc)) from exc
         return int(value)
 
 
