@@ -2,11 +2,12 @@
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
 a signal the table no longer holds; a timeline cut by the server says so; hostile text stays
 text; filters apply; a keyboard alone opens a signal, and a screen reader hears the stream's
-state change; a server killed and restarted while another process keeps sending (through a
-second instance on the same database) leaves the table with every signal exactly once, and so
-does a reload; a new log behind the same address, or one that ends before the page's cursor,
-stops the page until it is told to start again. No Content Security Policy violation and no
-page error on the way.
+state change; status reports that come while the first page of signals cannot be read are all
+in the table once it can; a server killed and restarted while another process keeps sending
+(through a second instance on the same database) leaves the table with every signal exactly
+once, and so does a reload; a new log behind the same address, or one that ends before the
+page's cursor, stops the page until it is told to start again. No Content Security Policy
+violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -25,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright
 
 from pipeline.http import MAX_TIMELINE
 from tests.support import (
@@ -523,6 +524,65 @@ async def test_a_screen_reader_hears_the_stream_change(browser: Browser, tmp_pat
         server.kill()
         await wait_state(page, "reconnecting")
         assert await page.get_by_role("status").inner_text(timeout=WAIT_MS) == "Reconnecting"
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_reports_that_come_while_the_first_page_cannot_be_read_are_all_shown(
+        browser: Browser, tmp_path: Path) -> None:
+    """The first page of signals fails (the network drops it), then one is answered only after
+    more reports came than the table keeps waiting for it (1000): it lets them go and reads the
+    page again, and the row shows every report, none lost."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    phase = "fail"
+    held = asyncio.Event()
+    release = asyncio.Event()
+    asked_after_release = 0
+
+    async def first_page(route: Route) -> None:
+        nonlocal asked_after_release
+        if phase == "fail":
+            await route.abort()
+        elif phase == "hold":  # the server answers now; the page gets the answer later
+            answer = await route.fetch()
+            held.set()
+            await release.wait()
+            await route.fulfill(response=answer)
+        else:
+            asked_after_release += 1
+            await route.continue_()
+
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            signal_id = await post(client, "AAPL", "buy", "101.5")  # before the page's stream
+            await page.route(lambda url: "/api/signals?" in url and "before=" not in url,
+                             first_page)
+            await page.goto(server.base_url + "/")
+            await page.fill("#token", read_token(database_url))
+            await page.click("button[type=submit]")
+            await wait_state(page, "live")
+            await page.wait_for_selector(".signals .error[role=alert]", timeout=WAIT_MS)
+            phase = "hold"
+            await asyncio.wait_for(held.wait(), WAIT_MS / 1000)
+            async with FastClient(server.base_url) as fast:
+                answers = await asyncio.gather(*(
+                    fast.post(f"/api/signals/{signal_id}/status",
+                              {"status": "dispatched", "detail": {}, "consumer": "e2e-bot"})
+                    for _ in range(HELD + 1)))
+            assert {status for status, _ in answers} == {200}
+            await report(client, signal_id, "processing")
+            await report(client, signal_id, "processed")
+            head = (await client.get("/readyz")).json()["head"]
+        await page.wait_for_selector(f"text=cursor {head}", timeout=WAIT_MS)  # all came
+        phase = "pass"
+        release.set()
+        row = f'tr[data-signal-id="{signal_id}"][data-status="processed"]'
+        await page.wait_for_selector(row, timeout=WAIT_MS)
+        assert await page.inner_text(f"{row} td:nth-child(6)") == "1"  # attempts
+        assert asked_after_release >= 1, "the page was not read again"
     finally:
         await page.close()
         server.stop()

@@ -62,6 +62,43 @@ describe("SignalTable", () => {
     expect(table.get("z")).toBeUndefined();
   });
 
+  it("keeps no more events waiting for the first page than it keeps rows", () => {
+    const table = new SignalTable(3); // the first page keeps failing: its events come anyway
+    for (let p = 1; p <= 50; p++) table.apply(ev(p, "signal.dispatched", `old${p % 5}`));
+    expect(table.waiting).toBeLessThanOrEqual(3);
+  });
+
+  it("lets go of the waiting events once the first page is asked for again", () => {
+    const table = new SignalTable();
+    table.apply(ev(9, "signal.processing", "a")); // a page asked for now holds it
+    table.askingFirstPage();
+    expect(table.waiting).toBe(0);
+    table.apply(ev(10, "signal.processed", "a")); // this one it may not
+    expect(table.waiting).toBe(1);
+    expect(table.merge([summary("a", 1, 9, "processing")], null, true)).toBe(true);
+    expect(table.get("a")).toMatchObject({ status: "processed", last_position: 10 });
+  });
+
+  it("reads the first page again when it let events go while the page was on its way", () => {
+    const table = new SignalTable(2);
+    table.askingFirstPage();
+    table.apply(ev(11, "signal.dispatched", "a"));
+    table.apply(ev(12, "signal.dispatched", "b"));
+    table.apply(ev(13, "signal.processing", "a")); // one too many: all three are let go
+    expect(table.waiting).toBe(0);
+    const stale = [summary("b", 2, 2), summary("a", 1, 1)];
+    expect(table.merge(stale, null, true)).toBe(false); // it may not hold them: ask again
+    expect(table.size).toBe(0);
+    table.askingFirstPage();
+    table.apply(ev(14, "signal.processed", "a"));
+    const fresh = [summary("b", 2, 12, "dispatched"), summary("a", 1, 13, "processing")];
+    expect(table.merge(fresh, null, true)).toBe(true);
+    expect(table.list().map((r) => [r.signal_id, r.status])).toEqual(
+      [["b", "dispatched"], ["a", "processed"]]);
+    table.apply(ev(15, "signal.processed", "z")); // loaded: older than the table holds
+    expect(table.waiting).toBe(0);
+  });
+
   it("lists newest first and stays within its capacity", () => {
     const table = new SignalTable(3);
     table.merge([], null, true);

@@ -7,6 +7,11 @@
  * page read after it, or a replay after a reconnect) changes nothing. The table is bounded:
  * past `capacity` rows the oldest are dropped, and `floor` (the position from which every
  * signal is in the table) moves up; older rows are fetched again on demand.
+ *
+ * Until the first page has come, events of signals the table lacks wait for it, as their rows
+ * may be on it; what came before the page was asked for is in its answer already, so only the
+ * events since then wait, no more than `capacity` of them. Past that they are let go and the
+ * page is read again: re-reading costs one page, keeping everything could cost without end.
  */
 
 import type { SignalboxEvent, SignalStatus, SignalSummary } from "./types";
@@ -18,6 +23,10 @@ const REPORTED = new Set<SignalStatus>(["dispatched", "processing", "processed",
 export class SignalTable {
   private readonly rows = new Map<string, SignalRow>();
   private pending = new Map<string, SignalboxEvent[]>();
+  /** How many events `pending` holds. */
+  waiting = 0;
+  /** Events were let go since the first page was asked for: its answer may lack them. */
+  private missed = false;
   private sorted: SignalRow[] | null = [];
   private readonly listeners = new Set<() => void>();
   /** Every signal first recorded at or after this position is in the table (null: none yet). */
@@ -60,10 +69,7 @@ export class SignalTable {
         this.put(newRow(event as SignalboxEvent<"signal.received">));
         this.trim();
       } else if (!this.loaded) {
-        // Its signal may be on the first page, still on its way: fold it in when it comes.
-        const list = this.pending.get(id) ?? [];
-        list.push(event);
-        this.pending.set(id, list);
+        this.wait(id, event);
         return;
       } else {
         return; // a signal older than the table holds: nothing on screen changes
@@ -76,11 +82,37 @@ export class SignalTable {
     this.changed();
   }
 
+  /** The first page is being asked for: the events that came before are in its answer. */
+  askingFirstPage(): void {
+    this.pending = new Map();
+    this.waiting = 0;
+    this.missed = false;
+  }
+
+  /** An event of a signal that may be on the first page, still on its way: folded in when it
+   * comes, unless too many wait (then the page is read again: `merge` says so). */
+  private wait(id: string, event: SignalboxEvent): void {
+    if (this.missed) return;
+    if (this.waiting >= this.capacity) {
+      this.pending = new Map();
+      this.waiting = 0;
+      this.missed = true;
+      return;
+    }
+    const list = this.pending.get(id) ?? [];
+    list.push(event);
+    this.pending.set(id, list);
+    this.waiting++;
+  }
+
   /**
    * Merges a page of `GET /api/signals` (newest first). `first` marks the page read when the
-   * stream (re)started; later pages are older ones asked for by `before`.
+   * stream (re)started; later pages are older ones asked for by `before`. False when the first
+   * page may lack events the table let go while it was on its way: ask for it again.
    */
-  merge(page: SignalSummary[], nextBefore: number | null, first: boolean): void {
+  merge(page: SignalSummary[], nextBefore: number | null, first: boolean): boolean {
+    // Its rows, folded with the events since, would pass off what was let go as never sent.
+    if (first && this.missed) return false;
     for (const summary of page) {
       const known = this.rows.get(summary.signal_id);
       let row: SignalRow = known && known.last_position >= summary.last_position ? known : { ...summary };
@@ -91,7 +123,7 @@ export class SignalTable {
     }
     if (first) {
       this.loaded = true;
-      this.pending = new Map();
+      this.askingFirstPage(); // nothing waits any longer
     } else {
       this.capacity = Math.max(this.capacity, this.rows.size); // asked for: keep them
     }
@@ -101,12 +133,13 @@ export class SignalTable {
     if (!this.more) this.floor = 0; // everything down to the first signal is here
     this.trim();
     this.changed();
+    return true;
   }
 
   /** Forgets everything (a new token, or a log with another epoch). */
   clear(): void {
     this.rows.clear();
-    this.pending = new Map();
+    this.askingFirstPage();
     this.floor = null;
     this.more = true;
     this.loaded = false;

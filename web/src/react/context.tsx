@@ -64,11 +64,13 @@ export function SignalboxProvider({ token, baseUrl = "", options, capacity = 100
     let retry: ReturnType<typeof setTimeout> | null = null;
     const readFirstPage = () => {
       firstPage = "asked";
+      table.askingFirstPage();
       api.signals({ limit: PAGE }).then(
         (page) => {
-          firstPage = "done";
           setPageError(null);
-          table.merge(page.signals, page.next_before, true);
+          // False: events came faster than the page, more than the table keeps: read it again.
+          if (table.merge(page.signals, page.next_before, true)) firstPage = "done";
+          else readFirstPage();
         },
         (error: unknown) => {
           setPageError(error instanceof Error ? error.message : String(error));
