@@ -1,13 +1,14 @@
 """The dashboard in headless Chromium against real servers: a bad token stops it with its
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
-a signal the table no longer holds; a timeline cut by the server says so; hostile text stays
-text; filters apply; a keyboard alone opens a signal, and a screen reader hears the stream's
-state change; status reports that come while the first page of signals cannot be read are all
-in the table once it can; a server killed and restarted while another process keeps sending
-(through a second instance on the same database) leaves the table with every signal exactly
-once, and so does a reload; a new log behind the same address, or one that ends before the
-page's cursor, stops the page until it is told to start again. No Content Security Policy
-violation and no page error on the way.
+a signal the table no longer holds; the detail says what each report said (a failure's reason
+in full, a fill's numbers as the broker sent them); a timeline cut by the server says so;
+hostile text stays text; filters apply; a keyboard alone opens a signal, and a screen reader
+hears the stream's state change; status reports that come while the first page of signals
+cannot be read are all in the table once it can; a server killed and restarted while another
+process keeps sending (through a second instance on the same database) leaves the table with
+every signal exactly once, and so does a reload; a new log behind the same address, or one
+that ends before the page's cursor, stops the page until it is told to start again. No Content
+Security Policy violation and no page error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -402,6 +403,84 @@ async def test_the_detail_follows_its_signal_after_the_table_lets_it_go(
             await report(client, chosen, "processed")
             await page.wait_for_function(f"() => ({timeline})() === 4", timeout=WAIT_MS)
             assert await page.inner_text("[data-testid=detail] .status") == "processed"
+    finally:
+        await page.close()
+        server.stop()
+
+
+FACTS = """item => [...item.querySelectorAll('.facts div')]
+  .map(fact => [fact.querySelector('dt').textContent, fact.querySelector('dd').textContent])"""
+
+
+async def test_the_detail_says_what_each_report_said(browser: Browser, tmp_path: Path) -> None:
+    """A failed signal's detail gives why, in full (the table's Last error stops at 2000
+    characters), as text, wrapped inside the panel; a filled one gives the broker's fill with
+    its numbers as sent (an order id of 19 digits, decimals with their zeros); a repeat gives
+    its source. All of an event's data is in a folded JSON block."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    error = "<img src=x onerror=alert(1)> margin call \u202e" + "x" * 3000
+    fill = {"order_id": 1234567890123456789, "filled_qty": "0.50000000", "avg_price": "101.2500"}
+
+    async def says(client: httpx.AsyncClient, signal_id: str, status: str,
+                   detail: dict[str, Any]) -> None:
+        answer = await client.post(
+            f"/api/signals/{signal_id}/status", headers=headers(ADMIN_TOKEN),
+            json={"status": status, "detail": detail, "consumer": "broker-bot"})
+        assert answer.status_code == 200, answer.text
+
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            failed = await post(client, "AAPL", "buy", "101.5")
+            await says(client, failed, "processing", {})
+            await says(client, failed, "failed", {"error": error, "type": "BrokerError"})
+            alert = {"ticker": "MSFT", "action": "sell", "price": "410"}
+            for _ in range(2):
+                answer = await client.post("/api/signals", json=alert, headers={
+                    **headers(INGEST_TOKEN), "Idempotency-Key": "alert-7"})
+            assert answer.json()["duplicate"] is True, answer.text
+            filled = answer.json()["signal_id"]
+            await says(client, filled, "processing", {})
+            await says(client, filled, "processed", fill)
+
+        await page.click(f'tr[data-signal-id="{failed}"][data-status="failed"]')
+        item = "[data-testid=timeline] li[data-type='signal.failed']"
+        reason = await page.inner_text(f"{item} .reason", timeout=WAIT_MS)
+        assert reason == error.replace("\u202e", "\\u202e")  # all of it, the control escaped
+        assert len(await page.get_attribute(
+            f'tr[data-signal-id="{failed}"] td.last-error', "title") or "") == 2000
+        assert await page.eval_on_selector(item, FACTS) == [
+            ["consumer", "broker-bot"], ["attempt", "1"], ["token", "env-admin"],
+            ["type", "BrokerError"]]
+        width = await page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= 1400, "the page grew wider than the window"
+        assert await page.locator(f"{item} .data pre").count() == 0  # folded
+        await page.click(f"{item} .data summary")
+        assert '"type": "BrokerError"' in await page.inner_text(f"{item} .data pre")
+        await shot(page, "10-failed-detail")
+        assert dialogs == []
+
+        await page.click(f'tr[data-signal-id="{filled}"][data-status="processed"]')
+        item = "[data-testid=timeline] li[data-type='signal.processed']"
+        await page.wait_for_selector(item, timeout=WAIT_MS)
+        assert await page.eval_on_selector(item, FACTS) == [
+            ["consumer", "broker-bot"], ["attempt", "1"], ["token", "env-admin"],
+            ["avg_price", "101.2500"],
+            ["filled_qty", "0.50000000"], ["order_id", "1234567890123456789"]]
+        await page.click(f"{item} .data summary")
+        assert '"order_id": 1234567890123456789' in await page.inner_text(f"{item} .data pre")
+        assert await page.eval_on_selector(
+            "[data-testid=timeline] li[data-type='signal.duplicate']", FACTS) == [
+            ["source", "api"], ["token", "env-webhook"], ["idempotency_key", "alert-7"],
+            ["remote_addr", "127.0.0.1"]]
+        await shot(page, "10-filled-detail")
     finally:
         await page.close()
         server.stop()

@@ -1,6 +1,7 @@
 import { useEffect, useState } from "react";
-import { signalIdOf, type SignalTimeline } from "../client";
+import { signalIdOf, type SignalboxEvent, type SignalTimeline } from "../client";
 import { useSignalbox } from "../react";
+import { eventView } from "./eventView";
 import { shortTime, showControls } from "./format";
 
 /**
@@ -51,12 +52,12 @@ export function SignalDetail({ signalId, onClose }: { signalId: string; onClose:
           <ol className="timeline" data-testid="timeline">
             {timeline.events.map((event) => (
               <li key={event.position} data-type={event.type}>
-                <span className="position">#{event.position}</span>
-                <span className="type">{event.type}</span>
-                <time dateTime={event.time} title={event.time}>{shortTime(event.time)}</time>
-                {"consumer" in event.data && event.data.consumer && (
-                  <span className="consumer">by {String(event.data.consumer)}</span>
-                )}
+                <div className="event-head">
+                  <span className="position">#{event.position}</span>
+                  <span className="type">{event.type}</span>
+                  <time dateTime={event.time} title={event.time}>{shortTime(event.time)}</time>
+                </div>
+                <EventData event={event} />
               </li>
             ))}
           </ol>
@@ -69,5 +70,28 @@ export function SignalDetail({ signalId, onClose }: { signalId: string; onClose:
         </>
       )}
     </section>
+  );
+}
+
+/** An event's key facts, a failure's reason in full, and all of its data as JSON, folded
+ * (written out only when opened: a timeline may hold 10,000 events). */
+function EventData({ event }: { event: SignalboxEvent }) {
+  const [open, setOpen] = useState(false);
+  const { facts, reason } = eventView(event);
+  return (
+    <>
+      {facts.length > 0 && (
+        <dl className="facts">
+          {facts.map((fact, i) => (
+            <div key={i}><dt>{showControls(fact.label)}</dt><dd>{showControls(fact.value)}</dd></div>
+          ))}
+        </dl>
+      )}
+      {reason !== null && <p className="reason">{showControls(reason)}</p>}
+      <details className="data" onToggle={(e) => setOpen(e.currentTarget.open)}>
+        <summary>data</summary>
+        {open && <pre className="json">{showControls(JSON.stringify(event.data, null, 2))}</pre>}
+      </details>
+    </>
   );
 }

@@ -53,8 +53,11 @@ export class SignalboxApi {
     return this.get<SignalPage>("/api/signals", params);
   }
 
+  /** A number in it that a double would change (an order id of 19 digits) comes as its text,
+   * as `JSON.rawJSON`, where the browser has it: `JSON.stringify` writes it as it was sent. */
   signal(signalId: string): Promise<SignalTimeline> {
-    return this.get<SignalTimeline>(`/api/signals/${encodeURIComponent(signalId)}`);
+    return this.get<SignalTimeline>(`/api/signals/${encodeURIComponent(signalId)}`, undefined,
+      exactNumbers);
   }
 
   events(query: EventQuery = {}): Promise<EventPage> {
@@ -70,7 +73,7 @@ export class SignalboxApi {
     return this.get<EventPage>("/api/events", params);
   }
 
-  private async get<T>(path: string, params?: URLSearchParams): Promise<T> {
+  private async get<T>(path: string, params?: URLSearchParams, reviver?: Reviver): Promise<T> {
     const query = params && [...params.keys()].length ? `?${params.toString()}` : "";
     const response = await this.fetch(`${this.baseUrl}${path}${query}`, {
       headers: { Authorization: `Bearer ${this.token}`, Accept: "application/json" },
@@ -88,6 +91,15 @@ export class SignalboxApi {
       }
       throw new ApiError(response.status, code, message);
     }
-    return (await response.json()) as T;
+    return JSON.parse(await response.text(), reviver) as T;
   }
 }
+
+type Reviver = (key: string, value: unknown, context?: { source?: string }) => unknown;
+
+const rawJSON = (JSON as { rawJSON?: (text: string) => unknown }).rawJSON;
+
+/** A number as the server wrote it, when a double would read it otherwise. */
+const exactNumbers: Reviver = (_key, value, context) =>
+  typeof value === "number" && rawJSON && context?.source !== undefined
+    && String(value) !== context.source ? rawJSON(context.source) : value;

@@ -10,7 +10,7 @@ export {
 export type { ClientError, ClientErrorKind, ConnectionSnapshot, ConnectionState } from "./state";
 export type { NetworkMonitor, WebSocketFactory, WebSocketLike } from "./browser";
 export { ApiError, SignalboxApi, type EventQuery, type SignalQuery } from "./http";
-export { SignalTable, fold, signalIdOf, type SignalRow } from "./signals";
+export { SignalTable, failureOf, fold, signalIdOf, type SignalRow } from "./signals";
 export {
   MemoryCheckpointStore,
   WebCheckpointStore,

@@ -238,16 +238,23 @@ const STRATEGY_LIMIT = 200;
 const CONSUMER_LIMIT = 200;
 const ERROR_LIMIT = 2000;
 
-/** The failure's `error` (else `message`, else `reason`), else the whole detail: a string as
- * it is, anything else as JSON; the server's projection writes the same text. */
+/** A failure's `last_error`: its reason, cut as the server's projection cuts it. */
 function errorText(detail: unknown): string | null {
+  return safeText(failureOf(detail)?.text, ERROR_LIMIT);
+}
+
+/** Why a report failed: its detail's `error` (else `message`, else `reason`; `key` says
+ * which), else the whole detail; a string as it is, anything else as JSON. The server's
+ * projection writes the same text, cut at 2000 characters; null without a detail. */
+export function failureOf(detail: unknown): { key: string | null; text: string } | null {
+  let key: string | null = null;
   if (detail !== null && typeof detail === "object" && !Array.isArray(detail)) {
     const d = detail as Record<string, unknown>;
-    const key = ["error", "message", "reason"].find((k) => d[k] !== null && d[k] !== undefined);
-    if (key !== undefined) detail = d[key];
+    key = ["error", "message", "reason"].find((k) => d[k] !== null && d[k] !== undefined) ?? null;
+    if (key !== null) detail = d[key];
   }
   if (detail === null || detail === undefined) return null;
-  return safeText(typeof detail === "string" ? detail : JSON.stringify(detail), ERROR_LIMIT);
+  return { key, text: typeof detail === "string" ? detail : JSON.stringify(detail) };
 }
 
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;

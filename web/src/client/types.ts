@@ -73,6 +73,16 @@ export interface StatusData {
   token?: string;
 }
 
+/** A reading of the recorded body that today's parsers give differently (not a status). */
+export interface RenormalizedData {
+  signal_id: string;
+  received_position: number;
+  kind: "accepted->rejected" | "rejected->accepted" | "values";
+  recorded: JsonObject;
+  now: JsonObject;
+  fields: { field: string; recorded: Json; now: Json }[];
+}
+
 /** What `data` holds, by event type. */
 export interface EventDataMap {
   "signal.received": ReceivedData;
@@ -84,6 +94,7 @@ export interface EventDataMap {
   "signal.processed": StatusData;
   "signal.failed": StatusData;
   "signal.expired": StatusData;
+  "signal.renormalized": RenormalizedData;
 }
 
 export type EventType = keyof EventDataMap;
