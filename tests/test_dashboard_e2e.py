@@ -2,13 +2,14 @@
 reason; signals posted over HTTP appear; status reports change rows in place, and the detail of
 a signal the table no longer holds; the detail says what each report said (a failure's reason
 in full, a fill's numbers as the broker sent them); a timeline cut by the server says so;
-hostile text stays text; filters apply; a keyboard alone opens a signal, and a screen reader
-hears the stream's state change; status reports that come while the first page of signals
-cannot be read are all in the table once it can; a server killed and restarted while another
-process keeps sending (through a second instance on the same database) leaves the table with
-every signal exactly once, and so does a reload; a new log behind the same address, or one
-that ends before the page's cursor, stops the page until it is told to start again. No Content
-Security Policy violation and no page error on the way.
+hostile text stays text; times say their zone, local or UTC as chosen; filters apply; a
+keyboard alone opens a signal, and a screen reader hears the stream's state change; status
+reports that come while the first page of signals cannot be read are all in the table once it
+can; a server killed and restarted while another process keeps sending (through a second
+instance on the same database) leaves the table with every signal exactly once, and so does a
+reload; a new log behind the same address, or one that ends before the page's cursor, stops
+the page until it is told to start again. No Content Security Policy violation and no page
+error on the way.
 
 Chromium is Debian's (/usr/bin/chromium, installed by `make test` when missing), driven by
 Playwright from PyPI; no browser is ever downloaded. Screenshots go to web/test-results/.
@@ -22,8 +23,10 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -481,6 +484,52 @@ async def test_the_detail_says_what_each_report_said(browser: Browser, tmp_path:
             ["source", "api"], ["token", "env-webhook"], ["idempotency_key", "alert-7"],
             ["remote_addr", "127.0.0.1"]]
         await shot(page, "10-filled-detail")
+    finally:
+        await page.close()
+        server.stop()
+
+
+async def test_times_say_their_zone(browser: Browser, tmp_path: Path) -> None:
+    """In a browser in Kolkata, a signal's time reads in Kolkata's time with its offset; the
+    Times menu switches the table and the timeline to UTC, and a reload keeps the choice. The
+    tooltip gives the full UTC timestamp either way."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'signalbox.db'}"
+    server = ServerProcess(database_url).start()
+    page = await browser.new_page(viewport={"width": 1400, "height": 900},
+                                  timezone_id="Asia/Kolkata")
+    try:
+        await page.goto(server.base_url + "/")
+        await page.fill("#token", read_token(database_url))
+        await page.click("button[type=submit]")
+        await wait_state(page, "live")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            signal_id = await post(client, "AAPL", "buy", "101.5")
+        cell = f'tr[data-signal-id="{signal_id}"] td:first-child'
+        await page.wait_for_selector(cell, timeout=WAIT_MS)
+        stamp = await page.get_attribute(cell, "title")
+        assert stamp is not None and stamp.endswith("Z")
+        received = datetime.fromisoformat(stamp)
+        kolkata = received.astimezone(ZoneInfo("Asia/Kolkata")).strftime("%H:%M:%S")
+        # Today's time alone, another day's with its date: the end is the time and the zone.
+        assert (await page.inner_text(cell)).endswith(f"{kolkata} UTC+05:30")
+
+        await page.select_option("select[aria-label=Times]", "UTC")
+        utc = f"{received:%H:%M:%S} UTC"
+        await page.wait_for_function(
+            "([cell, utc]) => document.querySelector(cell).textContent.endsWith(utc)",
+            arg=[cell, utc], timeout=WAIT_MS)
+        await page.click(cell)
+        first = "[data-testid=timeline] li time"
+        await page.wait_for_selector(first, timeout=WAIT_MS)
+        assert (await page.inner_text(first)).endswith(utc)
+        assert await page.get_attribute(first, "title") == stamp
+        await shot(page, "11-times-in-utc")
+
+        await page.reload()
+        await wait_state(page, "live")
+        await page.wait_for_selector(cell, timeout=WAIT_MS)
+        assert (await page.inner_text(cell)).endswith(utc)
+        assert await page.get_attribute(cell, "title") == stamp
     finally:
         await page.close()
         server.stop()

@@ -82,7 +82,7 @@ export function PriceChart({ ticker, onTicker }: {
         <span data-testid="chart-points" data-newest={points[points.length - 1]?.position}>
           {points.length}
         </span> priced signals
-        {shown ? ` of ${shown}` : ""}; ▲ buy, ▼ sell. Charts by{" "}
+        {shown ? ` of ${shown}` : ""}; ▲ buy, ▼ sell; times in UTC. Charts by{" "}
         <a href="https://www.tradingview.com/" target="_blank" rel="noreferrer">TradingView</a>{" "}
         Lightweight Charts.
       </p>

@@ -2,13 +2,17 @@ import { useEffect, useState } from "react";
 import { signalIdOf, type SignalboxEvent, type SignalTimeline } from "../client";
 import { useSignalbox } from "../react";
 import { eventView } from "./eventView";
-import { shortTime, showControls } from "./format";
+import { shortTime, showControls, type Zone } from "./format";
 
 /**
  * One signal's whole timeline (`GET /api/signals/{id}`), read again after each of its events
  * on the stream: whether or not the table still holds its row (it keeps only the newest).
  */
-export function SignalDetail({ signalId, onClose }: { signalId: string; onClose: () => void }) {
+export function SignalDetail({ signalId, zone, onClose }: {
+  signalId: string;
+  zone: Zone;
+  onClose: () => void;
+}) {
   const { api, client } = useSignalbox();
   const [version, setVersion] = useState(0);
   const [timeline, setTimeline] = useState<SignalTimeline | null>(null);
@@ -55,7 +59,7 @@ export function SignalDetail({ signalId, onClose }: { signalId: string; onClose:
                 <div className="event-head">
                   <span className="position">#{event.position}</span>
                   <span className="type">{event.type}</span>
-                  <time dateTime={event.time} title={event.time}>{shortTime(event.time)}</time>
+                  <time dateTime={event.time} title={event.time}>{shortTime(event.time, zone)}</time>
                 </div>
                 <EventData event={event} />
               </li>

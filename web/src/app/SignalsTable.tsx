@@ -1,7 +1,7 @@
 import { useMemo, useState } from "react";
 import { STATUSES, type SignalRow, type SignalStatus } from "../client";
 import { useSignals } from "../react";
-import { shortTime } from "./format";
+import { shortTime, type Zone } from "./format";
 
 interface Filters {
   ticker: string;
@@ -17,7 +17,8 @@ function matches(row: SignalRow, f: Filters): boolean {
 }
 
 /** Live signals, newest first; filters apply to the rows held, "Load older" fetches more. */
-export function SignalsTable({ selected, onSelect }: {
+export function SignalsTable({ zone, selected, onSelect }: {
+  zone: Zone;
   selected: string | null;
   onSelect: (signalId: string, ticker: string | null) => void;
 }) {
@@ -66,7 +67,7 @@ export function SignalsTable({ selected, onSelect }: {
                 onSelect(row.signal_id, row.ticker);
               }}
             >
-              <td title={row.received_at}>{shortTime(row.received_at)}</td>
+              <td title={row.received_at}>{shortTime(row.received_at, zone)}</td>
               <td className="clip ticker" title={row.ticker ?? undefined}>
                 {row.ticker ?? "—"}
               </td>

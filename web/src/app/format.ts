@@ -1,15 +1,33 @@
-/** `2026-01-15T14:45:01.123456Z` → `14:45:01` today, `2026-01-15 14:45:01` otherwise (local time). */
-export function shortTime(iso: string): string {
+/** Where times are shown: the browser's zone ("local"), UTC, or any IANA zone. */
+export type Zone = "local" | "UTC" | (string & {});
+
+/** `2026-01-15T14:45:01.123456Z` → `20:15:01 UTC+05:30` today in `zone`, `2026-01-15 20:15:01
+ * UTC+05:30` another day: with the offset of that moment (summer time changes it), so that a
+ * time read beside another zone's is never taken for it. */
+export function shortTime(iso: string, zone: Zone = "local", now = new Date()): string {
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return iso;
-  const time = date.toLocaleTimeString(undefined, { hour12: false });
-  const today = new Date();
-  if (date.toDateString() === today.toDateString()) return time;
-  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ${time}`;
+  const at = partsIn(zone, date);
+  const today = partsIn(zone, now);
+  const day = `${at.year}-${at.month}-${at.day}`;
+  const offset = zone === "UTC" ? "UTC" : at.timeZoneName!.replace("GMT", "UTC");
+  const time = `${at.hour}:${at.minute}:${at.second} ${offset}`;
+  return day === `${today.year}-${today.month}-${today.day}` ? time : `${day} ${time}`;
 }
 
-function pad(n: number): string {
-  return String(n).padStart(2, "0");
+const FORMATS = new Map<Zone, Intl.DateTimeFormat>();
+
+function partsIn(zone: Zone, date: Date): Partial<Record<Intl.DateTimeFormatPartTypes, string>> {
+  let format = FORMATS.get(zone);
+  if (format === undefined) {
+    format = new Intl.DateTimeFormat("en-US", {
+      timeZone: zone === "local" ? undefined : zone, hourCycle: "h23", timeZoneName: "longOffset",
+      year: "numeric", month: "2-digit", day: "2-digit",
+      hour: "2-digit", minute: "2-digit", second: "2-digit",
+    });
+    FORMATS.set(zone, format);
+  }
+  return Object.fromEntries(format.formatToParts(date).map((part) => [part.type, part.value]));
 }
 
 /** Bidi embeddings, overrides and isolates: one in a sender's text would turn around what
