@@ -1,4 +1,5 @@
-"""What the code serving one HTTP request knows about it without being told: its id.
+"""What the code serving one HTTP request knows about it without being told: its id, and
+whether its client is still there.
 
 Every HTTP request gets an id: the client's ``X-Request-Id`` when it is a sensible one (1-128
 letters, digits and ``. _ : - + = / @``), otherwise a new random one. The id is echoed in the
@@ -7,17 +8,27 @@ response's ``X-Request-Id``, attached to the log lines written while the request
 (:class:`pipeline.log.store.Transaction`), so one id leads from a client's retry to the
 server's log and to the log of events. Each request runs in a task of its own, so the value
 never leaks from one request into another.
+
+Whether the client has gone (closed its connection: a sender that gave up waiting) is asked
+of the connection itself, which the server's protocol puts in the request's scope
+(:mod:`pipeline.slowclients`): the log drops a unit whose caller it answers "not recorded"
+only if the caller can hear it (:meth:`pipeline.log.store.EventLog.transact`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("signalbox_request_id", default=None)
+# Whether the request's client has closed its connection; None outside an HTTP request.
+CLIENT_GONE: ContextVar[Callable[[], bool] | None] = ContextVar("signalbox_client_gone",
+                                                                default=None)
+CLIENT_GONE_KEY = "signalbox.client_gone"  # in the scope: the connection's ``is_closing``
 HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-+=/@]{1,128}")
 
@@ -39,7 +50,8 @@ NUL_IN_URL = (b'{"error":"bad_request","message":"the URL holds a NUL character 
 
 
 class RequestIdMiddleware:
-    """Gives each HTTP request its id (see the module's docstring); WebSockets pass through.
+    """Gives each HTTP request its id and its client's presence (see the module's docstring);
+    WebSockets pass through.
 
     The id stays set for the rest of the request's task (it is not reset on the way out), so
     that the error handlers outside this middleware still log it. A URL with a NUL character
@@ -55,6 +67,7 @@ class RequestIdMiddleware:
             return
         request_id = incoming_request_id(scope["headers"]) or new_request_id()
         REQUEST_ID.set(request_id)
+        CLIENT_GONE.set(scope.get(CLIENT_GONE_KEY))
         header = (HEADER, request_id.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pipeline.answers import BUSY, MALFORMED, Refusal, asgi_answer, http_answer
+from pipeline.context import CLIENT_GONE_KEY
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning("over the concurrency limit: answered 503")
         self.app = (asgi_answer(BUSY, behind_tls=self.behind_tls) if busy
                     else self.config.loaded_app)
+        # Whether the client is still there to be answered, for the application to ask.
+        self.scope[CLIENT_GONE_KEY] = self.transport.is_closing  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def _at_capacity(self) -> bool:

@@ -516,6 +516,36 @@ async def test_a_read_that_waits_behind_a_lock_is_answered_503_within_the_read_t
         await drop_pg_database(name)
 
 
+async def test_a_503_for_a_signal_whose_commit_was_under_way_says_it_may_be_recorded() -> None:
+    """An operator's ``LOCK TABLE signals`` holds up a group commit whose unit has already
+    run (it looked up its key). Its caller is answered 503 at the commit timeout, but the
+    batch it ran in may still commit: the answer must say so, and point to the retry with
+    the same key, which is then answered as a repeat if it was recorded."""
+    url, name = await create_pg_database()
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    key = {"Idempotency-Key": f"held-{uuid.uuid4()}"}
+    try:
+        with ServerProcess(url, env={"SIGNALBOX_COMMIT_TIMEOUT": "1"}).start() as server:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+                async with admin.transaction():
+                    await admin.execute("LOCK TABLE signals IN ACCESS EXCLUSIVE MODE")
+                    held = await http.post("/api/signals", json=BTC,
+                                           headers=headers(INGEST_TOKEN, **key))
+                    assert_unavailable(held)
+                    assert "may or may not have been recorded" in held.json()["message"]
+                    assert "Idempotency-Key" in held.json()["message"]
+                retried = await http.post("/api/signals", json=BTC,
+                                          headers=headers(INGEST_TOKEN, **key))
+                assert retried.status_code in (200, 202), retried.text
+                events = await read_all_events(http)
+        keyed = [e for e in events if e["type"] == "signal.received"
+                 and e["data"]["idempotency_key"] == key["Idempotency-Key"]]
+        assert len(keyed) == 1
+    finally:
+        await admin.close()
+        await drop_pg_database(name)
+
+
 async def test_a_read_whose_answer_never_comes_is_answered_503_on_a_new_connection_after() -> None:
     """A read's statement reaches the server, but its answer is lost with the connection
     (a NAT, a firewall, a host gone): the server's own limit cannot help, its answer is lost

@@ -90,6 +90,89 @@ async def test_log_that_cannot_commit_answers_503_and_recovers_by_itself(
         server.stop()
 
 
+def signals_marked(events: list[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
+    """The ``signal.received`` events whose body holds ``marker``."""
+    return [e for e in events if e["type"] == "signal.received" and marker in json.dumps(e)]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_signal_answered_503_before_its_commit_began_is_never_recorded(
+        database_url: str) -> None:
+    """The log is locked elsewhere past the commit timeout: the requests waiting are answered
+    503, nothing recorded. Their units must not be committed once the lock is gone: a sender
+    told so sends again, and a signal without a key (a TradingView alert without an id) would
+    be recorded twice; one with a key would be answered as a repeat of a signal it was told
+    had not been recorded."""
+    server = ServerProcess(database_url, env={"SIGNALBOX_COMMIT_TIMEOUT": "0.5"}).start()
+    marker = f"unkeyed-{uuid.uuid4()}"
+    key = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            async with write_lock_held(database_url):
+                webhook = await client.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                            content=json.dumps({**BTC, "strategy": marker}))
+                keyed = await client.post("/api/signals", json=BTC,
+                                          headers=headers(INGEST_TOKEN, **key))
+                for refused in (webhook, keyed):
+                    assert refused.status_code == 503, refused.text
+                    assert "nothing was recorded" in refused.json()["message"], refused.text
+            retried = await client.post("/api/signals", json=BTC,
+                                        headers=headers(INGEST_TOKEN, **key))
+            assert retried.status_code == 202, retried.text  # not a repeat: a first
+            events = await read_all_events(client)
+        assert signals_marked(events, marker) == []
+        assert len(signals_marked(events, key["Idempotency-Key"])) == 1
+        verify_chain(events)
+    finally:
+        server.stop()
+
+
+async def post_and_hang_up(server: ServerProcess, path: str, body: bytes) -> None:
+    """POST ``body``, then close the connection without waiting for the answer, as a sender
+    that gives up does (TradingView after 3 s). The body is sent once the server asks for it
+    (``Expect: 100-continue``): the request is then waiting for the log, not for its body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        continued = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert continued.startswith(b"HTTP/1.1 100"), continued
+        writer.write(body)
+        await writer.drain()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_signal_whose_sender_hung_up_while_it_waited_is_still_recorded(
+        database_url: str) -> None:
+    """A sender that stopped waiting for its answer hears no 503: its signal, which was
+    waiting for the log, is recorded once the log can commit, as it would have been had the
+    answer been quick. Only a caller that is answered 503 has its unit dropped."""
+    server = ServerProcess(database_url, env={"SIGNALBOX_COMMIT_TIMEOUT": "0.5"}).start()
+    marker = f"gone-{uuid.uuid4()}"
+    key = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            async with write_lock_held(database_url):
+                await post_and_hang_up(server, f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                       json.dumps({**BTC, "strategy": marker}).encode())
+                # Queued after it, so answered after its deadline too.
+                refused = await client.post("/api/signals", json=BTC,
+                                            headers=headers(INGEST_TOKEN, **key))
+                assert refused.status_code == 503, refused.text
+            after = await client.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+            assert after.status_code == 202, after.text  # queued after both
+            events = await read_all_events(client)
+        assert len(signals_marked(events, marker)) == 1
+        assert signals_marked(events, key["Idempotency-Key"]) == []
+        verify_chain(events)
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_content_dedupe_window_answers_repeats_of_a_body(database_url: str) -> None:
     server = ServerProcess(database_url, args=["--dedupe-window", "60"]).start()

@@ -148,7 +148,8 @@ async def test_units_past_the_commit_timeout_fail_each_at_its_own_deadline(
         database_url: str) -> None:
     """A commit that cannot happen (the database locked elsewhere) fails each waiting unit
     with LogUnavailable once it has waited ``commit_timeout``, not before, oldest first; the
-    log goes on once the lock is released and keeps nothing of the units it answered."""
+    log goes on once the lock is released and keeps nothing of the units it answered, though
+    the first had been taken into a group commit, which waited for the lock."""
     await migrate.upgrade_async(database_url)
     event_log = await EventLog.open(database_url, commit_timeout=0.6)
     other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
@@ -160,7 +161,7 @@ async def test_units_past_the_commit_timeout_fail_each_at_its_own_deadline(
             await event_log.append([NewEvent("s", name, {})])
         except LogUnavailable as exc:
             failed_at[name] = loop.time()
-            assert "did not commit within 0.6 s" in str(exc)
+            assert "did not commit within 0.6 s; nothing was recorded" in str(exc)
 
     try:
         other.execute("BEGIN IMMEDIATE")
@@ -180,6 +181,34 @@ async def test_units_past_the_commit_timeout_fail_each_at_its_own_deadline(
         (event,) = await asyncio.wait_for(event_log.append([NewEvent("s", "test.after", {})]), 5)
         assert event.type == "test.after"
         assert not event_log._waiting  # answered units are not kept
+        assert [e.type for e in await event_log.read(0)] == ["test.after"]
+    finally:
+        other.close()
+        await event_log.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_unit_whose_caller_stopped_waiting_is_committed_all_the_same(
+        database_url: str) -> None:
+    """A caller that stops waiting (its task cancelled: the request of a client that went
+    away) is never answered that nothing was recorded: its unit is committed once the log
+    can, even after its deadline, while one whose caller was answered 503 is dropped."""
+    await migrate.upgrade_async(database_url)
+    event_log = await EventLog.open(database_url, commit_timeout=0.3)
+    other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.create_task(event_log.append([NewEvent("s", "test.given_up", {})]))
+        deadline = time.monotonic() + 5
+        while not event_log._waiting:  # queued
+            assert time.monotonic() < deadline, "the append was never queued"
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(LogUnavailable):  # queued after it: answered after its deadline
+            await event_log.append([NewEvent("s", "test.answered", {})])
+        other.execute("ROLLBACK")
+        await asyncio.wait_for(event_log.append([NewEvent("s", "test.after", {})]), 5)
+        assert [e.type for e in await event_log.read(0)] == ["test.given_up", "test.after"]
     finally:
         other.close()
         await event_log.close()

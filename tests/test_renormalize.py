@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import pytest
 
 from pipeline import migrate
 from pipeline.ingest import Ingestor, Submission
-from pipeline.log import EventLog
+from pipeline.log import EventFilter, EventLog, NewEvent
+from pipeline.processing.reparse import record_renormalized
 from pipeline.signals import parse_tradingview
 from replay.audit import Head, ServerSource, verify
 from tests.support import ADMIN_TOKEN, INGEST_TOKEN, ServerProcess, headers
@@ -278,26 +280,28 @@ async def test_apply_waits_out_a_log_that_cannot_commit_for_a_while(
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_change_asked_twice_in_one_group_commit_is_recorded_once(
         database_url: str) -> None:
-    """A retry can share a group commit with the attempt it repeats (answered 503 when its
-    commit outlasted the commit timeout, but still queued): the second finds the first's
+    """Two asks for one change can share a group commit (two runs at once, or a retry beside
+    an attempt whose client hung up, which keeps its place): the second finds the first's
     event, which the database does not show yet, and appends nothing."""
     forged = await record_forged(database_url)
     changed = next(sid for sid, kind in forged.items() if kind != "unchanged")
-    server = ServerProcess(database_url, env={"SIGNALBOX_COMMIT_TIMEOUT": "0.3"}).start()
+    log = await EventLog.open(database_url)
     lock = hold_write_lock(database_url)
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            # A first group commit that waits for the lock; both asks queue behind it.
-            blocked = await client.post("/api/signals", headers=headers(INGEST_TOKEN),
-                                        json={"ticker": "BTCUSDT", "action": "buy"})
-            asks = await asyncio.gather(*(
-                client.post(f"/api/signals/{changed}/renormalize", headers=headers())
-                for _ in range(2)))
-            assert [blocked.status_code, *(a.status_code for a in asks)] == [503] * 3
-            lock.execute("ROLLBACK")
-            again = await client.post(f"/api/signals/{changed}/renormalize", headers=headers())
-            assert again.status_code == 200, again.text  # after the queue: recorded before
-        assert await renormalized(server) == [changed]
+        # A first group commit that waits for the lock; both asks queue behind it.
+        blocked = asyncio.create_task(log.append([NewEvent("s", "test.blocked", {})]))
+        asks = [asyncio.create_task(record_renormalized(log, changed, default_max_lag=None))
+                for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(log._waiting) < 3:
+            assert time.monotonic() < deadline, "the asks were never queued"
+            await asyncio.sleep(0.01)
+        lock.execute("ROLLBACK")
+        await blocked
+        outcomes = await asyncio.gather(*asks)
+        assert sorted(appended for _, appended in outcomes) == [False, True]
+        recorded = await log.read(0, 100, EventFilter(types=("signal.renormalized",)))
+        assert [e.data["signal_id"] for e in recorded] == [changed]
     finally:
         lock.close()
-        server.stop()
+        await log.close()

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Executable, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pipeline.context import REQUEST_ID
+from pipeline.context import CLIENT_GONE, REQUEST_ID
 from pipeline.errors import LogUnavailable, SignalboxError
 from pipeline.instruments import APPEND_SECONDS, BATCH_UNITS, COMMIT_SECONDS
 from pipeline.log.backends import (
@@ -210,9 +210,12 @@ def _event_row(event: Event) -> dict[str, Any]:
 
 
 class _Pending(Generic[T]):
-    """A unit on its way through the group commit, and the future its caller waits on."""
+    """A unit on its way through the group commit, and the future its caller waits on.
 
-    __slots__ = ("future", "hints", "request_id", "unit")
+    ``ran``: the unit has run in the transaction now open, so its writes may be committed.
+    ``dropped``: its caller was answered that nothing was recorded, so it must never run."""
+
+    __slots__ = ("client_gone", "dropped", "future", "hints", "ran", "request_id", "unit")
 
     def __init__(self, unit: Unit[T], hints: Hints | None = None) -> None:
         self.unit = unit
@@ -220,6 +223,23 @@ class _Pending(Generic[T]):
         self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Taken where the unit is queued: the writer task runs it in a context of its own.
         self.request_id: str | None = REQUEST_ID.get()
+        self.client_gone = CLIENT_GONE.get()
+        self.ran = False
+        self.dropped = False
+
+    def overdue(self, timeout: float) -> LogUnavailable:
+        """The answer to a caller that waited ``timeout`` for the commit. A unit that has not
+        run yet is dropped, and its caller told that nothing was recorded, unless that caller
+        is an HTTP client that hung up (TradingView gives up after 3 s): it hears nothing, so
+        cannot know to send again, and its unit keeps its place in line."""
+        if self.ran or (self.client_gone is not None and self.client_gone()):
+            return LogUnavailable(
+                f"the log did not commit within {timeout:g} s, but the commit was under way, "
+                "so it may or may not have been recorded: retry with the same "
+                "Idempotency-Key, which is answered as a repeat if it was")
+        self.dropped = True
+        return LogUnavailable(
+            f"the log did not commit within {timeout:g} s; nothing was recorded: retry later")
 
 
 class EventLog:
@@ -298,7 +318,8 @@ class EventLog:
         a row can read every row the batch needs at once instead of one round trip each.
 
         Raises :class:`LogUnavailable` when the commit failed or did not finish within
-        ``commit_timeout`` (then nothing is acknowledged), or whatever the unit raised.
+        ``commit_timeout`` (then nothing is acknowledged), or whatever the unit raised. A unit
+        whose caller was answered so before it ran is never run (see :meth:`_Pending.overdue`).
         """
         if self._closing:
             raise LogUnavailable("the server is shutting down: retry against another instance")
@@ -309,16 +330,18 @@ class EventLog:
         self._waiting.append((loop.time() + self.commit_timeout, pending))
         if self._deadline is None:
             self._deadline = loop.call_at(self._waiting[0][0], self._expire)
-        # Cancelling the wait (or its expiry) cancels only the answer: the writer still commits
-        # or drops the unit as a whole, and skips a future that is already done.
+        # Cancelling the wait cancels only the answer: the writer still commits or fails the
+        # unit as a whole, and skips a future that is already done. Only the expiry's answer,
+        # to a caller still there, drops a unit not yet run.
         result = await pending.future
         APPEND_SECONDS.observe(time.perf_counter() - queued)
         return result
 
     def _expire(self) -> None:
         """Fail the units whose commit is overdue (a database locked elsewhere, say): their
-        callers are answered 503 while the writer goes on trying. One timer for all units,
-        rather than one each: under load it fires about once per ``commit_timeout``."""
+        callers are answered 503 while the writer goes on trying (see
+        :meth:`_Pending.overdue`). One timer for all units, rather than one each: under load
+        it fires about once per ``commit_timeout``."""
         self._deadline = None
         waiting = self._waiting
         self._forget_answered()
@@ -329,8 +352,7 @@ class EventLog:
         while waiting and waiting[0][0] <= now:
             _, pending = waiting.popleft()
             if not pending.future.done():
-                pending.future.set_exception(LogUnavailable(
-                    f"the log did not commit within {self.commit_timeout:g} s: retry later"))
+                pending.future.set_exception(pending.overdue(self.commit_timeout))
         if waiting:
             self._deadline = loop.call_at(waiting[0][0], self._expire)
 
@@ -371,7 +393,8 @@ class EventLog:
             tx = Transaction(self._session, position, digest,
                              [p.hints for p in batch if p.hints is not None])
             for pending in batch:
-                results.append(await _run_unit(tx, pending))
+                if not pending.dropped:  # checked once begun: BEGIN may have waited long
+                    results.append(await _run_unit(tx, pending))
             head = (tx.position, tx.last_hash) if tx.events else None
             committing = True
             await self._session.commit(tx._grouped_writes(), head)
@@ -384,6 +407,8 @@ class EventLog:
                 # database refuses): commit each unit on its own, so one cannot fail the rest.
                 log.warning("group commit of %d units failed before its COMMIT (%r): "
                             "committing them one at a time", len(batch), exc)
+                for pending in batch:
+                    pending.ran = False  # nothing of theirs was committed
                 await self._commit_each(batch)
                 return True
             log.warning("group commit of %d units failed: %r", len(batch), exc)
@@ -510,6 +535,7 @@ async def _run_unit(tx: Transaction, pending: _Pending[Any]) -> tuple[_Pending[A
                                                                       BaseException | None]:
     mark = tx._mark()
     tx.request_id = pending.request_id
+    pending.ran = True
     try:
         return pending, await pending.unit(tx), None
     except SignalboxError as exc:
