@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -541,6 +543,49 @@ async def test_a_503_for_a_signal_whose_commit_was_under_way_says_it_may_be_reco
         keyed = [e for e in events if e["type"] == "signal.received"
                  and e["data"]["idempotency_key"] == key["Idempotency-Key"]]
         assert len(keyed) == 1
+    finally:
+        await admin.close()
+        await drop_pg_database(name)
+
+
+def failed_commits(server: ServerProcess) -> int:
+    """How many group commits of the server failed (each says so in a line of its log)."""
+    return sum(bool(re.search(r"group commit of \d+ units failed: ", line))
+               for line in server.output)
+
+
+async def test_a_commit_held_up_by_a_lock_fails_and_the_writer_goes_on() -> None:
+    """An operator's ``LOCK TABLE signals`` holds up the writer's statements. A group commit
+    held up must fail within about a commit timeout, leaving nothing of itself, and the
+    writer go on with the next, which fails as soon while the lock is held: not wait in one
+    for as long as the lock is held (no other commit meanwhile), then commit signals whose
+    senders were answered 503 long before. Once the lock is gone, a post is accepted at
+    once."""
+    url, name = await create_pg_database()
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    markers = [f"held-{uuid.uuid4()}" for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    try:
+        with ServerProcess(url, env={"SIGNALBOX_COMMIT_TIMEOUT": "1"}).start() as server:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+                first = await http.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+                assert first.status_code == 202, first.text
+                async with admin.transaction():
+                    await admin.execute("LOCK TABLE signals IN ACCESS EXCLUSIVE MODE")
+                    for failed, marker in enumerate(markers, start=1):
+                        held = await http.post(f"/webhooks/tradingview/{INGEST_TOKEN}",
+                                               content=json.dumps({**BTC, "strategy": marker}))
+                        assert_unavailable(held)
+                        await until(lambda n=failed: failed_commits(server) >= n, within=3)
+                started = loop.time()
+                after = await http.post("/api/signals", json=BTC, headers=headers(INGEST_TOKEN))
+                assert after.status_code == 202, after.text
+                assert loop.time() - started < 1
+                events = await read_all_events(http)
+        verify_chain(events)
+        for marker in markers:  # the events were written before the signals' rows
+            assert not [e for e in events if marker in json.dumps(e)], marker
+        assert [e["type"] for e in events].count("signal.received") == 2
     finally:
         await admin.close()
         await drop_pg_database(name)

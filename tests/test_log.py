@@ -11,6 +11,7 @@ import sqlite3
 import time
 import uuid
 
+import asyncpg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,6 +212,38 @@ async def test_a_unit_whose_caller_stopped_waiting_is_committed_all_the_same(
         assert [e.type for e in await event_log.read(0)] == ["test.given_up", "test.after"]
     finally:
         other.close()
+        await event_log.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_group_commit_held_up_by_a_lock_fails_as_a_whole_within_the_timeout(
+        database_url: str) -> None:
+    """A lock held elsewhere (an operator's ``LOCK TABLE events``) holds up a group
+    commit's writes: the commit fails once it has waited about ``commit_timeout``, as a whole
+    and with nothing of it written, and is not tried again a unit at a time (each would wait
+    as long again, and land after its caller was answered) nor waited out for as long as the
+    lock is held."""
+    await migrate.upgrade_async(database_url)
+    event_log = await EventLog.open(database_url, commit_timeout=0.5)
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        async with admin.transaction():
+            await admin.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            outcomes = await asyncio.gather(*(  # queued at once: one group commit
+                event_log.append([NewEvent("s", f"test.held{i}", {})]) for i in range(3)),
+                return_exceptions=True)
+            assert all(isinstance(o, LogUnavailable) for o in outcomes), outcomes
+            deadline = time.monotonic() + 3
+            while event_log.failure is None:
+                assert time.monotonic() < deadline, "the group commit waited for the lock"
+                await asyncio.sleep(0.01)
+            assert "lock" in event_log.failure
+        (after,) = await asyncio.wait_for(event_log.append([NewEvent("s", "test.after", {})]),
+                                          5)
+        assert [e.type for e in await event_log.read(0)] == ["test.after"]
+        assert after.position == 1
+    finally:
+        await admin.close()
         await event_log.close()
 
 

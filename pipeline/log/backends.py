@@ -161,8 +161,8 @@ def backend_kind(url: str | URL) -> str:
 def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: float = 5.0,
                    read_timeout: float | None = None, query_timeout: float = 30.0) -> Engines:
     """``writer_timeout`` (the log's commit timeout), on PostgreSQL: how long the writer's
-    session may sit in a transaction waiting for the writer (see
-    :func:`_end_abandoned_transactions`); ``read_timeout`` and ``query_timeout``: how long a
+    session may wait for a lock, or sit in a transaction waiting for the writer (see
+    :func:`_bound_writer`); ``read_timeout`` and ``query_timeout``: how long a
     read may wait, and then run (see :func:`_bound_reads`; no ``read_timeout``, as for the
     commands: a read takes as long as it takes)."""
     kind = backend_kind(url)
@@ -172,7 +172,7 @@ def create_engines(url: str | URL, *, reader_pool: int = 5, writer_timeout: floa
             raise ValueError("SQLite needs a file: sqlite+aiosqlite:///PATH")
         return Engines(kind, url, None, _sqlite_engine(url, writer=False, pool=reader_pool))
     writer = _postgresql_engine(url, pool_size=1, max_overflow=1)
-    _end_abandoned_transactions(writer, writer_timeout)
+    _bound_writer(writer, writer_timeout)
     if read_timeout is None:
         reader = _postgresql_engine(url, pool_size=reader_pool, max_overflow=reader_pool)
     else:
@@ -251,14 +251,27 @@ def _check_on_checkout(engine: AsyncEngine) -> None:
             raise DisconnectionError(f"the connection failed a ping: {exc!r}") from exc
 
 
-def _end_abandoned_transactions(writer: AsyncEngine, idle: float) -> None:
-    """Have PostgreSQL end a transaction of the writer that waits longer than ``idle`` for
-    its next statement, and so free the ``log_head`` row it locked. A writer's transaction
-    never waits for anything but the database, for milliseconds; one that waits longer was
-    cut off mid-commit (a network partition, a paused VM, a host that lost power), and until
-    the server noticed (by TCP keepalive: two hours by default) no instance could append.
-    Its callers have been answered 503 by then (``idle`` is the commit timeout)."""
-    _set_on_connect(writer, idle_in_transaction_session_timeout=idle)
+def _bound_writer(writer: AsyncEngine, wait: float) -> None:
+    """Have PostgreSQL end what holds up the writer's session for longer than ``wait`` (the
+    commit timeout, after which its callers have been answered 503): its callers' units are
+    then answered as for any failed commit, and the writer goes on with the next.
+
+    A statement of its transaction waits ``wait`` at most for a lock (``lock_timeout``):
+    behind an operator's ``LOCK TABLE``, a schema change's, or another session's hold on the
+    ``log_head`` row, it would otherwise wait for as long as that is held, with no other
+    commit meanwhile, then commit a batch whose callers were answered long before. The
+    statement fails, and with it the transaction, so nothing of the batch is written. A
+    batch itself waits for nothing else: up to the writer's largest, its statements take
+    milliseconds. Only waits are bounded, not the ``COMMIT``: one that waits for a
+    synchronous standby must not be cancelled, or it would be seen before it is replicated
+    (``statement_timeout`` would cancel it).
+
+    And the server ends a transaction of the writer that waits longer than ``wait`` for its
+    next statement, and so frees the ``log_head`` row it locked
+    (``idle_in_transaction_session_timeout``): one cut off mid-commit (a network partition, a
+    paused VM, a host that lost power) would otherwise stop every instance's appends until the
+    server noticed (by TCP keepalive: two hours by default)."""
+    _set_on_connect(writer, lock_timeout=wait, idle_in_transaction_session_timeout=wait)
 
 
 def migration_engine(url: str | URL, *, wait: float = 5.0) -> AsyncEngine:

@@ -33,6 +33,7 @@ from pipeline.log.backends import (
     Engines,
     create_engines,
     drop_unanswered,
+    lock_timed_out,
     redacted_url,
     sqlite_path,
     unreadable,
@@ -401,10 +402,11 @@ class EventLog:
         except Exception as exc:  # the database is down, locked, full, or refused a value
             with contextlib.suppress(Exception):
                 await self._session.abandon()
-            if len(batch) > 1 and begun and (
+            if len(batch) > 1 and begun and not _held_up(exc) and (
                     not committing or isinstance(exc, StagedWriteFailed)):
                 # Nothing was committed, and the cause may be one unit's data (a value the
                 # database refuses): commit each unit on its own, so one cannot fail the rest.
+                # Not after a lock's wait timed out: each would wait as long again.
                 log.warning("group commit of %d units failed before its COMMIT (%r): "
                             "committing them one at a time", len(batch), exc)
                 for pending in batch:
@@ -520,12 +522,25 @@ async def _empty_unit(tx: Transaction) -> None:
     return None
 
 
+def _cause(exc: BaseException) -> BaseException:
+    if isinstance(exc, StagedWriteFailed | CommitOutcomeUnknown) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
+def _held_up(exc: BaseException) -> bool:
+    """Whether a commit failed for having waited a commit timeout for a lock (PostgreSQL's
+    ``lock_timeout``, see :func:`pipeline.log.backends.create_engines`)."""
+    return lock_timed_out(_cause(exc))
+
+
 def _reason(exc: BaseException) -> str:
     """Why a commit failed, in words fit for a client: SQLite says it plainly ("database is
     locked", "database or disk is full"); other drivers' messages may quote SQL, so only the
     kind of error is given."""
-    if isinstance(exc, StagedWriteFailed | CommitOutcomeUnknown) and exc.__cause__ is not None:
-        exc = exc.__cause__
+    exc = _cause(exc)
+    if lock_timed_out(exc):
+        return "it waited SIGNALBOX_COMMIT_TIMEOUT for a lock held by another session"
     if isinstance(exc, sqlite3.Error) and exc.args:
         return str(exc.args[0])[:200]
     return exc.__class__.__name__

@@ -286,9 +286,11 @@ class SqlAlchemyWriter:
         up after a quarter of an hour; through a proxy, never): beginning gives up after
         ``begin_timeout`` (the commit timeout, after which the callers were answered 503
         anyway), and the caller drops the connection. A wait for the log's lock that long
-        (behind a long ``rebuild --swap``, say) costs no more than a new connection. Only the
-        beginning is bounded: a ``COMMIT`` is left to take as long as it takes (a synchronous
-        standby's), since giving up on it would let it be seen before it is replicated."""
+        (behind a long ``rebuild --swap``, say) costs no more than a new connection. The
+        server bounds every wait of the transaction for a lock as well (``lock_timeout``, see
+        :func:`pipeline.log.backends.create_engines`), but a ``COMMIT`` is left to take as
+        long as it takes (a synchronous standby's), since giving up on it would let it be
+        seen before it is replicated."""
         try:
             return await asyncio.wait_for(self._begin(), self.begin_timeout)
         except DBAPIError as exc:
