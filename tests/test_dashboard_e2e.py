@@ -136,6 +136,14 @@ class Sender:
         return list(self.ids)
 
 
+async def sign_in(page: Page, server: ServerProcess) -> None:
+    """Open the dashboard, give it a read token, and wait until it is live."""
+    await page.goto(server.base_url + "/")
+    await page.fill("#token", read_token(server.database_url))
+    await page.click("button[type=submit]")
+    await wait_state(page, "live")
+
+
 async def post(client: httpx.AsyncClient, ticker: str, action: str, price: str) -> str:
     answer = await client.post("/api/signals", headers=headers(INGEST_TOKEN), json={
         "ticker": ticker, "action": action, "quantity": "1", "price": price,
@@ -326,10 +334,7 @@ async def test_the_chart_shows_a_busy_tickers_newest_signals(
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
             positions = await asyncio.gather(*(send(client, n) for n in range(held + 10)))
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         await page.wait_for_function(
             f"() => document.querySelector('[data-testid=chart-points]').textContent === '{held}'",
             timeout=WAIT_MS)
@@ -350,10 +355,7 @@ async def test_a_cursor_ahead_of_the_log_stops_until_told_to_start_again(
     server = ServerProcess(database_url).start()
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
             signal_id = await post(client, "AAPL", "buy", "101.5")
             await page.wait_for_selector(f'tr[data-signal-id="{signal_id}"]', timeout=WAIT_MS)
@@ -387,10 +389,7 @@ async def test_the_detail_follows_its_signal_after_the_table_lets_it_go(
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
     timeline = "() => [...document.querySelectorAll('[data-testid=timeline] li')].length"
     try:
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
             chosen = await post(client, "AAPL", "buy", "101.5")
             await page.click(f'tr[data-signal-id="{chosen}"]')
@@ -436,10 +435,7 @@ async def test_the_detail_says_what_each_report_said(browser: Browser, tmp_path:
         assert answer.status_code == 200, answer.text
 
     try:
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
             failed = await post(client, "AAPL", "buy", "101.5")
             await says(client, failed, "processing", {})
@@ -498,10 +494,7 @@ async def test_times_say_their_zone(browser: Browser, tmp_path: Path) -> None:
     page = await browser.new_page(viewport={"width": 1400, "height": 900},
                                   timezone_id="Asia/Kolkata")
     try:
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
             signal_id = await post(client, "AAPL", "buy", "101.5")
         cell = f'tr[data-signal-id="{signal_id}"] td:first-child'
@@ -587,10 +580,7 @@ async def test_a_timeline_cut_by_the_server_says_so(browser: Browser, tmp_path: 
                 for _ in range(MAX_TIMELINE)))
         assert {status for status, _ in answers} == {200}
         signal_id = first["signal_id"]
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         await page.click(f'tr[data-signal-id="{signal_id}"]')
         await page.wait_for_function(
             "n => document.querySelectorAll('[data-testid=timeline] li').length === n",
@@ -618,10 +608,7 @@ async def test_hostile_text_is_shown_as_text(browser: Browser, tmp_path: Path) -
                 "comment": "x" * 10_000 + " שלום 🚀"})
             assert answer.status_code == 202, answer.text
             signal_id = answer.json()["signal_id"]
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         await page.click(f'tr[data-signal-id="{signal_id}"]')
         normalized = await page.inner_text("[data-testid=detail] .json", timeout=WAIT_MS)
         assert '"<img src=x onerror=alert(1)>"' in normalized
@@ -644,10 +631,7 @@ async def test_a_screen_reader_hears_the_stream_change(browser: Browser, tmp_pat
     server = ServerProcess(database_url).start()
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        await page.goto(server.base_url + "/")
-        await page.fill("#token", read_token(database_url))
-        await page.click("button[type=submit]")
-        await wait_state(page, "live")
+        await sign_in(page, server)
         assert await page.get_by_role("status").inner_text(timeout=WAIT_MS) == "Live"
         server.kill()
         await wait_state(page, "reconnecting")
@@ -688,10 +672,7 @@ async def test_reports_that_come_while_the_first_page_cannot_be_read_are_all_sho
             signal_id = await post(client, "AAPL", "buy", "101.5")  # before the page's stream
             await page.route(lambda url: "/api/signals?" in url and "before=" not in url,
                              first_page)
-            await page.goto(server.base_url + "/")
-            await page.fill("#token", read_token(database_url))
-            await page.click("button[type=submit]")
-            await wait_state(page, "live")
+            await sign_in(page, server)
             await page.wait_for_selector(".signals .error[role=alert]", timeout=WAIT_MS)
             phase = "hold"
             await asyncio.wait_for(held.wait(), WAIT_MS / 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -43,6 +45,28 @@ BTC = {"ticker": "BTCUSDT", "action": "buy", "quantity": "1"}
 def through(proxy: TcpProxy, database_url: str) -> str:
     return database_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/").replace(
         "@127.0.0.1/", f"@127.0.0.1:{proxy.port}/")
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(env: dict[str, str] | None = None) -> AsyncIterator[
+        tuple[str, TcpProxy, ServerProcess, httpx.AsyncClient]]:
+    """A fresh PostgreSQL database (its URL), and a server that reaches it through a
+    `TcpProxy`, with a client; at the end the server is stopped, the proxy let go and the
+    database dropped. The proxy serves on this event loop, so the server starts from a
+    thread."""
+    url, name = await create_pg_database()
+    try:
+        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
+            server = ServerProcess(through(proxy, url), env=env)
+            try:
+                await asyncio.to_thread(server.start)
+                yield url, proxy, server, http
+            finally:
+                proxy.thaw()
+                proxy.cut()
+                await asyncio.to_thread(server.stop)
+    finally:
+        await drop_pg_database(name)
 
 
 async def keep_sending(client: FastClient, acknowledged: set[str], refused: list[int],
@@ -294,40 +318,30 @@ async def test_a_commit_whose_answer_was_lost_is_not_said_to_have_recorded_nothi
     instance cannot know. It answers 503 (nothing is acknowledged) but must not tell the
     client that nothing was recorded: it was, and a retry with the same idempotency key
     finds it."""
-    url, name = await create_pg_database()
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url))
-            try:
-                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
-                key = {"Idempotency-Key": str(uuid.uuid4())}
-                held = proxy.hold_at(b"COMMIT;", answers=True)
-                lost = asyncio.create_task(http.post(f"{server.base_url}/api/signals",
-                                                     json=BTC, headers=headers(**key)))
-                await asyncio.wait_for(held.wait(), 10)
-                admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-                try:  # the COMMIT reached the server: wait for it to take effect
-                    deadline = asyncio.get_running_loop().time() + 10
-                    while not await admin.fetchval("SELECT count(*) FROM events"):
-                        assert asyncio.get_running_loop().time() < deadline
-                        await asyncio.sleep(0.01)
-                finally:
-                    await admin.close()
-                proxy.cut()  # and the link breaks before its answer got through
-                answer = await lost
-                assert answer.status_code == 503, answer.text
-                message = answer.json()["message"]
-                assert "nothing was recorded" not in message
-                assert "same Idempotency-Key" in message
-                retried = await http.post(f"{server.base_url}/api/signals", json=BTC,
-                                          headers=headers(**key))
-                assert retried.status_code == 200, retried.text
-                assert retried.json()["duplicate"] is True
-            finally:
-                proxy.thaw()
-                await asyncio.to_thread(server.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy() as (url, proxy, server, http):
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        held = proxy.hold_at(b"COMMIT;", answers=True)
+        lost = asyncio.create_task(http.post(f"{server.base_url}/api/signals",
+                                             json=BTC, headers=headers(**key)))
+        await asyncio.wait_for(held.wait(), 10)
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:  # the COMMIT reached the server: wait for it to take effect
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await admin.fetchval("SELECT count(*) FROM events"):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            await admin.close()
+        proxy.cut()  # and the link breaks before its answer got through
+        answer = await lost
+        assert answer.status_code == 503, answer.text
+        message = answer.json()["message"]
+        assert "nothing was recorded" not in message
+        assert "same Idempotency-Key" in message
+        retried = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                  headers=headers(**key))
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["duplicate"] is True
 
 
 @pytest.mark.parametrize("setting", ["search_path=signalbox",
@@ -373,26 +387,16 @@ async def test_an_instance_whose_connection_was_silently_lost_commits_again_by_i
     commit on a new one within about a commit timeout, not answer every signal 503 for as
     long as TCP retries (a quarter of an hour), or for ever. (Tokens stay cached here, so
     that only the writer's connection matters.)"""
-    url, name = await create_pg_database()
     env = {"SIGNALBOX_COMMIT_TIMEOUT": "1", "SIGNALBOX_TOKEN_CACHE": "3600"}
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url), env=env)
-            try:
-                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
-                first = await http.post(f"{server.base_url}/api/signals", json=BTC,
-                                        headers=headers())
-                assert first.status_code == 202, first.text
-                proxy.blackhole()
-                posted = await post_until_accepted(
-                    http, server.base_url,
-                    "the writer waits for ever on a connection that was lost")
-                assert posted.json()["position"] > first.json()["position"]
-            finally:
-                proxy.cut()
-                await asyncio.to_thread(server.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy(env) as (_, proxy, server, http):
+        first = await http.post(f"{server.base_url}/api/signals", json=BTC,
+                                headers=headers())
+        assert first.status_code == 202, first.text
+        proxy.blackhole()
+        posted = await post_until_accepted(
+            http, server.base_url,
+            "the writer waits for ever on a connection that was lost")
+        assert posted.json()["position"] > first.json()["position"]
 
 
 async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on() -> None:
@@ -596,32 +600,22 @@ async def test_a_read_whose_answer_never_comes_is_answered_503_on_a_new_connecti
     (a NAT, a firewall, a host gone): the server's own limit cannot help, its answer is lost
     too. The read is answered 503 within about ``SIGNALBOX_QUERY_TIMEOUT``, and the
     connection is not given to the next read."""
-    url, name = await create_pg_database()
     env = {"SIGNALBOX_QUERY_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "3600"}
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url), env=env)
-            try:
-                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
-                path = f"{server.base_url}/api/events"
-                # Statements are prepared once: what marks the read is a value it sends, a
-                # type (read through SQLAlchemy) or a position (read at the driver).
-                kind, after = f"held-{uuid.uuid4().hex}", random.randrange(2**40, 2**50)
-                for marker, query in [(kind.encode(), f"type={kind}"),
-                                      (after.to_bytes(8, "big"), f"after={after}")]:
-                    held = proxy.hold_at(marker, answers=True)
-                    lost = asyncio.create_task(answered_within(http, f"{path}?{query}", 3))
-                    await asyncio.wait_for(held.wait(), 10)
-                    assert_unavailable(await lost)
-                    for _ in range(3):
-                        read = await answered_within(http, f"{path}?type=x", 3)
-                        assert read.status_code == 200, read.text
-                assert "Traceback" not in "".join(server.output), "".join(server.output)
-            finally:
-                proxy.cut()
-                await asyncio.to_thread(server.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy(env) as (_, proxy, server, http):
+        path = f"{server.base_url}/api/events"
+        # Statements are prepared once: what marks the read is a value it sends, a
+        # type (read through SQLAlchemy) or a position (read at the driver).
+        kind, after = f"held-{uuid.uuid4().hex}", random.randrange(2**40, 2**50)
+        for marker, query in [(kind.encode(), f"type={kind}"),
+                              (after.to_bytes(8, "big"), f"after={after}")]:
+            held = proxy.hold_at(marker, answers=True)
+            lost = asyncio.create_task(answered_within(http, f"{path}?{query}", 3))
+            await asyncio.wait_for(held.wait(), 10)
+            assert_unavailable(await lost)
+            for _ in range(3):
+                read = await answered_within(http, f"{path}?type=x", 3)
+                assert read.status_code == 200, read.text
+        assert "Traceback" not in "".join(server.output), "".join(server.output)
 
 
 async def test_a_read_slower_than_the_read_timeout_is_answered_when_it_runs() -> None:
@@ -629,30 +623,19 @@ async def test_a_read_slower_than_the_read_timeout_is_answered_when_it_runs() ->
     run: a read whose answer takes longer than that (a report over a large log; here, an
     answer held up on its way) is answered 200 once it comes, within
     ``SIGNALBOX_QUERY_TIMEOUT``."""
-    url, name = await create_pg_database()
     env = {"SIGNALBOX_READ_TIMEOUT": "0.3", "SIGNALBOX_QUERY_TIMEOUT": "30",
            "SIGNALBOX_TOKEN_CACHE": "3600"}
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url), env=env)
-            try:
-                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
-                kind = f"slow-{uuid.uuid4().hex}"
-                held = proxy.hold_at(kind.encode(), answers=True)
-                slow = asyncio.create_task(
-                    answered_within(http, f"{server.base_url}/api/events?type={kind}", 20))
-                await asyncio.wait_for(held.wait(), 10)
-                await asyncio.sleep(1.0)  # the read's run: three read timeouts
-                proxy.thaw()
-                read = await slow
-                assert read.status_code == 200, read.text
-                assert read.json()["events"] == []
-            finally:
-                proxy.thaw()
-                proxy.cut()
-                await asyncio.to_thread(server.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy(env) as (_, proxy, server, http):
+        kind = f"slow-{uuid.uuid4().hex}"
+        held = proxy.hold_at(kind.encode(), answers=True)
+        slow = asyncio.create_task(
+            answered_within(http, f"{server.base_url}/api/events?type={kind}", 20))
+        await asyncio.wait_for(held.wait(), 10)
+        await asyncio.sleep(1.0)  # the read's run: three read timeouts
+        proxy.thaw()
+        read = await slow
+        assert read.status_code == 200, read.text
+        assert read.json()["events"] == []
 
 
 async def test_a_read_on_a_database_that_stopped_answering_is_answered_503_in_seconds() -> None:
@@ -660,25 +643,14 @@ async def test_a_read_on_a_database_that_stopped_answering_is_answered_503_in_se
     its check, and a new one is made, whose connecting never ends either. The read must be
     answered 503 within about the check's second and ``SIGNALBOX_READ_TIMEOUT``, not after
     asyncpg's default of a minute for connecting."""
-    url, name = await create_pg_database()
     env = {"SIGNALBOX_READ_TIMEOUT": "0.5", "SIGNALBOX_TOKEN_CACHE": "3600"}
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url), env=env)
-            try:
-                await asyncio.to_thread(server.start)  # the proxy serves on this event loop
-                path = f"{server.base_url}/api/events?type=x"
-                assert (await answered_within(http, path, 3)).status_code == 200
-                proxy.freeze()
-                assert_unavailable(await answered_within(http, path, 3))
-                proxy.thaw()
-                assert (await answered_within(http, path, 3)).status_code == 200
-            finally:
-                proxy.thaw()
-                proxy.cut()
-                await asyncio.to_thread(server.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy(env) as (_, proxy, server, http):
+        path = f"{server.base_url}/api/events?type=x"
+        assert (await answered_within(http, path, 3)).status_code == 200
+        proxy.freeze()
+        assert_unavailable(await answered_within(http, path, 3))
+        proxy.thaw()
+        assert (await answered_within(http, path, 3)).status_code == 200
 
 async def test_reads_waiting_for_a_busy_pool_are_answered_503_within_the_read_timeout() -> None:
     """Every pooled connection for reads is taken (here: by reads waiting behind a lock), and
