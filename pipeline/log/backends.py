@@ -51,14 +51,20 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
 
 # SQLSTATEs of a statement PostgreSQL ended for a limit of the session's: statement_timeout
 # (query_canceled), lock_timeout (lock_not_available).
-_TIMED_OUT = frozenset({"57014", "55P03"})
+QUERY_CANCELED, LOCK_NOT_AVAILABLE = "57014", "55P03"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of ``exc`` (or of the driver's error SQLAlchemy wrapped in it)."""
+    code: str | None = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+    return code
 
 
 def unreadable(exc: BaseException) -> str:
     """Why a read of the log failed, in words for a client: one held up or too slow says
     which settings bound it, for a retry may not help a read that is only long."""
-    sqlstate = getattr(getattr(exc, "orig", exc), "sqlstate", None)
-    if isinstance(exc, TimeoutError | sqlalchemy_exc.TimeoutError) or sqlstate in _TIMED_OUT:
+    if (isinstance(exc, TimeoutError | sqlalchemy_exc.TimeoutError)
+            or sqlstate(exc) in (QUERY_CANCELED, LOCK_NOT_AVAILABLE)):
         return ("a read of the log took too long (behind a lock, waiting for a connection, or "
                 "a slow query: SIGNALBOX_READ_TIMEOUT and SIGNALBOX_QUERY_TIMEOUT bound it): "
                 "retry later")
@@ -294,8 +300,8 @@ def migration_engine(url: str | URL, *, wait: float = 5.0) -> AsyncEngine:
 
 
 def lock_timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is PostgreSQL's ``lock_timeout`` (SQLSTATE 55P03, lock_not_available)."""
-    return getattr(getattr(exc, "orig", exc), "sqlstate", None) == "55P03"
+    """Whether ``exc`` is PostgreSQL's ``lock_timeout`` (lock_not_available)."""
+    return sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
 def sqlite_path(url: str | URL) -> Path | None:

@@ -210,6 +210,13 @@ def _event_row(event: Event) -> dict[str, Any]:
     }
 
 
+# The two endings of a 503's message (docs/protocol.md): the sender may send again as it
+# likes, or only with the same key.
+NOTHING_RECORDED = "nothing was recorded: retry later"
+MAY_HAVE_BEEN_RECORDED = ("so it may or may not have been recorded: retry with the same "
+                          "Idempotency-Key, which is answered as a repeat if it was")
+
+
 class _Pending(Generic[T]):
     """A unit on its way through the group commit, and the future its caller waits on.
 
@@ -234,13 +241,11 @@ class _Pending(Generic[T]):
         is an HTTP client that hung up (TradingView gives up after 3 s): it hears nothing, so
         cannot know to send again, and its unit keeps its place in line."""
         if self.ran or (self.client_gone is not None and self.client_gone()):
-            return LogUnavailable(
-                f"the log did not commit within {timeout:g} s, but the commit was under way, "
-                "so it may or may not have been recorded: retry with the same "
-                "Idempotency-Key, which is answered as a repeat if it was")
+            return LogUnavailable(f"the log did not commit within {timeout:g} s, but the "
+                                  f"commit was under way, {MAY_HAVE_BEEN_RECORDED}")
         self.dropped = True
         return LogUnavailable(
-            f"the log did not commit within {timeout:g} s; nothing was recorded: retry later")
+            f"the log did not commit within {timeout:g} s; {NOTHING_RECORDED}")
 
 
 class EventLog:
@@ -439,13 +444,11 @@ class EventLog:
         if exc is not None:
             self.failure = _reason(exc)
         if isinstance(exc, CommitOutcomeUnknown):
-            error = LogUnavailable(
-                f"the connection to the database was lost during the commit ({self.failure}), "
-                "so it may or may not have been recorded: retry with the same Idempotency-Key, "
-                "which is answered as a repeat if it was")
+            error = LogUnavailable(f"the connection to the database was lost during the "
+                                   f"commit ({self.failure}), {MAY_HAVE_BEEN_RECORDED}")
         else:
-            error = LogUnavailable(
-                f"the log could not commit ({self.failure}); nothing was recorded: retry later")
+            error = LogUnavailable(f"the log could not commit ({self.failure}); "
+                                   f"{NOTHING_RECORDED}")
         for pending in batch:
             _settle(pending, None, error)
         self._forget_answered()
