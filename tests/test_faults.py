@@ -48,16 +48,18 @@ def through(proxy: TcpProxy, database_url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def behind_a_proxy(env: dict[str, str] | None = None) -> AsyncIterator[
+async def behind_a_proxy(env: dict[str, str] | None = None,
+                         args: list[str] | None = None) -> AsyncIterator[
         tuple[str, TcpProxy, ServerProcess, httpx.AsyncClient]]:
-    """A fresh PostgreSQL database (its URL), and a server that reaches it through a
-    `TcpProxy`, with a client; at the end the server is stopped, the proxy let go and the
-    database dropped. The proxy serves on this event loop, so the server starts from a
-    thread."""
+    """A fresh PostgreSQL database (its URL, the schema in place), and a server that reaches
+    it through a `TcpProxy`, with a client; at the end the server is stopped, the proxy let
+    go and the database dropped. The proxy serves on this event loop, so the server starts
+    from a thread."""
     url, name = await create_pg_database()
     try:
+        await migrate.upgrade_async(url)
         async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            server = ServerProcess(through(proxy, url), env=env)
+            server = ServerProcess(through(proxy, url), env=env, args=args)
             try:
                 await asyncio.to_thread(server.start)
                 yield url, proxy, server, http
@@ -404,30 +406,19 @@ async def test_an_instance_whose_idle_connections_were_silently_lost_serves_on()
     firewall or a pooler. Its subscribers must go on getting what another instance commits,
     and its reads (a token's check among them) be answered well within TradingView's 3 s,
     on new connections: not wait for ever for a check of a lost one."""
-    url, name = await create_pg_database()
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            other = ServerProcess(url).start()
-            cut_off = ServerProcess(through(proxy, url), args=["--no-migrate"])
-            try:
-                await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
-                posted = await heard_before_and_after_a_blackhole(proxy, http, other, cut_off)
-                read = await asyncio.wait_for(http.get(
-                    f"{cut_off.base_url}/api/events", params={"after": 0},
-                    headers=headers(INGEST_TOKEN.replace("ingest", "unknown"))), 3)
-                assert read.status_code == 401, read.text  # a token's check, from the database
-                read = await asyncio.wait_for(http.get(
-                    f"{cut_off.base_url}/api/events", params={"after": 0},
-                    headers=headers()), 3)
-                assert read.status_code == 200, read.text
-                assert read.json()["head"] == posted.json()["position"]
-                assert "Traceback" not in "".join(cut_off.output), "".join(cut_off.output)
-            finally:
-                proxy.cut()
-                other.stop()
-                await asyncio.to_thread(cut_off.stop)
-    finally:
-        await drop_pg_database(name)
+    async with behind_a_proxy(args=["--no-migrate"]) as (url, proxy, cut_off, http):
+        with ServerProcess(url).start() as other:
+            posted = await heard_before_and_after_a_blackhole(proxy, http, other, cut_off)
+            read = await asyncio.wait_for(http.get(
+                f"{cut_off.base_url}/api/events", params={"after": 0},
+                headers=headers(INGEST_TOKEN.replace("ingest", "unknown"))), 3)
+            assert read.status_code == 401, read.text  # a token's check, from the database
+            read = await asyncio.wait_for(http.get(
+                f"{cut_off.base_url}/api/events", params={"after": 0},
+                headers=headers()), 3)
+            assert read.status_code == 200, read.text
+            assert read.json()["head"] == posted.json()["position"]
+            assert "Traceback" not in "".join(cut_off.output), "".join(cut_off.output)
 
 
 async def heard_before_and_after_a_blackhole(proxy: TcpProxy, http: httpx.AsyncClient,
@@ -463,21 +454,10 @@ async def test_a_listen_connection_lost_without_a_word_is_made_again() -> None:
     pooler forgets it, nothing tells the instance, which then hears of no other instance's
     commits and sees them only when it polls (here: once a minute). It must notice and
     listen again within seconds."""
-    url, name = await create_pg_database()
-    try:
-        async with TcpProxy(5432) as proxy, httpx.AsyncClient(timeout=30) as http:
-            other = ServerProcess(url).start()
-            cut_off = ServerProcess(through(proxy, url),
-                                    args=["--no-migrate", "--poll-interval", "60"])
-            try:
-                await asyncio.to_thread(cut_off.start)  # the proxy serves on this event loop
-                await heard_before_and_after_a_blackhole(proxy, http, other, cut_off, within=15)
-            finally:
-                proxy.cut()
-                other.stop()
-                await asyncio.to_thread(cut_off.stop)
-    finally:
-        await drop_pg_database(name)
+    args = ["--no-migrate", "--poll-interval", "60"]
+    async with behind_a_proxy(args=args) as (url, proxy, cut_off, http):
+        with ServerProcess(url).start() as other:
+            await heard_before_and_after_a_blackhole(proxy, http, other, cut_off, within=15)
 
 
 async def answered_within(http: httpx.AsyncClient, url: str, within: float) -> httpx.Response:
